@@ -1,0 +1,325 @@
+"""Value types that flow between the pipeline's steps (and between plugins).
+
+Every type here is an immutable ``attrs`` value except the registry entries, which describe a
+plugin-provided component. Plugins exchange these objects and nothing else, so a modality written by a
+third party and a prompt strategy written by another cooperate without importing each other.
+
+Flow of one run::
+
+    reader        path -> AnnData | MuData
+    modality      AnnData -> FeatureMatrix               (cells x genes with gene symbols)
+    sentence      FeatureMatrix -> CellSentences         (ranked gene lists)
+    prompt        CellSentences -> [Prompt]              (chat messages + structured fields)
+    backend       [Prompt] -> [Generation]               (raw model text)
+    decoder       Generation + Prompt -> [Annotation]    (one per unit of the prompt)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Literal
+
+import attrs
+import numpy as np
+
+__all__ = [
+    "FeatureMatrix",
+    "CellSentences",
+    "Example",
+    "Prompt",
+    "Generation",
+    "Annotation",
+    "STATUS_OK",
+    "STATUS_UNRESOLVED",
+]
+
+STATUS_OK = "ok"
+STATUS_UNRESOLVED = "unresolved"
+
+
+def _tuple_of_str(value: Sequence[str] | None) -> tuple[str, ...]:
+    return tuple(str(v) for v in value) if value is not None else ()
+
+
+@attrs.frozen(eq=False)
+class FeatureMatrix:
+    """A cells x features matrix with feature symbols, produced by a modality.
+
+    The matrix may be a SciPy sparse matrix, a dense array or a backed (on-disk) sparse dataset; it is
+    only ever read in row chunks through :meth:`iter_chunks`, so a million-cell file never has to fit in
+    memory.
+
+    Attributes
+    ----------
+    X
+        The source matrix (cells x source columns).
+    feature_names
+        One symbol per *output* column (unique).
+    cell_ids
+        One identifier per row (``obs_names``).
+    column_transform
+        Optional sparse matrix (source columns x output columns) applied to every chunk: selects,
+        reorders or sums source columns (duplicate gene symbols are summed this way). ``None`` means the
+        source columns are the output columns.
+    value_kind
+        What the values are: ``"counts"``, ``"log"``, ``"activity"``, ... (informational).
+    source
+        Human-readable description of where the values came from (``"X"``, ``"layers['counts']"``,
+        ``"raw.X"``), recorded in the run parameters.
+    """
+
+    X: Any
+    feature_names: np.ndarray = attrs.field(converter=lambda v: np.asarray(v, dtype=object))
+    cell_ids: np.ndarray = attrs.field(converter=lambda v: np.asarray(v, dtype=object))
+    column_transform: Any = None
+    value_kind: str = "counts"
+    source: str = "X"
+    modality: str = "rna"
+
+    @property
+    def n_cells(self) -> int:
+        return int(self.X.shape[0])
+
+    @property
+    def n_features(self) -> int:
+        return len(self.feature_names)
+
+    def iter_chunks(self, chunk_size: int = 10_000) -> Iterator[tuple[int, int, Any]]:
+        """Yield ``(start, stop, chunk)`` with ``chunk`` a CSR matrix of rows ``start:stop``.
+
+        Only one chunk is materialised at a time; backed matrices are read with contiguous row slices.
+        """
+        from .matrix import iter_row_chunks
+
+        for start, stop, chunk in iter_row_chunks(self.X, chunk_size):
+            if self.column_transform is not None:
+                chunk = (chunk @ self.column_transform).tocsr()
+            yield start, stop, chunk
+
+    def subset_rows(self, rows: np.ndarray) -> FeatureMatrix:
+        """Return a new FeatureMatrix holding only ``rows`` (an integer index), read into memory."""
+        from .matrix import read_rows
+
+        return attrs.evolve(self, X=read_rows(self.X, rows), cell_ids=self.cell_ids[rows])
+
+
+@attrs.frozen(eq=False)
+class CellSentences:
+    """Ranked gene lists for a set of cells ("cell sentences").
+
+    Stored compactly as a CSR-like ragged array of indices into ``vocabulary``: the genes of cell ``i``
+    are ``vocabulary[indices[indptr[i]:indptr[i + 1]]]`` in rank order (most informative first).
+
+    Attributes
+    ----------
+    cell_ids
+        One id per cell.
+    vocabulary
+        Gene symbols the indices point into.
+    indptr, indices
+        The ragged ranked lists.
+    strategy
+        Name of the sentence strategy that made them (``"ranked-hvg"``, ``"top-expressed"``, ...).
+    params
+        The settings the strategy used (``n_genes``, resolved strategy for ``auto``, ...).
+    """
+
+    cell_ids: np.ndarray = attrs.field(converter=lambda v: np.asarray(v, dtype=object))
+    vocabulary: np.ndarray = attrs.field(converter=lambda v: np.asarray(v, dtype=object))
+    indptr: np.ndarray = attrs.field(converter=lambda v: np.asarray(v, dtype=np.int64))
+    indices: np.ndarray = attrs.field(converter=lambda v: np.asarray(v, dtype=np.int64))
+    strategy: str = ""
+    params: Mapping[str, Any] = attrs.field(factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.cell_ids)
+
+    def genes(self, i: int) -> list[str]:
+        """The ranked gene symbols of cell ``i``."""
+        return self.vocabulary[self.indices[self.indptr[i] : self.indptr[i + 1]]].tolist()
+
+    def sentence(self, i: int, n_genes: int | None = None, sep: str = ", ") -> str:
+        """Cell ``i``'s genes joined with ``sep`` (the first ``n_genes`` when given)."""
+        genes = self.genes(i)
+        return sep.join(genes if n_genes is None else genes[:n_genes])
+
+    def lengths(self) -> np.ndarray:
+        """Number of genes in each cell's sentence."""
+        return np.diff(self.indptr)
+
+    def empty(self) -> np.ndarray:
+        """Boolean mask of cells with an empty sentence (no expressed gene)."""
+        return self.lengths() == 0
+
+    def take(self, rows: Sequence[int] | np.ndarray) -> CellSentences:
+        """A new CellSentences with the cells ``rows`` in that order."""
+        rows = np.asarray(rows, dtype=np.int64)
+        starts, stops = self.indptr[rows], self.indptr[rows + 1]
+        lengths = stops - starts
+        indptr = np.concatenate([[0], np.cumsum(lengths)])
+        gather = np.repeat(starts - indptr[:-1], lengths) + np.arange(indptr[-1])
+        return attrs.evolve(
+            self, cell_ids=self.cell_ids[rows], indptr=indptr, indices=self.indices[gather]
+        )
+
+    @classmethod
+    def concatenate(cls, parts: Sequence[CellSentences]) -> CellSentences:
+        """Join chunks made by the same strategy over the same vocabulary, in order."""
+        if not parts:
+            raise ValueError("nothing to concatenate")
+        first = parts[0]
+        offsets = np.cumsum([0] + [p.indptr[-1] for p in parts[:-1]])
+        indptr = np.concatenate(
+            [[0]] + [p.indptr[1:] + off for p, off in zip(parts, offsets, strict=True)]
+        )
+        return cls(
+            cell_ids=np.concatenate([p.cell_ids for p in parts]),
+            vocabulary=first.vocabulary,
+            indptr=indptr,
+            indices=np.concatenate([p.indices for p in parts]),
+            strategy=first.strategy,
+            params=first.params,
+        )
+
+    @classmethod
+    def from_lists(
+        cls, cell_ids: Sequence[str], genes: Sequence[Sequence[str]], strategy: str = "given", **params
+    ) -> CellSentences:
+        """Build from explicit gene lists (parsed prompts, tests, user-supplied sentences)."""
+        vocab: dict[str, int] = {}
+        indices = [vocab.setdefault(g, len(vocab)) for cell in genes for g in cell]
+        indptr = np.concatenate([[0], np.cumsum([len(c) for c in genes])])
+        return cls(
+            cell_ids=list(cell_ids),
+            vocabulary=np.array(list(vocab), dtype=object),
+            indptr=indptr,
+            indices=np.asarray(indices, dtype=np.int64),
+            strategy=strategy,
+            params=params,
+        )
+
+
+@attrs.frozen
+class Example:
+    """One labelled example cell shown to the model in a k-shot prompt."""
+
+    cell_id: str
+    sentence: str
+    label: str
+
+
+@attrs.frozen
+class Prompt:
+    """One model call: chat messages plus the structured fields they were made from.
+
+    A prompt covers one or more *units* (cells, or clusters when annotating by ``groupby``): a zero-shot
+    prompt has one, a CellPuzzles prompt has N. The decoder returns one :class:`Annotation` per unit.
+
+    Attributes
+    ----------
+    messages
+        Chat messages ``({"role": ..., "content": ...}, ...)`` rendered through the model's chat template.
+    unit_ids
+        The cells (or clusters) this prompt annotates, in answer order.
+    sentences
+        The cell sentence of each unit, same order.
+    strategy
+        Prompt strategy name (``"zero-shot"``, ``"k-shot"``, ``"puzzle"``).
+    decoder
+        Name of the decoder that reads this prompt's output.
+    candidates
+        Allowed labels, if any (puzzle candidates, user candidates, k-shot reference labels).
+    examples
+        k-shot examples shown before the query.
+    context
+        Free-text context (donor, tissue) when the strategy uses it.
+    remove_from_rendered
+        Strings deleted from the chat-template output before generation (CellReasoner deletes every
+        ``<think>``; see FORMATS.md).
+    response_prefix
+        Text appended after the generation prompt (CellReasoner reasoning mode appends ``"<think> "``);
+        the model's output is read as if it started with it.
+    generation
+        Default generation settings of this format (temperature, top_p, max_new_tokens, ...); a user's
+        settings override them.
+    meta
+        Anything else a strategy wants to keep (mode, gold answer in benchmark mode, ...).
+    """
+
+    messages: tuple[Mapping[str, str], ...] = attrs.field(converter=tuple)
+    unit_ids: tuple[str, ...] = attrs.field(converter=_tuple_of_str)
+    sentences: tuple[str, ...] = attrs.field(converter=_tuple_of_str, factory=tuple)
+    strategy: str = ""
+    decoder: str = ""
+    candidates: tuple[str, ...] = attrs.field(converter=_tuple_of_str, factory=tuple)
+    examples: tuple[Example, ...] = attrs.field(converter=tuple, factory=tuple)
+    context: str = ""
+    remove_from_rendered: tuple[str, ...] = attrs.field(converter=_tuple_of_str, factory=tuple)
+    response_prefix: str = ""
+    generation: Mapping[str, Any] = attrs.field(factory=dict)
+    meta: Mapping[str, Any] = attrs.field(factory=dict)
+
+    def render(self, apply_chat_template: Callable[..., str]) -> str:
+        """Render to model input text with ``apply_chat_template(messages, tokenize=False,
+        add_generation_prompt=True)``, then apply this format's edits (removals, response prefix)."""
+        text = apply_chat_template(
+            [dict(m) for m in self.messages], tokenize=False, add_generation_prompt=True
+        )
+        for token in self.remove_from_rendered:
+            text = text.replace(token, "")
+        return text + self.response_prefix
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable view (for sidecars and ``--dry-run``)."""
+        return attrs.asdict(self, recurse=True, value_serializer=_jsonable)
+
+
+def _jsonable(inst: Any, field: Any, value: Any) -> Any:
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+@attrs.frozen
+class Generation:
+    """Raw output of a backend for one prompt.
+
+    ``text`` excludes the prompt (and the ``response_prefix``). ``label_scores`` is an optional
+    ``{label: probability}`` per unit that backends able to score candidates provide; ``confidence``
+    one value per unit when the backend has one. ``error`` is set when the call failed (the prompt's
+    units become ``unresolved``; the run goes on).
+    """
+
+    text: str
+    confidence: tuple[float, ...] | None = None
+    label_scores: tuple[Mapping[str, float], ...] | None = None
+    n_prompt_tokens: int | None = None
+    n_output_tokens: int | None = None
+    error: str | None = None
+
+
+@attrs.frozen
+class Annotation:
+    """The decoded answer for one unit (a cell, or a cluster).
+
+    ``label`` is ``None`` when the output could not be decoded; ``status`` is then ``"unresolved"`` and
+    ``raw`` keeps the model text so nothing is lost. ``note`` says why a unit is unresolved or how a
+    label was matched (``"matched candidate case-insensitively"``).
+    """
+
+    unit_id: str
+    label: str | None
+    status: Literal["ok", "unresolved"] = attrs.field(
+        validator=attrs.validators.in_((STATUS_OK, STATUS_UNRESOLVED))
+    )
+    confidence: float | None = None
+    reasoning: str = ""
+    raw: str = ""
+    note: str = ""
+
+    @classmethod
+    def unresolved(cls, unit_id: str, raw: str = "", note: str = "", reasoning: str = "") -> Annotation:
+        """An explicit 'could not decode' answer that keeps the raw text."""
+        return cls(unit_id, None, STATUS_UNRESOLVED, None, reasoning, raw, note)
