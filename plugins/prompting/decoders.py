@@ -1,0 +1,284 @@
+"""Decoders: raw model text to one :class:`~cellscribe.core.types.Annotation` per unit.
+
+``cellreasoner`` (free text, one unit)
+    1. Reasoning: everything up to the last ``</think>`` is reasoning (in reasoning mode the output
+       starts inside the think block, after the ``"<think> "`` the prompt ends with); the rest is the
+       answer part. Tags are removed from the kept reasoning. An output whose think block was opened
+       (by the reasoning-mode prompt or by the model) and never closed was probably cut off while
+       reasoning: its final answer is accepted only when it is explicit (``"Answer: ..."``, an answer
+       tag) or exactly a vocabulary label.
+    2. The final answer: the content of the last ``<answer>...</answer>`` when present; else the last
+       line with an answer prefix (``Answer:``, ``Final answer:``, ``Final annotation:``, ``Cell type:``,
+       ...); else the last non-empty line. It is cleaned of such prefixes, markdown (``**``, ``__``,
+       backticks, bullets), quotes and trailing punctuation.
+    3. With a vocabulary (``vocabulary=``, else the prompt's candidates) the answer is matched, in order:
+       exactly; case-insensitively; after normalising (case, punctuation other than ``+``, plural
+       ``s``, a trailing word "cell"); then the vocabulary label found inside the answer (whole words;
+       the longest wins over the labels it contains, other labels found make it ambiguous); then the
+       single label that contains the answer. No match leaves the unit unresolved with the answer in
+       the note. Without a vocabulary the cleaned answer is the label. An empty answer is unresolved.
+
+``cellpuzzles`` (one answer per cell of a puzzle)
+    The answer is read with :mod:`cellscribe.core.metrics` (``is_legitimate``, ``split_answer``), the
+    one implementation of the Cell-o1 rules. When ``<answer>...</answer>`` holds exactly one label per
+    cell, the labels are taken by position and matched to the prompt's candidates (exactly, then
+    case-insensitively, then normalised); a label that is no candidate leaves its cell unresolved. This
+    is done even when the output is not legitimate (a stray tag, text after ``</answer>``, a one-cell
+    answer without ``|``): the labels are still the model's answer, and the note says the output
+    scores 0 under the official metrics, which are computed from the raw text and stay unchanged. A
+    missing answer tag or a wrong number of labels leaves every cell unresolved.
+
+Both decoders never raise on model output, copy ``generation.confidence`` per unit when given, keep
+the whole output in ``Annotation.raw`` and the think text in ``Annotation.reasoning``, and make every
+unit unresolved (note = the error) when ``generation.error`` is set.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from cellscribe.core.metrics import is_legitimate, split_answer
+from cellscribe.core.types import STATUS_OK, Annotation, Generation, Prompt
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
+_PREFIX = re.compile(
+    r"^(?:(?:the\s+)?(?:final|predicted|most\s+likely)?\s*"
+    r"(?:answer|annotation|annotation\s+result|cell\s*type|cell\s+identity|label|prediction|result|conclusion)"
+    r"(?:\s+is)?\s*[:：\-–—]\s*|the\s+cell\s+type\s+is\s+|this\s+(?:cell\s+)?is\s+(?:an?\s+)?)",
+    re.IGNORECASE,
+)
+_BULLET = re.compile(r"^(?:[-*•>]+|\d+[.)])\s+")
+_QUOTES = "\"'`“”‘’«»"
+_TRAILING = " \t.;:,!。"
+_NORMALISE = re.compile(r"[^\w+]+")
+#: Longest answer text looked at (a runaway generation is cut to its end, where the answer is).
+_MAX_ANSWER_CHARS = 20_000
+
+
+def _as_text(value: Any) -> str:
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else str(value)
+
+
+def split_reasoning(text: str) -> tuple[str, str, bool]:
+    """``(reasoning, answer part, closed)``: the text up to the last ``</think>`` (tags removed), the
+    text after it, and whether a ``</think>`` was found. Without one, a text that contains
+    ``<think>`` is all reasoning; any other text is all answer."""
+    cut = text.rfind(THINK_CLOSE)
+    if cut >= 0:
+        reasoning = text[:cut].replace(THINK_OPEN, "").replace(THINK_CLOSE, "")
+        return reasoning.strip(), text[cut + len(THINK_CLOSE) :], True
+    if THINK_OPEN in text:
+        return text.replace(THINK_OPEN, "").strip(), "", False
+    return "", text, False
+
+
+def clean_answer(text: str) -> str:
+    """One answer line without prefixes, markdown, bullets, quotes or trailing punctuation."""
+    previous = None
+    text = text.strip()
+    while text != previous:
+        previous = text
+        text = text.replace("**", "").replace("__", "").strip()
+        text = _BULLET.sub("", text)
+        text = _PREFIX.sub("", text)
+        text = text.strip().strip(_QUOTES).strip().rstrip(_TRAILING)
+    return text
+
+
+def _has_prefix(line: str) -> bool:
+    return bool(_PREFIX.match(_BULLET.sub("", line.replace("**", "").replace("__", "").strip())))
+
+
+def final_answer(answer_part: str) -> tuple[str, bool]:
+    """``(answer, explicit)``: the cleaned final answer of a model's answer part, and whether it was
+    marked (an ``<answer>`` tag or an answer prefix) rather than just the last line."""
+    answer_part = answer_part[-_MAX_ANSWER_CHARS:]
+    tags = _ANSWER_TAG.findall(answer_part)
+    if tags:
+        return clean_answer(" ".join(tags[-1].split())), True
+    lines = [line for line in answer_part.splitlines() if line.strip()]
+    for pos in range(len(lines) - 1, -1, -1):
+        if _has_prefix(lines[pos]):
+            answer = clean_answer(lines[pos])
+            if not answer and pos + 1 < len(lines):  # "Final answer:" with the label on the next line
+                answer = clean_answer(lines[pos + 1])
+            if answer:
+                return answer, True
+    return (clean_answer(lines[-1]), False) if lines else ("", False)
+
+
+def normalise(label: str) -> str:
+    """Case-folded label with punctuation (except ``+``) as spaces, plural ``s`` and a trailing
+    "cell" dropped: ``"Alpha-cells"`` -> ``"alpha"``."""
+    words = _NORMALISE.sub(" ", label.casefold().replace("_", " ")).split()
+    words = [w[:-1] if len(w) > 3 and w.endswith("s") and not w.endswith("ss") else w for w in words]
+    if len(words) > 1 and words[-1] == "cell":
+        words = words[:-1]
+    return " ".join(words)
+
+
+@functools.lru_cache(maxsize=16)
+def _normalised(vocabulary: tuple[str, ...]) -> dict[str, str]:
+    return {v: normalise(v) for v in vocabulary}
+
+
+def match_label(answer: str, vocabulary: Sequence[str], *, loose: bool = True) -> tuple[str | None, str]:
+    """Match an answer to one vocabulary label.
+
+    :param loose: also try the label found inside the answer and the label containing the answer.
+    :return: ``(label, note)``; ``label`` is ``None`` when nothing (or more than one label) matches,
+        and the note says why; for a match the note says how (``""`` for an exact match).
+    """
+    if not answer:
+        return None, "empty answer"
+    if answer in vocabulary:
+        return answer, ""
+    folded = answer.casefold()
+    hits = [v for v in vocabulary if v.casefold() == folded]
+    if len(hits) == 1:
+        return hits[0], "matched case-insensitively"
+    norm = normalise(answer)
+    normed = _normalised(tuple(vocabulary))
+    hits = [v for v, n in normed.items() if n and n == norm]
+    if len(hits) == 1:
+        return hits[0], "matched after normalising case, punctuation and plurals"
+    if len(hits) > 1:
+        return None, f"answer {answer!r} matches several labels: {hits}"
+    if loose and norm:
+        padded = f" {norm} "
+        inside = [v for v, n in normed.items() if n and f" {n} " in padded]
+        if inside:
+            # The longest label wins over the labels it contains ("CD8 T" over "T"); labels found
+            # elsewhere in the answer ("alpha or beta") make it ambiguous.
+            best = max(inside, key=lambda v: len(normed[v]))
+            rivals = sorted(v for v in inside if f" {normed[v]} " not in f" {normed[best]} ")
+            if not rivals:
+                return best, f"label found in the answer {answer!r}"
+            return None, f"answer {answer!r} names several labels: {sorted([best, *rivals])}"
+        containing = [v for v, n in normed.items() if f" {norm} " in f" {n} "]
+        if len(containing) == 1:
+            return containing[0], f"answer {answer!r} is part of this label"
+        if len(containing) > 1:
+            return None, f"answer {answer!r} is part of several labels: {sorted(containing)}"
+    return None, f"answer {answer!r} matches no label of the vocabulary"
+
+
+def _confidence(generation: Generation, i: int, n: int) -> float | None:
+    conf = generation.confidence
+    if conf is None or len(conf) != n:
+        return None
+    try:
+        return float(conf[i])
+    except (TypeError, ValueError):
+        return None
+
+
+class CellReasonerDecoder:
+    """``cellreasoner``: free text (CellReasoner direct or reasoning mode) to one label per unit."""
+
+    name = "cellreasoner"
+    description = "free-text answer after an optional <think> block, matched to the label vocabulary"
+
+    def decode(
+        self, generation: Generation, prompt: Prompt, *, vocabulary: Sequence[str] | None = None, **_: Any
+    ) -> list[Annotation]:
+        """One annotation per ``prompt.unit_ids`` (normally one); see the module docstring."""
+        units = list(prompt.unit_ids)
+        text = _as_text(generation.text)
+        if generation.error:
+            return [
+                Annotation.unresolved(u, raw=text, note=f"generation failed: {generation.error}")
+                for u in units
+            ]
+        vocab = [str(v) for v in (vocabulary if vocabulary is not None else prompt.candidates) if str(v)]
+        reasoning_mode = prompt.meta.get("mode") == "reasoning" or THINK_OPEN in prompt.response_prefix
+        reasoning, answer_part, closed = split_reasoning(text)
+        unclosed = not closed and (reasoning_mode or THINK_OPEN in text)
+        if unclosed:
+            # The think block was opened (by the prompt or the model) and never closed: the output is
+            # reasoning that was probably cut off, so only an explicit answer line is trusted.
+            answer_part = text.replace(THINK_OPEN, "")
+            reasoning = answer_part.strip()
+        answer, explicit = final_answer(answer_part)
+        label, note = None, ""
+        if unclosed:
+            if explicit or (vocab and answer in vocab):
+                label, note = match_label(answer, vocab) if vocab else (answer or None, "")
+                note = "; ".join(filter(None, ["reasoning was not closed with </think>", note]))
+            else:
+                note = "reasoning was not closed with </think> (output cut off? raise max_new_tokens)"
+        elif vocab:
+            label, note = match_label(answer, vocab)
+        elif answer:
+            label = answer
+        else:
+            note = "empty answer"
+        out = []
+        for i, unit in enumerate(units):
+            if label is None:
+                out.append(Annotation.unresolved(unit, raw=text, note=note, reasoning=reasoning))
+            else:
+                out.append(
+                    Annotation(
+                        unit, label, STATUS_OK, _confidence(generation, i, len(units)), reasoning, text, note
+                    )
+                )
+        return out
+
+
+class CellPuzzlesDecoder:
+    """``cellpuzzles``: ``<think>...</think>\\n<answer>a | b | ...</answer>`` to one label per cell."""
+
+    name = "cellpuzzles"
+    description = "CellPuzzles answer tag split on '|', labels by cell position (Cell-o1 rules)"
+
+    def decode(
+        self, generation: Generation, prompt: Prompt, *, vocabulary: Sequence[str] | None = None, **_: Any
+    ) -> list[Annotation]:
+        """One annotation per cell of the puzzle, in order; see the module docstring."""
+        units = list(prompt.unit_ids)
+        text = _as_text(generation.text)
+        if generation.error:
+            return [
+                Annotation.unresolved(u, raw=text, note=f"generation failed: {generation.error}")
+                for u in units
+            ]
+        start, stop = text.find(THINK_OPEN), text.rfind(THINK_CLOSE)
+        reasoning = text[start + len(THINK_OPEN) : stop].strip() if 0 <= start < stop else ""
+        labels = split_answer(text)
+        if labels is None:
+            note = "no <answer>...</answer> in the output"
+            return [Annotation.unresolved(u, raw=text, note=note, reasoning=reasoning) for u in units]
+        if len(labels) != len(units):
+            note = (
+                f"the answer has {len(labels)} label(s) for {len(units)} cell(s): cannot assign by position"
+            )
+            return [Annotation.unresolved(u, raw=text, note=note, reasoning=reasoning) for u in units]
+        format_note = (
+            ""
+            if is_legitimate(text)
+            else "output not in the CellPuzzles answer format (scores 0 in the official metrics)"
+        )
+        candidates = [str(c) for c in (prompt.candidates or vocabulary or ())]
+        out = []
+        for i, (unit, given) in enumerate(zip(units, labels, strict=True)):
+            if candidates:
+                label, how = match_label(given, candidates, loose=False)
+            else:
+                label, how = (given or None), ("" if given else "empty answer")
+            note = "; ".join(filter(None, [format_note, how]))
+            if label is None:
+                out.append(Annotation.unresolved(unit, raw=text, note=note, reasoning=reasoning))
+            else:
+                out.append(
+                    Annotation(
+                        unit, label, STATUS_OK, _confidence(generation, i, len(units)), reasoning, text, note
+                    )
+                )
+        return out
