@@ -27,7 +27,7 @@ __all__ = [
 def __getattr__(name: str):
     # ``tl`` pulls in anndata; import it on first use so ``import cellscribe`` stays cheap.
     if name == "tl":
-        from . import tl
+        import importlib
 
-        return tl
+        return importlib.import_module(f"{__name__}.tl")
     raise AttributeError(f"module 'cellscribe' has no attribute {name!r}")

@@ -1,0 +1,1 @@
+"""Per-modality LoRA adapters and their manifests (see README.md in this folder)."""

@@ -22,8 +22,10 @@ class Reader(Protocol):
     """Reads a file into memory.
 
     ``suffixes``: lower-case file name endings handled (``(".h5ad",)``, ``(".tsv.gz",)``).
-    ``read(path, **options)`` returns an ``AnnData`` or ``MuData``; ``options`` are the values of the
-    CLI options plugins added (``--gtf``), or ``modality_options`` in the Python API.
+    ``read(path, *, backed=None, **options)`` returns an ``AnnData`` or ``MuData``; ``backed="r"``
+    asks for a lazily read (on-disk) matrix where the format allows it (streaming commands pass it;
+    readers that cannot, ignore it); ``options`` are the values of the CLI options plugins added
+    (``--gtf``), or ``modality_options`` in the Python API.
     ``modality``: the modality the data is for when the reader implies one (a fragments reader implies
     ``"atac"``), else ``None``.
     """
@@ -88,6 +90,10 @@ class PromptStrategy(Protocol):
     - ``count_tokens``: ``callable(text) -> int`` from the model's tokenizer, or ``None``.
 
     ``default_decoder``: the decoder its prompts name.
+
+    Optional: ``from_record(record, **options) -> Prompt`` rebuilds a prompt from a stored record of
+    the strategy's file format (``cellscribe puzzles solve`` uses the ``puzzle`` strategy's);
+    ``representatives_per_group``: cells per group the pipeline prompts with ``groupby`` (default 5).
     """
 
     name: str
@@ -107,6 +113,8 @@ class LoadedModel(Protocol):
     reported in ``Generation.error`` rather than raised.
     ``count_tokens(text)`` counts tokens with the model's tokenizer (``None`` if it has none).
     ``info()`` returns what identifies the model (recorded in the run parameters).
+    Optional: ``render(prompt) -> str`` (the exact model input), ``use_modality(modality)`` (switch to
+    the modality's adapter).
     """
 
     def generate(self, prompts: Sequence[Prompt], **options: Any) -> list[Generation]: ...
@@ -123,7 +131,10 @@ class Backend(Protocol):
     ``handles(spec)`` says whether a ``model=`` string is for this backend (a local directory with a
     ``config.json``, a hub id, ``"openai:gpt-x"``). ``load(spec, *, adapters, hook, **options)``
     returns a :class:`LoadedModel`; ``adapters`` maps modality -> adapter path; ``hook`` is the plugin
-    manager's hook relay (to call ``cellscribe_load_adapter``).
+    manager's hook relay (to call ``cellscribe_load_adapter`` or ``cellscribe_marker_knowledge``);
+    ``tissue`` is the user's tissue hint or ``None``; other ``options`` come from ``model_options``.
+    Optional ``sentence_preferences``: ``{"sentence": name, "n_genes": int, "options": {...}}`` used
+    when the user kept the default sentence settings.
     """
 
     name: str

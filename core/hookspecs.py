@@ -150,6 +150,19 @@ def cellscribe_load_adapter(model: Any, adapter: str, modality: str, backend: st
     """
 
 
+@hookspec
+def cellscribe_marker_knowledge(tissue: str | None) -> Any | None:
+    """Contribute marker-gene knowledge to knowledge-based models (such as the ``markers`` backend).
+
+    Called when such a model loads.
+
+    :param tissue: the user's tissue hint (``tissue=`` / ``--tissue``) or ``None``.
+    :return: ``None``, or a table (a ``pandas.DataFrame`` or the path of a CSV) with columns
+        ``cell_type``, ``gene`` and optionally ``weight`` (negative: expected absent), ``cl_id``,
+        ``tissue``, ``source``. All results are combined, after the model's own knowledge.
+    """
+
+
 # -------------------------------------------------------------------------------------------------
 # Command line
 # -------------------------------------------------------------------------------------------------

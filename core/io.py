@@ -1,0 +1,53 @@
+"""Writing result files safely: never over the input, never half-written, never over an existing file
+unless asked."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+class OutputExistsError(FileExistsError):
+    """The output file exists and overwriting was not requested."""
+
+
+def check_output(output: str | os.PathLike, *, inputs: tuple[str | os.PathLike, ...] = (), force: bool = False) -> Path:
+    """Validate an output path before any work is done.
+
+    Raises ``ValueError`` when ``output`` is one of ``inputs`` (cellscribe never writes to its input) and
+    :class:`OutputExistsError` when it exists and ``force`` is false.
+    """
+    out = Path(output)
+    for src in inputs:
+        if src is not None and Path(src).exists() and out.exists() and out.resolve() == Path(src).resolve():
+            raise ValueError(
+                f"output {out} is the input file; cellscribe never writes to its input. "
+                "Choose another output path."
+            )
+    if out.exists() and not force:
+        raise OutputExistsError(f"{out} already exists; pass --force (force=True) to overwrite it")
+    if not out.parent.exists():
+        raise FileNotFoundError(f"output folder {out.parent} does not exist; create it first")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_output(output: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``output``; on success it replaces ``output`` in one rename.
+
+    On any error the temporary file is removed and ``output`` is left as it was.
+    """
+    out = Path(output)
+    # Keep the real suffix last: writers such as anndata's choose the format from it.
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=f".partial{out.suffix}", dir=out.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, out)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise

@@ -1,0 +1,764 @@
+"""The annotation pipeline: reader -> modality -> sentences -> prompts -> backend -> decoder -> AnnData.
+
+Every step is looked up in the plugin registry by name; this module holds no modality-, strategy- or
+model-specific logic. :func:`annotate` is what ``cellscribe.tl.annotate`` and ``cellscribe annotate``
+call; :func:`plan_run` does all the work up to the model (``--dry-run``); :func:`write_sentences` streams
+cell sentences to a file (``cellscribe sentences``).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import math
+import platform
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from .plugins import Host, get_host
+from .types import STATUS_OK, STATUS_UNRESOLVED, Annotation, CellSentences, FeatureMatrix, Prompt
+
+log = logging.getLogger(__name__)
+
+#: ``model=None`` resolves to this backend name (the offline default model).
+DEFAULT_MODEL = "markers"
+DEFAULT_REPRESENTATIVES = 5
+EMPTY_NOTE = "no expressed gene in the cell sentence"
+
+
+# -------------------------------------------------------------------------------------------------
+# Data access
+# -------------------------------------------------------------------------------------------------
+
+
+def is_mudata(data: Any) -> bool:
+    """Whether ``data`` is a MuData (checked by shape, so mudata need not be imported)."""
+    return hasattr(data, "mod") and hasattr(data, "obs")
+
+
+def select_modality_data(data: Any, modality: Any, mod: str | None) -> tuple[Any, str | None]:
+    """The AnnData a modality works on: ``data`` itself, or ``data.mod[mod]`` for a MuData.
+
+    Without ``mod`` the modality's ``mudata_keys`` are tried in order.
+    """
+    if not is_mudata(data):
+        if mod is not None:
+            raise TypeError(f"mod={mod!r} was given but the data is an AnnData, not a MuData; drop mod=")
+        return data, None
+    keys = list(data.mod)
+    if mod is None:
+        mod = next((k for k in getattr(modality, "mudata_keys", ()) if k in data.mod), None)
+        if mod is None:
+            raise TypeError(
+                f"this MuData has no modality for {modality.name!r} under the usual keys "
+                f"{list(getattr(modality, 'mudata_keys', ()))}; it has {keys}. Pass mod=<key>."
+            )
+    elif mod not in data.mod:
+        raise TypeError(f"this MuData has no modality {mod!r}; it has {keys}. Pass one of them as mod=")
+    return data.mod[mod], mod
+
+
+def read_input(path: str | Path, host: Host | None = None, **options: Any) -> Any:
+    """Read ``path`` with the first registered reader whose suffix matches."""
+    host = host or get_host()
+    name = str(path).lower()
+    for reader in host.registry.all("reader").values():
+        if any(name.endswith(s) for s in reader.suffixes):
+            return reader.read(str(path), **options)
+    known = sorted({s for r in host.registry.all("reader").values() for s in r.suffixes})
+    raise ValueError(f"no reader for {path}; readable file types: {', '.join(known)}")
+
+
+def _labels(obs: pd.DataFrame, key: str, what: str) -> pd.Series:
+    if key not in obs.columns:
+        raise KeyError(
+            f"{what} has no obs column {key!r} with labels; available columns: {list(obs.columns)}"
+        )
+    return obs[key]
+
+
+# -------------------------------------------------------------------------------------------------
+# Sentences
+# -------------------------------------------------------------------------------------------------
+
+
+def build_sentences(
+    features: FeatureMatrix,
+    strategy: str,
+    *,
+    n_genes: int | None,
+    state: dict,
+    host: Host,
+    chunk_size: int,
+    options: Mapping[str, Any] | None = None,
+) -> CellSentences:
+    """Run the sentence strategy ``strategy`` over ``features`` and join its chunks."""
+    strategies = host.registry.all("sentence")
+    component = host.registry.get("sentence", strategy)
+    chunks = list(
+        component.build(
+            features,
+            n_genes=n_genes,
+            state=state,
+            chunk_size=chunk_size,
+            strategies=strategies,
+            **dict(options or {}),
+        )
+    )
+    if not chunks:
+        raise ValueError("the data has no cells")
+    return CellSentences.concatenate(chunks)
+
+
+def sentences_frame(sentences: CellSentences) -> pd.Series:
+    """Cell sentences as a Series of strings indexed by cell id (metadata in ``.attrs``)."""
+    from .ranking import encode_names, join_ranked
+
+    text = join_ranked(encode_names(sentences.vocabulary), sentences.indptr, sentences.indices)
+    series = pd.Series(text, index=pd.Index(sentences.cell_ids, name="cell_id"), name="sentence")
+    series.attrs["strategy"] = sentences.strategy
+    series.attrs["params"] = dict(sentences.params)
+    return series
+
+
+# -------------------------------------------------------------------------------------------------
+# Units: cells, or representative cells of clusters
+# -------------------------------------------------------------------------------------------------
+
+
+def pick_representatives(
+    sentences: CellSentences, groups: pd.Series, per_group: int
+) -> dict[str, list[int]]:
+    """Choose up to ``per_group`` typical cells per group.
+
+    A cell is typical when its genes are frequent in its group: score = mean over the cell's genes of the
+    share of group cells whose sentence holds that gene. Computed with one sparse product; ties go to the
+    earlier cell. Cells with an empty sentence are never chosen.
+    """
+    n = len(sentences)
+    lengths = sentences.lengths()
+    incidence = sp.csr_matrix(
+        (np.ones(len(sentences.indices), dtype=np.float32), sentences.indices, sentences.indptr),
+        shape=(n, len(sentences.vocabulary)),
+    )
+    codes, names = pd.factorize(groups.astype(str), sort=True)
+    membership = sp.csr_matrix(
+        (np.ones(n, dtype=np.float32), (codes, np.arange(n))), shape=(len(names), n)
+    )
+    sizes = np.asarray(membership.sum(axis=1)).ravel()
+    freq = sp.csr_matrix(membership @ incidence).multiply(1.0 / sizes[:, None]).tocsr()
+    # score[i] = incidence[i] . freq[group(i)]
+    score = np.asarray(incidence.multiply(freq[codes]).sum(axis=1)).ravel() / np.maximum(lengths, 1)
+    score[lengths == 0] = -np.inf
+    chosen: dict[str, list[int]] = {}
+    order = np.lexsort((np.arange(n), -score, codes))
+    for g, name in enumerate(names):
+        rows = order[codes[order] == g]
+        rows = rows[np.isfinite(score[rows])][:per_group]
+        chosen[str(name)] = rows.tolist()
+    return chosen
+
+
+def majority_vote(labels: Sequence[str], confidences: Sequence[float]) -> tuple[str | None, float, float]:
+    """The most frequent label, ties broken by the higher mean confidence, then by name.
+
+    :return: ``(label, vote share, mean confidence of its voters (NaN if none))``.
+    """
+    if not labels:
+        return None, 0.0, math.nan
+    counts = Counter(labels)
+
+    def mean_conf(label: str) -> float:
+        vals = [c for lab, c in zip(labels, confidences) if lab == label and not math.isnan(c)]
+        return float(np.mean(vals)) if vals else math.nan
+
+    best = sorted(counts, key=lambda lab: (-counts[lab], -np.nan_to_num(mean_conf(lab), nan=-1), lab))[0]
+    return best, counts[best] / len(labels), mean_conf(best)
+
+
+# -------------------------------------------------------------------------------------------------
+# The run
+# -------------------------------------------------------------------------------------------------
+
+
+@attrs.define
+class RunPlan:
+    """Everything decided before the model runs (what ``--dry-run`` prints)."""
+
+    adata: Any
+    mod: str | None
+    features: FeatureMatrix
+    sentences: CellSentences
+    unit_rows: np.ndarray  # rows of ``sentences`` that are prompted
+    groups: pd.Series | None
+    representatives: dict[str, list[int]] | None
+    prompts: list[Prompt]
+    params: dict[str, Any]
+    vocabulary: list[str] | None
+    prompt_strategy: Any
+    prompt_args: dict[str, Any]
+
+    def make_prompts(self, count_tokens: Callable[[str], int] | None = None) -> list[Prompt]:
+        """Build the prompts of the prompted units (``count_tokens`` from the model's tokenizer)."""
+        units = self.sentences.take(self.unit_rows)
+        self.prompts = self.prompt_strategy.build(units, count_tokens=count_tokens, **self.prompt_args)
+        return self.prompts
+
+    def summary(self) -> dict[str, Any]:
+        """Cells, units, prompts and a token estimate (characters / 3.5 when no tokenizer counted)."""
+        chars = sum(len(m["content"]) for p in self.prompts for m in p.messages)
+        gen = self.prompts[0].generation if self.prompts else {}
+        return {
+            "cells": int(self.features.n_cells),
+            "empty_cells": int(self.sentences.empty().sum()),
+            "units": int(len(self.unit_rows)),
+            "prompts": len(self.prompts),
+            "sentence_strategy": self.sentences.strategy,
+            "prompt_strategy": self.params["prompt"],
+            "model": self.params["model"],
+            "estimated_prompt_tokens": int(chars / 3.5),
+            "max_new_tokens_per_prompt": gen.get("max_new_tokens"),
+        }
+
+
+def _resolve_model_name(model: str | None) -> str:
+    return DEFAULT_MODEL if model is None else str(model)
+
+
+def plan_run(
+    data: Any,
+    *,
+    modality: str = "rna",
+    mod: str | None = None,
+    prompt: str = "zero-shot",
+    model: str | None = None,
+    mode: str = "direct",
+    candidates: Sequence[str] | None = None,
+    reference: Any = None,
+    reference_key: str | None = None,
+    k: int = 3,
+    groupby: str | None = None,
+    n_representatives: int | None = None,
+    layer: str | None = None,
+    use_raw: bool | None = None,
+    sentence: str = "auto",
+    n_genes: int | None = None,
+    seed: int = 0,
+    max_prompt_tokens: int | None = None,
+    prompt_options: Mapping[str, Any] | None = None,
+    sentence_options: Mapping[str, Any] | None = None,
+    modality_options: Mapping[str, Any] | None = None,
+    chunk_size: int = 10_000,
+    count_tokens: Callable[[str], int] | None = None,
+    build_prompts: bool = True,
+    host: Host | None = None,
+) -> RunPlan:
+    """Prepare a run up to (not including) the model call. See :func:`annotate` for the arguments.
+
+    Every input check happens here, before any model is loaded. With ``build_prompts=False`` the
+    prompts are left for :meth:`RunPlan.make_prompts` (called once the model's tokenizer can count).
+    """
+    host = host or get_host()
+    reg = host.registry
+    if mode not in ("direct", "reasoning"):
+        raise ValueError(f"mode must be 'direct' or 'reasoning', got {mode!r}")
+    modality_c = reg.get("modality", modality)
+    prompt_c = reg.get("prompt", prompt)
+    model_name = _resolve_model_name(model)
+    backend_c = reg.backend_for(model_name)
+    adata, mod = select_modality_data(data, modality_c, mod)
+    if adata.n_obs == 0:
+        raise ValueError("the data has no cells")
+    if groupby is not None and groupby not in adata.obs.columns:
+        raise KeyError(f"groupby={groupby!r} is not an obs column; available: {list(adata.obs.columns)}")
+
+    # A backend may ask for its own sentence settings when the user kept the defaults.
+    sentence_opts = dict(sentence_options or {})
+    prefs = getattr(backend_c, "sentence_preferences", None)
+    if sentence == "auto" and n_genes is None and prefs:
+        sentence = prefs.get("sentence", sentence)
+        n_genes = prefs.get("n_genes", n_genes)
+        sentence_opts = {**prefs.get("options", {}), **sentence_opts}
+        log.info("model %s asks for %s sentences (n_genes=%s)", model_name, sentence, n_genes)
+
+    t0 = time.perf_counter()
+    features = modality_c.prepare(
+        adata, layer=layer, use_raw=use_raw, chunk_size=chunk_size, **dict(modality_options or {})
+    )
+    if features.n_cells != adata.n_obs:
+        raise RuntimeError(
+            f"modality {modality!r} returned {features.n_cells} rows for {adata.n_obs} cells; "
+            "a modality must keep every cell"
+        )
+    state: dict = {}
+    sentences = build_sentences(
+        features, sentence, n_genes=n_genes, state=state, host=host, chunk_size=chunk_size,
+        options=sentence_opts,
+    )
+    log.info(
+        "%d cell sentences (%s) in %.2f s", len(sentences), sentences.strategy, time.perf_counter() - t0
+    )
+
+    # Reference for k-shot: another AnnData, or the labelled cells of the query itself.
+    ref_sentences = ref_labels = None
+    if reference is not None or reference_key is not None:
+        if reference_key is None:
+            raise ValueError("reference= needs reference_key= (the obs column with its labels)")
+        if reference is None:
+            labels = _labels(adata.obs, reference_key, "the query")
+            ref_sentences, ref_source = sentences, "query"
+        else:
+            ref_adata, _ = select_modality_data(reference, modality_c, mod if is_mudata(reference) else None)
+            labels = _labels(ref_adata.obs, reference_key, "the reference")
+            ref_features = modality_c.prepare(
+                ref_adata, layer=layer, use_raw=use_raw, chunk_size=chunk_size,
+                **dict(modality_options or {}),
+            )
+            ref_sentences = build_sentences(
+                ref_features, sentence, n_genes=n_genes, state=state, host=host,
+                chunk_size=chunk_size, options=sentence_opts,
+            )
+            ref_source = f"AnnData with {ref_adata.n_obs} cells"
+        keep = labels.notna().to_numpy() & ~ref_sentences.empty()
+        if not keep.any():
+            raise ValueError(f"reference column {reference_key!r} has no labelled cell with expressed genes")
+        ref_sentences = ref_sentences.take(np.flatnonzero(keep))
+        ref_labels = labels.astype(str).to_numpy()[keep].tolist()
+    else:
+        ref_source = None
+
+    # Units: every cell with a sentence, or representative cells of each group.
+    empty = sentences.empty()
+    groups = representatives = None
+    if groupby is not None:
+        groups = adata.obs[groupby]
+        per_group = n_representatives or getattr(prompt_c, "representatives_per_group", DEFAULT_REPRESENTATIVES)
+        representatives = pick_representatives(sentences, groups, per_group)
+        unit_rows = np.array(sorted(r for rows in representatives.values() for r in rows), dtype=np.int64)
+    else:
+        unit_rows = np.flatnonzero(~empty)
+    units = sentences.take(unit_rows)
+
+    vocabulary = list(candidates) if candidates else (sorted(set(ref_labels)) if ref_labels else None)
+    prompt_args = {
+        "mode": mode,
+        "candidates": list(candidates) if candidates else None,
+        "reference": ref_sentences,
+        "reference_labels": ref_labels,
+        "k": k,
+        "seed": seed,
+        "obs": adata.obs.iloc[unit_rows],
+        "max_prompt_tokens": max_prompt_tokens,
+        "options": dict(prompt_options or {}),
+    }
+    params = {
+        "modality": modality,
+        "mod": mod,
+        "prompt": prompt,
+        "mode": mode,
+        "model": model_name,
+        "backend": backend_c.name,
+        "sentence": sentence,
+        "sentence_resolved": sentences.strategy,
+        "sentence_params": dict(sentences.params),
+        "sentence_state": state,
+        "n_genes": n_genes,
+        "matrix": features.source,
+        "value_kind": features.value_kind,
+        "layer": layer,
+        "use_raw": use_raw,
+        "candidates": list(candidates) if candidates else None,
+        "reference": ref_source,
+        "reference_key": reference_key,
+        "n_reference_cells": len(ref_labels) if ref_labels else None,
+        "k": k if ref_labels else None,
+        "groupby": groupby,
+        "seed": seed,
+        "max_prompt_tokens": max_prompt_tokens,
+        "prompt_options": dict(prompt_options or {}),
+        "modality_options": {k_: str(v) for k_, v in dict(modality_options or {}).items()},
+        "plugins": {
+            "modality": reg.entries["modality"][modality].plugin,
+            "sentence": reg.entries["sentence"][sentences.strategy].plugin
+            if sentences.strategy in reg.entries["sentence"] else None,
+            "prompt": reg.entries["prompt"][prompt].plugin,
+            "backend": reg.entries["backend"][backend_c.name].plugin,
+        },
+    }
+    plan = RunPlan(
+        adata, mod, features, sentences, unit_rows, groups, representatives, [], params, vocabulary,
+        prompt_c, prompt_args,
+    )
+    if build_prompts:
+        plan.make_prompts(count_tokens)
+    return plan
+
+
+def _decode_all(plan: RunPlan, generations: Sequence[Any], host: Host) -> dict[str, Annotation]:
+    """Decode every prompt; a decoder that raises makes its units unresolved instead of stopping."""
+    by_unit: dict[str, Annotation] = {}
+    for prompt_obj, gen in zip(plan.prompts, generations, strict=True):
+        try:
+            decoder = host.registry.get("decoder", prompt_obj.decoder)
+            annotations = decoder.decode(gen, prompt_obj, vocabulary=plan.vocabulary)
+            if len(annotations) != len(prompt_obj.unit_ids):
+                raise RuntimeError(
+                    f"decoder {prompt_obj.decoder!r} returned {len(annotations)} answers for "
+                    f"{len(prompt_obj.unit_ids)} units"
+                )
+        except Exception as exc:  # one bad output or decoder bug never stops the run
+            log.warning("decoding failed for units %s: %s", prompt_obj.unit_ids, exc)
+            annotations = [
+                Annotation.unresolved(u, raw=gen.text, note=f"decoder error: {exc}") for u in prompt_obj.unit_ids
+            ]
+        for ann in annotations:
+            by_unit[ann.unit_id] = ann
+    return by_unit
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("cellscribe", "anndata", "numpy", "scanpy", "mudata", "torch", "transformers", "peft"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            continue
+    return out
+
+
+def _h5_safe(value: Any) -> Any:
+    """Make a parameter tree writable to h5ad/h5mu ``uns``: no None, no empty dict, no mixed lists."""
+    if isinstance(value, Mapping):
+        out = {str(k): _h5_safe(v) for k, v in value.items() if v is not None}
+        return {k: v for k, v in out.items() if not (isinstance(v, dict) and not v)}
+    if isinstance(value, (list, tuple)):
+        items = [_h5_safe(v) for v in value if v is not None]
+        if all(isinstance(v, str) for v in items):
+            return np.array(items, dtype=object) if items else np.array([], dtype=object)
+        if all(isinstance(v, (int, float, bool, np.number)) for v in items):
+            return np.asarray(items)
+        return json.dumps(value, default=str)
+    if isinstance(value, (np.generic,)):
+        return value.item()
+    if isinstance(value, (str, int, float, bool, np.ndarray)):
+        return value
+    return str(value)
+
+
+def _default_sidecar(key_added: str, run_id: str) -> Path:
+    folder = Path("cellscribe_runs")
+    folder.mkdir(exist_ok=True)
+    return folder / f"{key_added}-{run_id}.jsonl"
+
+
+def _write_sidecar(path: Path, plan: RunPlan, generations: Sequence[Any], by_unit: Mapping[str, Annotation]) -> None:
+    with path.open("w", encoding="utf-8") as fh:
+        for i, (p, g) in enumerate(zip(plan.prompts, generations)):
+            record = {
+                "prompt_index": i,
+                "unit_ids": list(p.unit_ids),
+                "strategy": p.strategy,
+                "messages": [dict(m) for m in p.messages],
+                "response_prefix": p.response_prefix,
+                "output": g.text,
+                "error": g.error,
+                "n_prompt_tokens": g.n_prompt_tokens,
+                "n_output_tokens": g.n_output_tokens,
+                "answers": [attrs.asdict(by_unit[u]) for u in p.unit_ids if u in by_unit],
+            }
+            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def _write_results(
+    plan: RunPlan, by_unit: Mapping[str, Annotation], key_added: str
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Per-cell columns (label, confidence, reasoning, status, note) and a summary."""
+    cell_ids = plan.sentences.cell_ids
+    n = len(cell_ids)
+    label = np.full(n, None, dtype=object)
+    conf = np.full(n, np.nan)
+    reasoning = np.full(n, "", dtype=object)
+    status = np.full(n, STATUS_UNRESOLVED, dtype=object)
+    note = np.full(n, "", dtype=object)
+    empty = plan.sentences.empty()
+    note[empty] = EMPTY_NOTE
+    extra: dict[str, Any] = {}
+
+    def fill(row: int, ann: Annotation) -> None:
+        label[row] = ann.label if ann.status == STATUS_OK else None
+        conf[row] = np.nan if ann.confidence is None else ann.confidence
+        reasoning[row] = ann.reasoning
+        status[row] = ann.status
+        note[row] = ann.note
+
+    if plan.representatives is None:
+        for row in plan.unit_rows.tolist():
+            ann = by_unit.get(str(cell_ids[row]))
+            if ann is not None:
+                fill(row, ann)
+    else:
+        per_cell = np.full(n, None, dtype=object)
+        clusters = {}
+        codes = plan.groups.astype(str).to_numpy()
+        for group, rows in plan.representatives.items():
+            anns = [by_unit[str(cell_ids[r])] for r in rows if str(cell_ids[r]) in by_unit]
+            for r in rows:
+                a = by_unit.get(str(cell_ids[r]))
+                per_cell[r] = a.label if a is not None else None
+            ok = [a for a in anns if a.status == STATUS_OK]
+            winner, share, mean_conf = majority_vote(
+                [a.label for a in ok], [np.nan if a.confidence is None else a.confidence for a in ok]
+            )
+            members = np.flatnonzero(codes == group)
+            if winner is None:
+                status[members] = STATUS_UNRESOLVED
+                note[members] = "no representative of this group was resolved"
+                reasoning[members] = anns[0].reasoning if anns else ""
+            else:
+                label[members] = winner
+                status[members] = STATUS_OK
+                conf[members] = mean_conf
+                reasoning[members] = next(a.reasoning for a in ok if a.label == winner)
+                note[members] = f"{groupby_note(share, len(ok))}"
+            clusters[group] = {
+                "label": winner or "",
+                "vote_share": share,
+                "n_representatives": len(rows),
+                "representatives": [str(cell_ids[r]) for r in rows],
+            }
+        extra["per_cell"] = per_cell
+        extra["clusters"] = clusters
+    frame = pd.DataFrame(
+        {
+            key_added: pd.Categorical(label),
+            f"{key_added}_confidence": conf,
+            f"{key_added}_reasoning": reasoning,
+            f"{key_added}_status": pd.Categorical(status, categories=[STATUS_OK, STATUS_UNRESOLVED]),
+            f"{key_added}_note": note,
+        },
+        index=pd.Index(cell_ids.astype(str)),
+    )
+    if "per_cell" in extra:
+        frame[f"{key_added}_cell"] = pd.Categorical(extra["per_cell"])
+    counts = frame[key_added].value_counts().to_dict()
+    summary = {
+        "n_cells": n,
+        "n_ok": int((status == STATUS_OK).sum()),
+        "n_unresolved": int((status == STATUS_UNRESOLVED).sum()),
+        "n_empty": int(empty.sum()),
+        "label_counts": {str(k): int(v) for k, v in counts.items()},
+    }
+    if "clusters" in extra:
+        summary["clusters"] = extra["clusters"]
+    return frame, summary
+
+
+def groupby_note(share: float, n: int) -> str:
+    return f"group label by majority vote ({share:.0%} of {n} resolved representatives)"
+
+
+def annotate(
+    data: Any,
+    *,
+    modality: str = "rna",
+    mod: str | None = None,
+    prompt: str = "zero-shot",
+    model: str | None = None,
+    mode: str = "direct",
+    candidates: Sequence[str] | None = None,
+    reference: Any = None,
+    reference_key: str | None = None,
+    k: int = 3,
+    groupby: str | None = None,
+    n_representatives: int | None = None,
+    layer: str | None = None,
+    use_raw: bool | None = None,
+    sentence: str = "auto",
+    n_genes: int | None = None,
+    generation: Mapping[str, Any] | None = None,
+    seed: int = 0,
+    max_prompt_tokens: int | None = None,
+    batch_size: int = 8,
+    adapter: str | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    trust_remote_code: bool = False,
+    tissue: str | None = None,
+    model_options: Mapping[str, Any] | None = None,
+    prompt_options: Mapping[str, Any] | None = None,
+    sentence_options: Mapping[str, Any] | None = None,
+    modality_options: Mapping[str, Any] | None = None,
+    sidecar: str | Path | bool | None = None,
+    chunk_size: int = 10_000,
+    progress: bool = True,
+    key_added: str = "cellscribe",
+    host: Host | None = None,
+) -> dict[str, Any]:
+    """Annotate ``data`` in place and return the run summary. See :func:`cellscribe.tl.annotate`."""
+    host = host or get_host()
+    run_id = _dt.datetime.now().strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+    model_name = _resolve_model_name(model)
+    backend_c = host.registry.backend_for(model_name)
+
+    plan = plan_run(
+        data, modality=modality, mod=mod, prompt=prompt, model=model_name, mode=mode,
+        candidates=candidates, reference=reference, reference_key=reference_key, k=k,
+        groupby=groupby, n_representatives=n_representatives, layer=layer, use_raw=use_raw,
+        sentence=sentence, n_genes=n_genes, seed=seed, max_prompt_tokens=max_prompt_tokens,
+        prompt_options=prompt_options, sentence_options=sentence_options,
+        modality_options=modality_options, chunk_size=chunk_size, build_prompts=False, host=host,
+    )
+    t0 = time.perf_counter()
+    loaded = backend_c.load(
+        model_name,
+        adapters={modality: adapter} if adapter else None,
+        hook=host.hook,
+        device=device,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        batch_size=batch_size,
+        tissue=tissue,
+        **dict(model_options or {}),
+    )
+    log.info("model %s loaded by backend %s in %.1f s", model_name, backend_c.name, time.perf_counter() - t0)
+    if adapter and hasattr(loaded, "use_modality"):
+        loaded.use_modality(modality)
+    plan.make_prompts(getattr(loaded, "count_tokens", None))
+
+    t1 = time.perf_counter()
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(plan.prompts), desc="cellscribe", unit="prompt", disable=not progress) as bar:
+        generations = loaded.generate(plan.prompts, settings=dict(generation or {}), progress=bar.update)
+    gen_seconds = time.perf_counter() - t1
+    by_unit = _decode_all(plan, generations, host)
+    frame, summary = _write_results(plan, by_unit, key_added)
+
+    sidecar_path: Path | None
+    if sidecar is False:
+        sidecar_path = None
+    else:
+        sidecar_path = Path(sidecar) if sidecar not in (None, True) else _default_sidecar(key_added, run_id)
+        _write_sidecar(sidecar_path, plan, generations, by_unit)
+
+    adata = plan.adata
+    for column in frame.columns:
+        adata.obs[column] = frame[column].to_numpy() if not isinstance(
+            frame[column].dtype, pd.CategoricalDtype
+        ) else frame[column].values
+    params = {
+        **plan.params,
+        "generation": dict(generation or {}),
+        "generation_defaults": dict(plan.prompts[0].generation) if plan.prompts else {},
+        "model_info": dict(loaded.info()) if hasattr(loaded, "info") else {},
+        "adapter": adapter,
+        "batch_size": batch_size,
+        "device": device,
+        "dtype": dtype,
+        "trust_remote_code": trust_remote_code,
+        "tissue": tissue,
+        "model_options": {k_: str(v) for k_, v in dict(model_options or {}).items()},
+        "versions": _versions(),
+        "run_id": run_id,
+        "started": run_id[:15],
+    }
+    summary.update(
+        {
+            "seconds_generation": round(gen_seconds, 3),
+            "n_prompts": len(plan.prompts),
+            "sidecar": str(sidecar_path) if sidecar_path else None,
+        }
+    )
+    entry = {
+        "params": _h5_safe(params),
+        "summary": _h5_safe({k: v for k, v in summary.items() if k != "clusters"}),
+        "sidecar": str(sidecar_path) if sidecar_path else "",
+    }
+    if "clusters" in summary:
+        entry["clusters"] = _h5_safe(summary["clusters"])
+    adata.uns[key_added] = entry
+    if plan.mod is not None:
+        _mirror_to_mudata(data, plan.mod, list(frame.columns), key_added, entry)
+    log.info(
+        "annotated %d cells: %d ok, %d unresolved (%d prompts, %.1f s generation)",
+        summary["n_cells"], summary["n_ok"], summary["n_unresolved"], len(plan.prompts), gen_seconds,
+    )
+    return summary
+
+
+def _mirror_to_mudata(mdata: Any, mod: str, columns: list[str], key_added: str, entry: dict) -> None:
+    """Copy the modality's new obs columns to ``mdata.obs`` as ``"{mod}:{column}"``."""
+    source = mdata.mod[mod].obs
+    for column in columns:
+        mdata.obs[f"{mod}:{column}"] = source[column].reindex(mdata.obs_names)
+    mdata.uns[f"{mod}:{key_added}"] = entry
+
+
+# -------------------------------------------------------------------------------------------------
+# Sentences to a file
+# -------------------------------------------------------------------------------------------------
+
+
+def write_sentences(
+    data: Any,
+    output: str | Path,
+    *,
+    format: str = "jsonl",
+    modality: str = "rna",
+    mod: str | None = None,
+    sentence: str | None = None,
+    n_genes: int | None = None,
+    layer: str | None = None,
+    use_raw: bool | None = None,
+    label_key: str | None = None,
+    reasoning: bool = False,
+    format_options: Mapping[str, Any] | None = None,
+    sentence_options: Mapping[str, Any] | None = None,
+    modality_options: Mapping[str, Any] | None = None,
+    chunk_size: int = 10_000,
+    host: Host | None = None,
+) -> int:
+    """Stream cell sentences of ``data`` to ``output`` in the file format ``format``.
+
+    Chunks of cells go from the modality through the sentence strategy into the format writer one at a
+    time, so memory stays bounded on backed files. ``sentence=None`` uses the format's own strategy
+    (``ranked-hvg`` for ``cellreasoner``, ``top-expressed`` for ``cellpuzzles``) or ``auto``. Writes
+    only ``output`` (the caller makes it atomic). Returns the number of records written.
+    """
+    host = host or get_host()
+    reg = host.registry
+    fmt = reg.get("format", format)
+    modality_c = reg.get("modality", modality)
+    adata, _ = select_modality_data(data, modality_c, mod)
+    labels = None
+    if label_key is not None:
+        labels = _labels(adata.obs, label_key, "the data")
+        labels.index = labels.index.astype(str)
+    elif getattr(fmt, "needs_labels", False):
+        raise ValueError(f"format {format!r} needs labels: pass --label-key COLUMN (an obs column)")
+    strategy_name = sentence or getattr(fmt, "sentence", None) or "auto"
+    features = modality_c.prepare(
+        adata, layer=layer, use_raw=use_raw, chunk_size=chunk_size, **dict(modality_options or {})
+    )
+    strategy = reg.get("sentence", strategy_name)
+    state: dict = {}
+    chunks = strategy.build(
+        features, n_genes=n_genes, state=state, chunk_size=chunk_size,
+        strategies=reg.all("sentence"), **dict(sentence_options or {}),
+    )
+    with open(output, "wb") as fh:
+        n = fmt.write(fh, chunks, labels=labels, obs=adata.obs, reasoning=reasoning, **dict(format_options or {}))
+    log.info("wrote %d %s records to %s", n, format, output)
+    return n

@@ -1,0 +1,156 @@
+"""The architecture rules, checked: import direction, plugin registration, CLI coverage, lazy imports."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pluggy
+import pytest
+
+import cellscribe
+from cellscribe import hookimpl
+from cellscribe.core import hookspecs, plugins
+
+ROOT = Path(cellscribe.__file__).parent
+PLUGIN_DIRS = sorted(p for p in (ROOT / "plugins").iterdir() if (p / "__init__.py").exists())
+
+
+def _imports(path: Path) -> list[tuple[int, str]]:
+    """(relative level, absolute-or-relative module) for every import in a file."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(0, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            found.append((node.level, node.module or ""))
+    return found
+
+
+def _resolve(path: Path, level: int, module: str) -> str:
+    """The absolute ``cellscribe.…`` name of an import in ``path``."""
+    if level == 0:
+        return module
+    parts = ["cellscribe", *path.relative_to(ROOT).with_suffix("").parts]
+    if path.name == "__init__.py":
+        parts = parts[:-1]
+    else:
+        parts = parts[:-1]
+    base = parts[: len(parts) - (level - 1)]
+    return ".".join(base + ([module] if module else []))
+
+
+@pytest.mark.parametrize("plugin_dir", PLUGIN_DIRS, ids=lambda p: p.name)
+def test_plugins_never_import_each_other(plugin_dir):
+    own = f"cellscribe.plugins.{plugin_dir.name}"
+    for path in plugin_dir.rglob("*.py"):
+        for level, module in _imports(path):
+            name = _resolve(path, level, module)
+            if name.startswith("cellscribe.plugins"):
+                assert name == own or name.startswith(own + "."), f"{path} imports {name}"
+            if name.startswith("cellscribe.") and not name.startswith("cellscribe.plugins"):
+                assert name.startswith("cellscribe.core"), f"{path} imports {name}: plugins use core only"
+
+
+def test_core_imports_no_plugin_and_no_top_layer():
+    for path in (ROOT / "core").rglob("*.py"):
+        for level, module in _imports(path):
+            name = _resolve(path, level, module)
+            assert not name.startswith("cellscribe.plugins"), f"{path} imports plugin {name}"
+            for top in ("cellscribe.cli", "cellscribe.tl"):
+                assert not name.startswith(top), f"{path} imports {top}: core sits below the CLI and tl"
+
+
+def test_every_builtin_plugin_is_an_entry_point(host):
+    declared = dict(plugins._pyproject_entry_points())
+    assert set(declared.values()) == {f"cellscribe.plugins.{p.name}" for p in PLUGIN_DIRS}
+    infos = {i.name: i for i in host.plugins()}
+    for name in declared:
+        assert infos[name].origin == "built-in"
+        assert infos[name].provides, f"plugin {name} registers nothing"
+
+
+def test_hookspecs_are_documented():
+    specs = [f for n, f in vars(hookspecs).items() if n.startswith("cellscribe_") and callable(f)]
+    assert len(specs) >= 9
+    for spec in specs:
+        doc = inspect.getdoc(spec)
+        assert doc and len(doc) > 80, f"{spec.__name__} needs a real docstring"
+        assert ":param" in doc or ":return" in doc
+        sig = inspect.signature(spec)
+        assert all(p.annotation is not inspect.Parameter.empty for p in sig.parameters.values())
+
+
+def test_misspelled_hook_is_caught():
+    class Typo:
+        @hookimpl
+        def cellscribe_register_modalitys(self, register):  # missing "ie"
+            pass
+
+    with pytest.raises(pluggy.PluginValidationError, match="unknown hook"):
+        plugins.make_host(extra=[("typo", Typo())])
+
+
+def test_register_validates_components():
+    class NoName:
+        @hookimpl
+        def cellscribe_register_modalities(self, register):
+            register(object())
+
+    with pytest.raises(plugins.PluginError, match="without a 'name'"):
+        plugins.make_host(extra=[("bad", NoName())])
+
+    class Duplicate:
+        @hookimpl
+        def cellscribe_register_prompt_strategies(self, register):
+            class P:
+                name = "zero-shot"
+                description = "clash"
+                default_decoder = "cellreasoner"
+
+                def build(self, sentences, **kw):
+                    return []
+
+            register(P())
+
+    with pytest.raises(plugins.PluginError, match="registered twice"):
+        plugins.make_host(extra=[("dup", Duplicate())])
+
+
+def test_disable_env_blocks_a_builtin(monkeypatch):
+    monkeypatch.setenv("CELLSCRIBE_DISABLE_PLUGINS", "rna")
+    host = plugins.make_host()
+    assert "rna" not in host.registry.names("modality")
+    with pytest.raises(plugins.PluginError, match="unknown modality 'rna'"):
+        host.registry.get("modality", "rna")
+
+
+def test_every_annotate_keyword_has_a_cli_flag():
+    from click.testing import CliRunner
+
+    from cellscribe import cli, tl
+
+    keywords = [p for p in inspect.signature(tl.annotate).parameters if p not in cli.NOT_FLAGS]
+    assert sorted(keywords) == sorted(cli.ANNOTATE_FLAGS)
+    help_text = CliRunner().invoke(cli.main, ["annotate", "--help"], terminal_width=200).output
+    for keyword, flags in cli.ANNOTATE_FLAGS.items():
+        for flag in flags.split("/"):
+            assert flag in help_text, f"tl.annotate({keyword}=...) has no CLI flag {flag}"
+
+
+def test_heavy_libraries_load_lazily():
+    code = (
+        "import sys, cellscribe, cellscribe.cli\n"
+        "from cellscribe.core.plugins import get_host\n"
+        "get_host()\n"
+        "heavy = [m for m in ('torch', 'transformers', 'scanpy', 'snapatac2', 'peft') if m in sys.modules]\n"
+        "print(','.join(heavy))\n"
+    )
+    env = {**os.environ, "CELLSCRIBE_LOAD_PLUGINS": ""}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "", f"imported at start-up: {out.stdout}"

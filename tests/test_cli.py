@@ -1,0 +1,114 @@
+"""The command line: safe output handling, plan, sentences golden file, plugin listing."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import sys
+from pathlib import Path
+
+import anndata as ad
+import pytest
+from click.testing import CliRunner
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _rule_backend import RulePlugin  # noqa: E402
+
+from cellscribe.cli import main  # noqa: E402
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def rules(with_plugin):
+    plugin = RulePlugin()
+    with_plugin(plugin, "rules")
+    return plugin.backend.model
+
+
+@pytest.fixture
+def runner():
+    return CliRunner()
+
+
+def test_annotate_writes_output_and_never_the_input(runner, rules, pancreas_path, tmp_path):
+    src = tmp_path / "in.h5ad"
+    src.write_bytes(pancreas_path.read_bytes())
+    before = _sha(src)
+    out = tmp_path / "out.h5ad"
+    result = runner.invoke(main, ["annotate", str(src), "-o", str(out), "--model", "rules", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert _sha(src) == before
+    annotated = ad.read_h5ad(out)
+    assert {"cellscribe", "cellscribe_status", "cellscribe_confidence", "cellscribe_reasoning"} <= set(annotated.obs)
+    assert (tmp_path / "out.h5ad.cellscribe.jsonl").exists()
+    assert "annotated 350 cells" in result.output
+    assert not list(tmp_path.glob("*.partial*"))
+
+    again = runner.invoke(main, ["annotate", str(src), "-o", str(out), "--model", "rules"])
+    assert again.exit_code != 0 and "already exists" in again.output and "--force" in again.output
+    forced = runner.invoke(main, ["annotate", str(src), "-o", str(out), "--model", "rules", "--force", "--no-progress"])
+    assert forced.exit_code == 0, forced.output
+
+    same = runner.invoke(main, ["annotate", str(src), "-o", str(src), "--model", "rules", "--force"])
+    assert same.exit_code != 0 and "never writes to its input" in same.output
+    assert _sha(src) == before
+
+
+def test_failed_run_leaves_no_output(runner, rules, pancreas_path, tmp_path, monkeypatch):
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(ad.AnnData, "write_h5ad", boom)
+    out = tmp_path / "out.h5ad"
+    result = runner.invoke(main, ["annotate", str(pancreas_path), "-o", str(out), "--model", "rules", "--no-progress"])
+    assert result.exit_code != 0
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_candidates_file_keeps_commas(runner, rules, pancreas_path, tmp_path):
+    labels = tmp_path / "labels.txt"
+    labels.write_text("alpha\nbeta\ndelta\nactivated_stellate\nmacrophage\nCD8-positive, alpha-beta T cell\n")
+    out = tmp_path / "out.h5ad"
+    result = runner.invoke(main, ["annotate", str(pancreas_path), "-o", str(out), "--model", "rules",
+                                  "--candidates-file", str(labels), "--limit", "20", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    params = ad.read_h5ad(out).uns["cellscribe"]["params"]
+    assert "CD8-positive, alpha-beta T cell" in list(params["candidates"])
+    assert ad.read_h5ad(out).n_obs == 20
+
+
+def test_dry_run_prints_plan_without_model(runner, rules, pancreas_path, tmp_path):
+    result = runner.invoke(main, ["annotate", str(pancreas_path), "-o", str(tmp_path / "o.h5ad"),
+                                  "--model", "rules", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "cells: 350" in result.output and "prompts: 350" in result.output
+    assert "estimated_prompt_tokens" in result.output
+    assert rules.calls == [] and not (tmp_path / "o.h5ad").exists()
+
+
+def test_bad_input_message_not_traceback(runner, rules, pancreas_path, tmp_path):
+    result = runner.invoke(main, ["annotate", str(pancreas_path), "-o", str(tmp_path / "o.h5ad"),
+                                  "--model", "rules", "--prompt", "k-shot", "--reference-key", "celltype"])
+    assert result.exit_code == 1
+    assert "no obs column 'celltype'" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("mode", ["direct", "reasoning"])
+def test_sentences_cellreasoner_golden_file(runner, host, pancreas_path, data_dir, tmp_path, mode):
+    out = tmp_path / f"{mode}.json"
+    args = ["sentences", str(pancreas_path), "-o", str(out), "--format", "cellreasoner", "--label-key", "Group"]
+    result = runner.invoke(main, args + (["--reasoning"] if mode == "reasoning" else []))
+    assert result.exit_code == 0, result.output
+    expected = gzip.decompress((data_dir / f"pancreas_350_cellreasoner_{mode}.json.gz").read_bytes())
+    assert out.read_bytes() == expected
+
+
+def test_plugins_command_lists_builtins(runner, host):
+    result = runner.invoke(main, ["plugins"])
+    assert result.exit_code == 0
+    for name in ("io", "rna", "sentences", "prompting", "transformers"):
+        assert f"{name}  (cellscribe.plugins.{name}, built-in" in result.output
+    assert "modality:rna" in result.output and "prompt:puzzle" in result.output

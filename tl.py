@@ -1,0 +1,199 @@
+"""Tools (scanpy-style ``tl`` namespace): annotate cells and make cell sentences."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["annotate", "sentences"]
+
+
+def annotate(
+    data: Any,
+    *,
+    modality: str = "rna",
+    mod: str | None = None,
+    prompt: str = "zero-shot",
+    model: str | None = None,
+    mode: str = "direct",
+    candidates: Sequence[str] | None = None,
+    reference: Any = None,
+    reference_key: str | None = None,
+    k: int = 3,
+    groupby: str | None = None,
+    n_representatives: int | None = None,
+    layer: str | None = None,
+    use_raw: bool | None = None,
+    sentence: str = "auto",
+    n_genes: int | None = None,
+    generation: Mapping[str, Any] | None = None,
+    seed: int = 0,
+    max_prompt_tokens: int | None = None,
+    batch_size: int = 8,
+    adapter: str | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    trust_remote_code: bool = False,
+    tissue: str | None = None,
+    model_options: Mapping[str, Any] | None = None,
+    prompt_options: Mapping[str, Any] | None = None,
+    sentence_options: Mapping[str, Any] | None = None,
+    modality_options: Mapping[str, Any] | None = None,
+    sidecar: str | Path | bool | None = None,
+    chunk_size: int = 10_000,
+    progress: bool = True,
+    key_added: str = "cellscribe",
+    copy: bool = False,
+) -> Any:
+    """Annotate cell types with a language model reading cell sentences.
+
+    Each cell (or, with ``groupby``, a few representative cells per group) becomes a cell sentence, then a
+    prompt; the model's answer is decoded into a label. Undecodable answers become ``NaN`` labels with
+    status ``"unresolved"`` and the raw text kept; one bad answer never stops the run.
+
+    Parameters
+    ----------
+    data
+        An AnnData, or a MuData whose modality ``mod`` is annotated.
+    modality
+        Modality plugin that turns the data into a cells x genes matrix (``"rna"``; ``cellscribe
+        plugins`` lists the installed ones).
+    mod
+        MuData modality key (default: the modality's usual keys, e.g. ``"rna"``).
+    prompt
+        Prompt strategy: ``"zero-shot"`` (CellReasoner), ``"k-shot"`` (examples from ``reference``),
+        ``"puzzle"`` (Cell-o1 CellPuzzles; needs ``candidates``).
+    model
+        ``None`` (the offline default, ``"markers"``), a registered backend name, a local model directory
+        or a Hugging Face hub id (transformers backend).
+    mode
+        ``"direct"`` (answer only) or ``"reasoning"`` (think first; CellReasoner's reasoning mode).
+    candidates
+        Allowed labels. Answers are matched to them; unmatched answers are unresolved.
+    reference, reference_key
+        Labelled examples for ``k-shot``: an AnnData (or MuData) and its label column. With
+        ``reference=None`` and a ``reference_key``, the labelled cells of ``data`` itself are used.
+    k
+        Examples per label in ``k-shot`` prompts.
+    groupby
+        An ``obs`` column of clusters: each group is annotated from ``n_representatives`` typical cells
+        and every cell receives its group's majority label.
+    n_representatives
+        Cells per group with ``groupby`` (default: the prompt strategy's choice, 5; 1 for puzzles).
+    layer, use_raw
+        Which matrix to read (default ``X``; scaled data is detected and counts/log layers or ``.raw``
+        used instead when present).
+    sentence
+        Sentence strategy: ``"auto"``, ``"ranked-hvg"``, ``"top-expressed"``, ``"data-hvg"``.
+    n_genes
+        Genes per sentence (default: the strategy's; 1000 for ranked-hvg, 50 for top-expressed).
+    generation
+        Generation settings overriding the format's defaults (``temperature``, ``top_p``,
+        ``max_new_tokens``, ``do_sample``, ``repetition_penalty``, ``seed`` ...).
+    seed
+        Seed for example sampling and puzzle grouping.
+    max_prompt_tokens
+        Token budget per prompt (k-shot examples are shortened to fit).
+    batch_size
+        Prompts per model call.
+    adapter
+        A LoRA adapter (path or hub id) for this modality, loaded onto the model.
+    device, dtype
+        Model placement (default: GPU with bf16 when available, else CPU with fp32).
+    trust_remote_code
+        Allow a hub model's own code to run. Off unless you ask for it.
+    tissue
+        Tissue of origin (``"blood"``, ``"pancreas"``): knowledge-based models restrict their cell types
+        to it.
+    model_options
+        Backend-specific settings passed to the backend's ``load``.
+    prompt_options, sentence_options, modality_options
+        Strategy- and plugin-specific settings (e.g. ``{"system_role": True}`` for puzzles).
+    sidecar
+        Where the full raw model outputs go (JSONL, one record per prompt). ``None``: a new file in
+        ``./cellscribe_runs/``; ``False``: not written.
+    chunk_size
+        Cells per chunk when reading the matrix.
+    progress
+        Show a progress bar.
+    key_added
+        Prefix of the written fields.
+    copy
+        Return an annotated copy instead of writing into ``data``.
+
+    Returns
+    -------
+    ``None``, or the annotated copy when ``copy=True``. Writes into the annotated AnnData (for a MuData:
+    ``mdata.mod[mod]``, with the columns mirrored to ``mdata.obs`` as ``"{mod}:{column}"``):
+
+    ``.obs[key_added]``
+        Categorical label (``NaN`` where unresolved).
+    ``.obs[f"{key_added}_confidence"]``
+        Confidence in [0, 1] (``NaN`` where the backend gives none).
+    ``.obs[f"{key_added}_reasoning"]``
+        The model's reasoning text (empty in direct mode).
+    ``.obs[f"{key_added}_status"]``
+        ``"ok"`` or ``"unresolved"`` (cells with no expressed gene are unresolved, never dropped).
+    ``.obs[f"{key_added}_note"]``
+        Why a cell is unresolved or how its label was matched.
+    ``.obs[f"{key_added}_cell"]``
+        With ``groupby`` only: the representative cells' own answers.
+    ``.uns[key_added]``
+        ``"params"`` (everything that reproduces the run: strategies, settings, model, adapter,
+        versions, seed), ``"summary"`` (counts), ``"sidecar"`` (path of the raw outputs) and, with
+        ``groupby``, ``"clusters"`` (label and vote share per group).
+    """
+    from .core import pipeline
+
+    data = data.copy() if copy else data
+    pipeline.annotate(
+        data,
+        modality=modality, mod=mod, prompt=prompt, model=model, mode=mode, candidates=candidates,
+        reference=reference, reference_key=reference_key, k=k, groupby=groupby,
+        n_representatives=n_representatives, layer=layer, use_raw=use_raw, sentence=sentence,
+        n_genes=n_genes, generation=generation, seed=seed, max_prompt_tokens=max_prompt_tokens,
+        batch_size=batch_size, adapter=adapter, device=device, dtype=dtype,
+        trust_remote_code=trust_remote_code, tissue=tissue, model_options=model_options,
+        prompt_options=prompt_options,
+        sentence_options=sentence_options, modality_options=modality_options, sidecar=sidecar,
+        chunk_size=chunk_size, progress=progress, key_added=key_added,
+    )
+    return data if copy else None
+
+
+def sentences(
+    data: Any,
+    *,
+    modality: str = "rna",
+    mod: str | None = None,
+    sentence: str = "auto",
+    n_genes: int | None = None,
+    layer: str | None = None,
+    use_raw: bool | None = None,
+    sentence_options: Mapping[str, Any] | None = None,
+    modality_options: Mapping[str, Any] | None = None,
+    chunk_size: int = 10_000,
+):
+    """Cell sentences without a model: a ``pandas.Series`` of ``", "``-joined genes per cell.
+
+    The Series is indexed by cell id; ``.attrs["strategy"]`` names the strategy used (``auto``
+    resolved) and ``.attrs["params"]`` its settings. ``data`` is not modified.
+    """
+    from .core import pipeline
+    from .core.plugins import get_host
+
+    host = get_host()
+    modality_c = host.registry.get("modality", modality)
+    adata, _ = pipeline.select_modality_data(data, modality_c, mod)
+    features = modality_c.prepare(
+        adata, layer=layer, use_raw=use_raw, chunk_size=chunk_size, **dict(modality_options or {})
+    )
+    state: dict = {}
+    cs = pipeline.build_sentences(
+        features, sentence, n_genes=n_genes, state=state, host=host, chunk_size=chunk_size,
+        options=sentence_options,
+    )
+    series = pipeline.sentences_frame(cs)
+    series.attrs["state"] = state
+    return series
