@@ -19,15 +19,18 @@ def _row_ids(chunk: sp.csr_matrix) -> np.ndarray:
 
 def _truncate(rows: np.ndarray, values: np.ndarray, n_rows: int, max_len: int | None):
     """Keep the first ``max_len`` entries of each row (``rows`` sorted); return ``(indptr, values)``."""
-    counts = np.bincount(rows, minlength=n_rows)
-    if max_len is not None:
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        rank = np.arange(len(rows)) - starts[rows]
-        keep = rank < max_len
-        values = values[keep]
-        counts = np.minimum(counts, max_len)
-    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    return indptr, values
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=n_rows))])
+    return _first(indptr, values, max_len)
+
+
+def _first(indptr: np.ndarray, values: np.ndarray, max_len: int | None):
+    """Keep the first ``max_len`` values of every row of a ragged array; return ``(indptr, values)``."""
+    indptr = indptr.astype(np.int64, copy=False)
+    counts = np.diff(indptr)
+    if max_len is None or len(counts) == 0 or counts.max() <= max_len:
+        return indptr, values
+    rank = np.arange(len(values)) - np.repeat(indptr[:-1], counts)
+    return np.concatenate([[0], np.cumsum(np.minimum(counts, max_len))]), values[rank < max_len]
 
 
 def rank_by_order(
@@ -42,15 +45,16 @@ def rank_by_order(
     :param max_len: keep at most this many genes per cell (``None``: all).
     :return: ``(indptr, positions)``: positions into the global list, in list order.
     """
-    rows = _row_ids(chunk)
     pos = position[chunk.indices]
-    keep = (pos >= 0) & (chunk.data != 0)
-    key = rows[keep] * np.int64(list_length) + pos[keep]
-    key.sort()
-    if len(key) > 1:
-        key = key[np.concatenate([[True], key[1:] != key[:-1]])]
-    rows, pos = np.divmod(key, np.int64(list_length))
-    return _truncate(rows, pos, chunk.shape[0], max_len)
+    hit = np.flatnonzero((pos >= 0) & (chunk.data != 0))
+    # A cells x list-positions CSR of the hits; a CSR -> CSC -> CSR round trip is a linear-time
+    # counting sort that leaves every row's positions ascending (no comparison sort of all hits).
+    ranked = sp.csr_matrix(
+        (np.ones(len(hit), dtype=bool), pos[hit], np.searchsorted(hit, chunk.indptr)),
+        shape=(chunk.shape[0], list_length),
+    ).tocsc().tocsr()
+    ranked.sum_duplicates()  # columns sharing a position: the gene is listed once
+    return _first(ranked.indptr, ranked.indices.astype(np.int64), max_len)
 
 
 def rank_by_value(
