@@ -300,24 +300,14 @@ def plan_run(
             f"modality {modality!r} returned {features.n_cells} rows for {adata.n_obs} cells; "
             "a modality must keep every cell"
         )
+    # A strategy that learns from the data (data-hvg) learns on the reference when there is one; the
+    # query then reuses what it learned (the shared ``state``), so both speak the same gene list.
     state: dict = {}
-    sentences = build_sentences(
-        features, sentence, n_genes=n_genes, state=state, host=host, chunk_size=chunk_size,
-        options=sentence_opts,
-    )
-    log.info(
-        "%d cell sentences (%s) in %.2f s", len(sentences), sentences.strategy, time.perf_counter() - t0
-    )
-
-    # Reference for k-shot: another AnnData, or the labelled cells of the query itself.
-    ref_sentences = ref_labels = None
+    ref_sentences = ref_labels = ref_source = None
     if reference is not None or reference_key is not None:
         if reference_key is None:
             raise ValueError("reference= needs reference_key= (the obs column with its labels)")
-        if reference is None:
-            labels = _labels(adata.obs, reference_key, "the query")
-            ref_sentences, ref_source = sentences, "query"
-        else:
+        if reference is not None:
             ref_adata, _ = select_modality_data(reference, modality_c, mod if is_mudata(reference) else None)
             labels = _labels(ref_adata.obs, reference_key, "the reference")
             ref_features = modality_c.prepare(
@@ -329,13 +319,25 @@ def plan_run(
                 chunk_size=chunk_size, options=sentence_opts,
             )
             ref_source = f"AnnData with {ref_adata.n_obs} cells"
+        else:  # the labelled cells of the query itself
+            labels = _labels(adata.obs, reference_key, "the query")
+            ref_source = "query"
+
+    sentences = build_sentences(
+        features, sentence, n_genes=n_genes, state=state, host=host, chunk_size=chunk_size,
+        options=sentence_opts,
+    )
+    log.info(
+        "%d cell sentences (%s) in %.2f s", len(sentences), sentences.strategy, time.perf_counter() - t0
+    )
+    if ref_source is not None:
+        if ref_sentences is None:
+            ref_sentences = sentences
         keep = labels.notna().to_numpy() & ~ref_sentences.empty()
         if not keep.any():
             raise ValueError(f"reference column {reference_key!r} has no labelled cell with expressed genes")
         ref_sentences = ref_sentences.take(np.flatnonzero(keep))
         ref_labels = labels.astype(str).to_numpy()[keep].tolist()
-    else:
-        ref_source = None
 
     # Units: every cell with a sentence, or representative cells of each group.
     empty = sentences.empty()

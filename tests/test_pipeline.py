@@ -155,3 +155,16 @@ def test_sentences_api(pancreas, host):
     assert series.attrs["strategy"] == "top-expressed"
     assert len(series) == 350 and series.index[0] == pancreas.obs_names[0]
     assert len(series.iloc[0].split(", ")) == 5
+
+
+def test_data_hvg_list_is_learned_on_the_reference_and_shared(pancreas, rules):
+    reference = pancreas[pancreas.obs["Batch"] == "human"].copy()
+    query = pancreas[pancreas.obs["Batch"] == "mouse"].copy()
+    cs.tl.annotate(query, model="rules", prompt="k-shot", reference=reference, reference_key="Group",
+                   sentence="data-hvg", sidecar=False, progress=False)
+    learned = cs.tl.sentences(reference, sentence="data-hvg").attrs["state"]["data_hvg"]["genes"]
+    stored = query.uns["cellscribe"]["params"]["sentence_state"]["data_hvg"]["genes"]
+    assert list(stored) == list(learned)
+    example_genes = {g for ex in rules.calls[0].examples for g in ex.sentence.split(", ")}
+    query_genes = set(rules.calls[0].sentences[0].split(", "))
+    assert example_genes | query_genes <= set(learned)
