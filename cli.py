@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,8 @@ ANNOTATE_FLAGS = {
     "sentence": "--sentence",
     "n_genes": "--n-genes",
     "generation": "--generation",
+    "decode": "--decode",
+    "checkpoint": "--checkpoint",
     "seed": "--seed",
     "max_prompt_tokens": "--max-prompt-tokens",
     "batch_size": "--batch-size",
@@ -183,6 +186,10 @@ def _annotate_command() -> click.Command:
     @click.option("--sentence", default="auto", show_default=True, help="Sentence strategy.")
     @click.option("--n-genes", type=int, default=None, help="Genes per cell sentence.")
     @click.option("--generation", multiple=True, metavar="KEY=VALUE", help="Generation setting override (repeat).")
+    @click.option("--decode", type=click.Choice(["generate", "constrained", "score"]), default="generate",
+                  show_default=True, help="Free generation, answers forced to the candidates, or candidate scoring.")
+    @click.option("--checkpoint", type=click.Path(file_okay=False), default=None,
+                  help="Folder of finished batches (default OUTPUT.cellscribe.ckpt); re-run to resume.")
     @click.option("--seed", type=int, default=0, show_default=True)
     @click.option("--max-prompt-tokens", type=int, default=None, help="Token budget per prompt.")
     @click.option("--batch-size", type=int, default=8, show_default=True, help="Prompts per model call.")
@@ -229,7 +236,7 @@ def _annotate_command() -> click.Command:
 
         if dry_run:
             plan_kw = {k: v for k, v in kw.items() if k not in {
-                "generation", "batch_size", "adapter", "device", "dtype", "trust_remote_code",
+                "generation", "decode", "checkpoint", "batch_size", "adapter", "device", "dtype", "trust_remote_code",
                 "tissue", "model_options", "sidecar", "progress", "key_added"}}
             plan = pipeline.plan_run(data, **plan_kw)
             for key, value in plan.summary().items():
@@ -242,9 +249,14 @@ def _annotate_command() -> click.Command:
 
         if kw["sidecar"] is None:
             kw["sidecar"] = str(out.with_name(out.name + ".cellscribe.jsonl"))
+        own_checkpoint = kw["checkpoint"] is None
+        if own_checkpoint:
+            kw["checkpoint"] = str(out.with_name(out.name + ".cellscribe.ckpt"))
         summary = pipeline.annotate(data, **kw)
         with atomic_output(out) as tmp:
             _write_data(data, tmp, kw["mod"])
+        if own_checkpoint:  # the output now holds everything; a user-named folder is left alone
+            shutil.rmtree(kw["checkpoint"], ignore_errors=True)
         _echo_summary(summary, out)
 
     annotate.params.extend(plugin_params)

@@ -28,9 +28,11 @@ def annotate(
     sentence: str = "auto",
     n_genes: int | None = None,
     generation: Mapping[str, Any] | None = None,
+    decode: str = "generate",
     seed: int = 0,
     max_prompt_tokens: int | None = None,
     batch_size: int = 8,
+    checkpoint: str | Path | None = None,
     adapter: str | None = None,
     device: str | None = None,
     dtype: str | None = None,
@@ -91,12 +93,20 @@ def annotate(
     generation
         Generation settings overriding the format's defaults (``temperature``, ``top_p``,
         ``max_new_tokens``, ``do_sample``, ``repetition_penalty``, ``seed`` ...).
+    decode
+        ``"generate"`` (free text, decoded afterwards), ``"constrained"`` (the answer is forced to be one
+        of the candidates; a permutation of them for puzzles) or ``"score"`` (each candidate's
+        likelihood; gives a probability per candidate). The last two need candidates and a backend that
+        supports them (transformers).
     seed
         Seed for example sampling and puzzle grouping.
     max_prompt_tokens
         Token budget per prompt (k-shot examples are shortened to fit).
     batch_size
         Prompts per model call.
+    checkpoint
+        A folder where finished batches of outputs are saved as they complete; running the same call
+        again with the same folder resumes where it stopped (the CLI uses ``OUTPUT.cellscribe.ckpt``).
     adapter
         A LoRA adapter (path or hub id) for this modality, loaded onto the model.
     device, dtype
@@ -139,6 +149,9 @@ def annotate(
         Why a cell is unresolved or how its label was matched.
     ``.obs[f"{key_added}_cell"]``
         With ``groupby`` only: the representative cells' own answers.
+    ``.obs[f"{key_added}_ontology_id"]``, ``.obs[f"{key_added}_ontology_name"]``
+        The Cell Ontology term the label names (exact name, synonym, normalised spelling or a common
+        abbreviation such as "CD14+ Mono"); NaN when it maps to no term unambiguously.
     ``.uns[key_added]``
         ``"params"`` (everything that reproduces the run: strategies, settings, model, adapter,
         versions, seed), ``"summary"`` (counts), ``"sidecar"`` (path of the raw outputs) and, with
@@ -152,8 +165,8 @@ def annotate(
         modality=modality, mod=mod, prompt=prompt, model=model, mode=mode, candidates=candidates,
         reference=reference, reference_key=reference_key, k=k, groupby=groupby,
         n_representatives=n_representatives, layer=layer, use_raw=use_raw, sentence=sentence,
-        n_genes=n_genes, generation=generation, seed=seed, max_prompt_tokens=max_prompt_tokens,
-        batch_size=batch_size, adapter=adapter, device=device, dtype=dtype,
+        n_genes=n_genes, generation=generation, decode=decode, seed=seed,
+        max_prompt_tokens=max_prompt_tokens, batch_size=batch_size, checkpoint=checkpoint, adapter=adapter, device=device, dtype=dtype,
         trust_remote_code=trust_remote_code, tissue=tissue, model_options=model_options,
         prompt_options=prompt_options,
         sentence_options=sentence_options, modality_options=modality_options, sidecar=sidecar,

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from .checkpoint import run_batches
 from .plugins import Host, get_host
 from .types import STATUS_OK, STATUS_UNRESOLVED, Annotation, CellSentences, FeatureMatrix, Prompt
 
@@ -33,6 +34,9 @@ log = logging.getLogger(__name__)
 #: ``model=None`` resolves to this backend name (the offline default model).
 DEFAULT_MODEL = "markers"
 DEFAULT_REPRESENTATIVES = 5
+#: Prompts per checkpointed batch, in multiples of the backend's batch size.
+CHECKPOINT_BATCHES = 8
+DECODE_MODES = ("generate", "constrained", "score")
 EMPTY_NOTE = "no expressed gene in the cell sentence"
 
 
@@ -554,6 +558,9 @@ def _write_results(
     )
     if "per_cell" in extra:
         frame[f"{key_added}_cell"] = pd.Categorical(extra["per_cell"])
+    ontology_id, ontology_name = map_to_ontology(frame[key_added])
+    frame[f"{key_added}_ontology_id"] = ontology_id
+    frame[f"{key_added}_ontology_name"] = ontology_name
     counts = frame[key_added].value_counts().to_dict()
     summary = {
         "n_cells": n,
@@ -565,6 +572,20 @@ def _write_results(
     if "clusters" in extra:
         summary["clusters"] = extra["clusters"]
     return frame, summary
+
+
+def map_to_ontology(labels: pd.Series) -> tuple[pd.Categorical, pd.Categorical]:
+    """Cell Ontology id and name of each label (each distinct label looked up once); NaN where a label
+    does not map to a term unambiguously (never forced)."""
+    from .ontology import get_ontology
+
+    onto = get_ontology()
+    categories = [str(c) for c in pd.Categorical(labels).categories]
+    ids = {c: onto.lookup(c) for c in categories}
+    values = labels.astype(object).where(labels.notna(), None).tolist()
+    id_list = [ids.get(str(v)) if v is not None else None for v in values]
+    name_list = [onto.name(i) if i else None for i in id_list]
+    return pd.Categorical(id_list), pd.Categorical(name_list)
 
 
 def groupby_note(share: float, n: int) -> str:
@@ -590,9 +611,11 @@ def annotate(
     sentence: str = "auto",
     n_genes: int | None = None,
     generation: Mapping[str, Any] | None = None,
+    decode: str = "generate",
     seed: int = 0,
     max_prompt_tokens: int | None = None,
     batch_size: int = 8,
+    checkpoint: str | Path | None = None,
     adapter: str | None = None,
     device: str | None = None,
     dtype: str | None = None,
@@ -610,6 +633,8 @@ def annotate(
 ) -> dict[str, Any]:
     """Annotate ``data`` in place and return the run summary. See :func:`cellscribe.tl.annotate`."""
     host = host or get_host()
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
     run_id = _dt.datetime.now().strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
     model_name = _resolve_model_name(model)
     backend_c = host.registry.backend_for(model_name)
@@ -642,8 +667,14 @@ def annotate(
     t1 = time.perf_counter()
     from tqdm.auto import tqdm
 
+    settings = dict(generation or {})
+    if decode != "generate":  # backends that cannot constrain or score reject the setting clearly
+        settings["decode"] = decode
     with tqdm(total=len(plan.prompts), desc="cellscribe", unit="prompt", disable=not progress) as bar:
-        generations = loaded.generate(plan.prompts, settings=dict(generation or {}), progress=bar.update)
+        generations, resumed = run_batches(
+            loaded, plan.prompts, settings=settings, model=model_name,
+            batch_prompts=max(1, batch_size) * CHECKPOINT_BATCHES, folder=checkpoint, progress=bar.update,
+        )
     gen_seconds = time.perf_counter() - t1
     by_unit = _decode_all(plan, generations, host)
     frame, summary = _write_results(plan, by_unit, key_added)
@@ -663,6 +694,9 @@ def annotate(
     params = {
         **plan.params,
         "generation": dict(generation or {}),
+        "decode": decode,
+        "checkpoint": str(checkpoint) if checkpoint is not None else None,
+        "resumed_batches": resumed,
         "generation_defaults": dict(plan.prompts[0].generation) if plan.prompts else {},
         "model_info": dict(loaded.info()) if hasattr(loaded, "info") else {},
         "adapter": adapter,

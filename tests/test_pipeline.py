@@ -52,6 +52,9 @@ def test_labels_follow_the_cells_markers(pancreas, rules):
     cs.tl.annotate(pancreas, model="rules", sentence="top-expressed", n_genes=200, sidecar=False, progress=False)
     obs = pancreas.obs
     assert (obs["cellscribe"].astype(str) == obs["Group"].astype(str)).mean() > 0.8
+    alpha = obs["cellscribe"] == "alpha"
+    assert (obs.loc[alpha, "cellscribe_ontology_id"] == "CL:0000171").all()
+    assert (obs.loc[alpha, "cellscribe_ontology_name"] == "pancreatic A cell").all()
     assert pancreas.uns["cellscribe"]["params"]["n_genes"] == 200
 
 
@@ -168,3 +171,59 @@ def test_data_hvg_list_is_learned_on_the_reference_and_shared(pancreas, rules):
     example_genes = {g for ex in rules.calls[0].examples for g in ex.sentence.split(", ")}
     query_genes = set(rules.calls[0].sentences[0].split(", "))
     assert example_genes | query_genes <= set(learned)
+
+
+class _Killer:
+    """Wraps a model so that the process 'dies' (KeyboardInterrupt) after ``after`` prompts."""
+
+    def __init__(self, model, after):
+        self.model, self.after, self.seen = model, after, 0
+
+    def generate(self, prompts, **kw):
+        if self.seen + len(prompts) > self.after:
+            raise KeyboardInterrupt
+        self.seen += len(prompts)
+        return self.model.generate(prompts, **kw)
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(pancreas, with_plugin, tmp_path):
+    kw = dict(model="rules", sentence="top-expressed", n_genes=100, batch_size=2, sidecar=False, progress=False)
+    plugin = RulePlugin()
+    with_plugin(plugin, "rules")
+    reference = pancreas.copy()
+    cs.tl.annotate(reference, **kw)
+
+    real = plugin.backend.model
+    plugin.backend.model = _Killer(real, after=100)
+    with pytest.raises(KeyboardInterrupt):
+        cs.tl.annotate(pancreas, checkpoint=tmp_path / "ckpt", **kw)
+    saved = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert len(saved) == 6  # 6 finished batches of 16 prompts before the 'kill' at prompt 100
+
+    plugin.backend.model = real
+    real.calls.clear()
+    cs.tl.annotate(pancreas, checkpoint=tmp_path / "ckpt", **kw)
+    assert len(real.calls) == 350 - 6 * 16
+    assert pancreas.uns["cellscribe"]["params"]["resumed_batches"] == 6
+    columns = [c for c in reference.obs if c.startswith("cellscribe")]
+    pd.testing.assert_frame_equal(pancreas.obs[columns], reference.obs[columns])
+
+
+def test_a_failing_batch_is_split_and_only_its_bad_prompt_lost(pancreas, with_plugin):
+    plugin = RulePlugin()
+    with_plugin(plugin, "rules")
+    model = plugin.backend.model
+    bad = str(pancreas.obs_names[7])
+    original = model.generate
+
+    def flaky(prompts, **kw):
+        if any(bad in p.unit_ids for p in prompts):
+            raise RuntimeError("CUDA out of memory")
+        return original(prompts, **kw)
+
+    model.generate = flaky
+    cs.tl.annotate(pancreas, model="rules", batch_size=4, sidecar=False, progress=False)
+    obs = pancreas.obs
+    assert obs.loc[bad, "cellscribe_status"] == "unresolved"
+    assert "out of memory" in obs.loc[bad, "cellscribe_note"]
+    assert (obs["cellscribe_status"] == "ok").sum() >= 340
