@@ -125,12 +125,16 @@ def _write_data(data: Any, output: Path, mod: str | None) -> None:
     from .core.pipeline import is_mudata
 
     if is_mudata(data):
+        import mudata
+
         if output.name.lower().endswith(".h5ad"):
             if mod is None:
                 raise click.UsageError("writing a MuData to .h5ad needs --mod (which modality to write)")
             data.mod[mod].write_h5ad(output)
         else:
-            data.write(output)
+            # mudata 0.3 would otherwise re-derive obs on write and drop the pulled result columns.
+            with mudata.set_options(pull_on_update=False):
+                data.write(output)
     else:
         if output.name.lower().endswith(".h5mu"):
             raise click.UsageError("the input is an AnnData: write it to a .h5ad file")

@@ -735,10 +735,9 @@ def annotate(
 
 
 def _mirror_to_mudata(mdata: Any, mod: str, columns: list[str], key_added: str, entry: dict) -> None:
-    """Copy the modality's new obs columns to ``mdata.obs`` as ``"{mod}:{column}"``."""
-    source = mdata.mod[mod].obs
-    for column in columns:
-        mdata.obs[f"{mod}:{column}"] = source[column].reindex(mdata.obs_names)
+    """Pull the modality's new obs columns into ``mdata.obs`` as ``"{mod}:{column}"`` (mudata's own
+    ``pull_obs``, so the MuData stays consistent) and record the run in ``mdata.uns``."""
+    mdata.pull_obs(columns=columns, mods=[mod])
     mdata.uns[f"{mod}:{key_added}"] = entry
 
 

@@ -1,0 +1,72 @@
+"""MuData in and out: modalities addressed by name, results pulled to mdata.obs, nothing else changed."""
+
+from __future__ import annotations
+
+import anndata as ad
+import mudata
+import numpy as np
+import pandas as pd
+import pytest
+from _rule_backend import RulePlugin
+from click.testing import CliRunner
+
+from cellscribe.cli import main
+
+PBMC_RULES = {"CD3E": "T cell", "CD2": "T cell", "S100A8": "monocyte", "LYZ": "monocyte",
+              "GNLY": "natural killer cell", "MS4A1": "B cell", "CD79A": "B cell"}
+
+
+@pytest.fixture
+def multiome_path(data_dir):
+    return data_dir / "multiome" / "pbmc10k_multiome_1000cells_subset.h5mu"
+
+
+@pytest.fixture
+def rules(with_plugin):
+    plugin = RulePlugin(rules=PBMC_RULES)
+    with_plugin(plugin, "rules")
+    return plugin.backend.model
+
+
+def _same(a, b):
+    """AnnData equality of matrices, obs, var, obsm, layers and uns keys."""
+    for attr in ("obs", "var"):
+        pd.testing.assert_frame_equal(getattr(a, attr), getattr(b, attr))
+    xa, xb = a.X, b.X
+    assert (abs(xa - xb)).sum() == 0 if hasattr(xa, "toarray") else np.array_equal(xa, xb)
+    assert set(a.obsm) == set(b.obsm) and set(a.layers) == set(b.layers) and set(a.uns) == set(b.uns)
+
+
+def test_h5mu_round_trip_changes_only_the_results(rules, multiome_path, tmp_path):
+    out = tmp_path / "out.h5mu"
+    candidates = [arg for label in sorted(set(PBMC_RULES.values())) for arg in ("--candidate", label)]
+    result = CliRunner().invoke(main, ["annotate", str(multiome_path), "--mod", "rna", "-o", str(out),
+                                       "--model", "rules", "--sentence", "top-expressed", "--no-progress",
+                                       *candidates])
+    assert result.exit_code == 0, result.output
+    mudata.set_options(pull_on_update=False)
+    before, after = mudata.read_h5mu(multiome_path), mudata.read_h5mu(out)
+    rna_cols = [c for c in after.mod["rna"].obs if c.startswith("cellscribe")]
+    assert "cellscribe" in rna_cols and "cellscribe_status" in rna_cols
+    assert {f"rna:{c}" for c in rna_cols} <= set(after.obs)
+    # Everything the run did not mean to change is identical.
+    _same(before.mod["atac"], after.mod["atac"])
+    rna_after = after.mod["rna"]
+    rna_after.obs = rna_after.obs.drop(columns=rna_cols)
+    del rna_after.uns["cellscribe"]
+    _same(before.mod["rna"], rna_after)
+    assert list(after.obs_names) == list(before.obs_names)
+    assert set(after.uns) - set(before.uns) == {"rna:cellscribe"}
+    labels = after.obs["rna:cellscribe"].dropna().astype(str)
+    assert set(labels) <= set(PBMC_RULES.values()) and len(labels) > 500
+
+
+def test_mudata_default_key_and_h5ad_of_one_modality(rules, multiome_path, tmp_path):
+    out = tmp_path / "rna.h5ad"
+    result = CliRunner().invoke(main, ["annotate", str(multiome_path), "-o", str(out), "--model", "rules",
+                                       "--sentence", "top-expressed", "--mod", "rna", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "cellscribe" in ad.read_h5ad(out).obs
+    missing_mod = CliRunner().invoke(main, ["annotate", str(multiome_path), "-o", str(tmp_path / "x.h5mu"),
+                                            "--model", "rules", "--mod", "peaks"])
+    assert missing_mod.exit_code == 1 and "has no modality 'peaks'" in missing_mod.output
