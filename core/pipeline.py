@@ -223,7 +223,7 @@ class RunPlan:
         chars = sum(len(m["content"]) for p in self.prompts for m in p.messages)
         gen = self.prompts[0].generation if self.prompts else {}
         return {
-            "cells": int(self.features.n_cells),
+            "cells": len(self.sentences),
             "empty_cells": int(self.sentences.empty().sum()),
             "units": int(len(self.unit_rows)),
             "prompts": len(self.prompts),
@@ -233,6 +233,59 @@ class RunPlan:
             "estimated_prompt_tokens": int(chars / 3.5),
             "max_new_tokens_per_prompt": gen.get("max_new_tokens"),
         }
+
+
+def _multimodal_sentences(
+    data: Any,
+    modality: str,
+    mod: str | None,
+    *,
+    host: Host,
+    sentence: str,
+    n_genes: int | None,
+    layer: str | None,
+    use_raw: bool | None,
+    chunk_size: int,
+    sentence_opts: Mapping[str, Any],
+    modality_options: Mapping[str, Any] | None,
+) -> tuple[Any, FeatureMatrix, CellSentences, dict]:
+    """Sentences of several modalities (``"rna+atac"``) of the cells present in all of them.
+
+    Each modality is prepared from its own MuData modality (``mod="rna+peaks"`` names them, else the
+    modalities' usual keys) and ranked by the same sentence strategy; cells are those in every modality,
+    in the MuData's order. Returns the MuData (results go to its ``obs``), the first modality's features,
+    the combined sentences (one section per modality, labelled by the modality's ``sentence_label`` or
+    its upper-cased name) and the per-modality strategy state.
+    """
+    names = modality.split("+")
+    if not is_mudata(data):
+        raise TypeError(f"modality={modality!r} needs a MuData holding each of {names}; got an AnnData")
+    keys = mod.split("+") if mod else [None] * len(names)
+    if len(keys) != len(names):
+        raise ValueError(f"mod={mod!r} must name one MuData modality per modality of {modality!r}")
+    prepared = []
+    for name, key in zip(names, keys):
+        component = host.registry.get("modality", name)
+        adata_i, _ = select_modality_data(data, component, key)
+        features_i = component.prepare(
+            adata_i, layer=layer, use_raw=use_raw, chunk_size=chunk_size, **dict(modality_options or {})
+        )
+        prepared.append((component, adata_i, features_i))
+    common = pd.Index(data.obs_names)
+    for _, adata_i, _ in prepared:
+        common = common[common.isin(adata_i.obs_names)]
+    if len(common) == 0:
+        raise ValueError(f"no cell is present in every modality of {modality!r}")
+    state: dict = {}
+    parts = []
+    for (component, adata_i, features_i), name in zip(prepared, names):
+        rows = adata_i.obs_names.get_indexer(common)
+        sentences_i = build_sentences(
+            features_i.subset_rows(rows), sentence, n_genes=n_genes, state=state.setdefault(name, {}),
+            host=host, chunk_size=chunk_size, options=sentence_opts,
+        )
+        parts.append((getattr(component, "sentence_label", name.upper()), sentences_i))
+    return data, prepared[0][2], CellSentences.combine(parts), state
 
 
 def _resolve_model_name(model: str | None) -> str:
@@ -276,16 +329,9 @@ def plan_run(
     reg = host.registry
     if mode not in ("direct", "reasoning"):
         raise ValueError(f"mode must be 'direct' or 'reasoning', got {mode!r}")
-    modality_c = reg.get("modality", modality)
     prompt_c = reg.get("prompt", prompt)
     model_name = _resolve_model_name(model)
     backend_c = reg.backend_for(model_name)
-    adata, mod = select_modality_data(data, modality_c, mod)
-    if adata.n_obs == 0:
-        raise ValueError("the data has no cells")
-    if groupby is not None and groupby not in adata.obs.columns:
-        raise KeyError(f"groupby={groupby!r} is not an obs column; available: {list(adata.obs.columns)}")
-
     # A backend may ask for its own sentence settings when the user kept the defaults.
     sentence_opts = dict(sentence_options or {})
     prefs = getattr(backend_c, "sentence_preferences", None)
@@ -295,59 +341,84 @@ def plan_run(
         sentence_opts = {**prefs.get("options", {}), **sentence_opts}
         log.info("model %s asks for %s sentences (n_genes=%s)", model_name, sentence, n_genes)
 
-    t0 = time.perf_counter()
-    features = modality_c.prepare(
-        adata, layer=layer, use_raw=use_raw, chunk_size=chunk_size, **dict(modality_options or {})
-    )
-    if features.n_cells != adata.n_obs:
-        raise RuntimeError(
-            f"modality {modality!r} returned {features.n_cells} rows for {adata.n_obs} cells; "
-            "a modality must keep every cell"
+    if "+" in modality:
+        if reference is not None or reference_key is not None:
+            raise ValueError(
+                f"modality={modality!r} combines modalities; k-shot references are per modality: "
+                "annotate one modality with k-shot, or use zero-shot/puzzle prompts"
+            )
+        t0 = time.perf_counter()
+        adata, features, sentences, state = _multimodal_sentences(
+            data, modality, mod, host=host, sentence=sentence, n_genes=n_genes, layer=layer,
+            use_raw=use_raw, chunk_size=chunk_size, sentence_opts=sentence_opts,
+            modality_options=modality_options,
         )
-    # A strategy that learns from the data (data-hvg) learns on the reference when there is one; the
-    # query then reuses what it learned (the shared ``state``), so both speak the same gene list.
-    state: dict = {}
-    ref_sentences = ref_labels = ref_source = None
-    if reference is not None or reference_key is not None:
-        if reference_key is None:
-            raise ValueError("reference= needs reference_key= (the obs column with its labels)")
-        if reference is not None:
-            ref_adata, _ = select_modality_data(reference, modality_c, mod if is_mudata(reference) else None)
-            labels = _labels(ref_adata.obs, reference_key, "the reference")
-            ref_features = modality_c.prepare(
-                ref_adata, layer=layer, use_raw=use_raw, chunk_size=chunk_size,
-                **dict(modality_options or {}),
-            )
-            ref_sentences = build_sentences(
-                ref_features, sentence, n_genes=n_genes, state=state, host=host,
-                chunk_size=chunk_size, options=sentence_opts,
-            )
-            ref_source = f"AnnData with {ref_adata.n_obs} cells"
-        else:  # the labelled cells of the query itself
-            labels = _labels(adata.obs, reference_key, "the query")
-            ref_source = "query"
+        mod = None
+        ref_sentences = ref_labels = ref_source = None
+        log.info("%d cells with %s sentences in %.2f s", len(sentences), modality, time.perf_counter() - t0)
+        if groupby is not None and groupby not in adata.obs.columns:
+            raise KeyError(f"groupby={groupby!r} is not an obs column; available: {list(adata.obs.columns)}")
+    else:
+        modality_c = reg.get("modality", modality)
+        adata, mod = select_modality_data(data, modality_c, mod)
+        if adata.n_obs == 0:
+            raise ValueError("the data has no cells")
+        if groupby is not None and groupby not in adata.obs.columns:
+            raise KeyError(f"groupby={groupby!r} is not an obs column; available: {list(adata.obs.columns)}")
 
-    sentences = build_sentences(
-        features, sentence, n_genes=n_genes, state=state, host=host, chunk_size=chunk_size,
-        options=sentence_opts,
-    )
-    log.info(
-        "%d cell sentences (%s) in %.2f s", len(sentences), sentences.strategy, time.perf_counter() - t0
-    )
-    if ref_source is not None:
-        if ref_sentences is None:
-            ref_sentences = sentences
-        keep = labels.notna().to_numpy() & ~ref_sentences.empty()
-        if not keep.any():
-            raise ValueError(f"reference column {reference_key!r} has no labelled cell with expressed genes")
-        ref_sentences = ref_sentences.take(np.flatnonzero(keep))
-        ref_labels = labels.astype(str).to_numpy()[keep].tolist()
+        t0 = time.perf_counter()
+        features = modality_c.prepare(
+            adata, layer=layer, use_raw=use_raw, chunk_size=chunk_size, **dict(modality_options or {})
+        )
+        if features.n_cells != adata.n_obs:
+            raise RuntimeError(
+                f"modality {modality!r} returned {features.n_cells} rows for {adata.n_obs} cells; "
+                "a modality must keep every cell"
+            )
+        # A strategy that learns from the data (data-hvg) learns on the reference when there is one; the
+        # query then reuses what it learned (the shared ``state``), so both speak the same gene list.
+        state: dict = {}
+        ref_sentences = ref_labels = ref_source = None
+        if reference is not None or reference_key is not None:
+            if reference_key is None:
+                raise ValueError("reference= needs reference_key= (the obs column with its labels)")
+            if reference is not None:
+                ref_adata, _ = select_modality_data(reference, modality_c, mod if is_mudata(reference) else None)
+                labels = _labels(ref_adata.obs, reference_key, "the reference")
+                ref_features = modality_c.prepare(
+                    ref_adata, layer=layer, use_raw=use_raw, chunk_size=chunk_size,
+                    **dict(modality_options or {}),
+                )
+                ref_sentences = build_sentences(
+                    ref_features, sentence, n_genes=n_genes, state=state, host=host,
+                    chunk_size=chunk_size, options=sentence_opts,
+                )
+                ref_source = f"AnnData with {ref_adata.n_obs} cells"
+            else:  # the labelled cells of the query itself
+                labels = _labels(adata.obs, reference_key, "the query")
+                ref_source = "query"
+
+        sentences = build_sentences(
+            features, sentence, n_genes=n_genes, state=state, host=host, chunk_size=chunk_size,
+            options=sentence_opts,
+        )
+        log.info(
+            "%d cell sentences (%s) in %.2f s", len(sentences), sentences.strategy, time.perf_counter() - t0
+        )
+        if ref_source is not None:
+            if ref_sentences is None:
+                ref_sentences = sentences
+            keep = labels.notna().to_numpy() & ~ref_sentences.empty()
+            if not keep.any():
+                raise ValueError(f"reference column {reference_key!r} has no labelled cell with expressed genes")
+            ref_sentences = ref_sentences.take(np.flatnonzero(keep))
+            ref_labels = labels.astype(str).to_numpy()[keep].tolist()
 
     # Units: every cell with a sentence, or representative cells of each group.
     empty = sentences.empty()
     groups = representatives = None
     if groupby is not None:
-        groups = adata.obs[groupby]
+        groups = adata.obs[groupby].reindex(pd.Index(sentences.cell_ids.astype(str)))
         per_group = n_representatives or getattr(prompt_c, "representatives_per_group", DEFAULT_REPRESENTATIVES)
         representatives = pick_representatives(sentences, groups, per_group)
         unit_rows = np.array(sorted(r for rows in representatives.values() for r in rows), dtype=np.int64)
@@ -363,7 +434,7 @@ def plan_run(
         "reference_labels": ref_labels,
         "k": k,
         "seed": seed,
-        "obs": adata.obs.iloc[unit_rows],
+        "obs": adata.obs.reindex(pd.Index(sentences.cell_ids[unit_rows].astype(str))),
         "max_prompt_tokens": max_prompt_tokens,
         "options": dict(prompt_options or {}),
     }
@@ -394,7 +465,7 @@ def plan_run(
         "prompt_options": dict(prompt_options or {}),
         "modality_options": {k_: str(v) for k_, v in dict(modality_options or {}).items()},
         "plugins": {
-            "modality": reg.entries["modality"][modality].plugin,
+            "modality": ",".join(reg.entries["modality"][m].plugin for m in modality.split("+")),
             "sentence": reg.entries["sentence"][sentences.strategy].plugin
             if sentences.strategy in reg.entries["sentence"] else None,
             "prompt": reg.entries["prompt"][prompt].plugin,
@@ -687,6 +758,9 @@ def annotate(
         _write_sidecar(sidecar_path, plan, generations, by_unit)
 
     adata = plan.adata
+    target = pd.Index(adata.obs_names.astype(str))
+    if not frame.index.equals(target):  # several modalities: only the cells present in all were run
+        frame = frame.reindex(target)
     for column in frame.columns:
         adata.obs[column] = frame[column].to_numpy() if not isinstance(
             frame[column].dtype, pd.CategoricalDtype

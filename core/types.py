@@ -29,6 +29,7 @@ __all__ = [
     "Prompt",
     "Generation",
     "Annotation",
+    "sentence_genes",
     "STATUS_OK",
     "STATUS_UNRESOLVED",
 ]
@@ -122,6 +123,10 @@ class CellSentences:
         Name of the sentence strategy that made them (``"ranked-hvg"``, ``"top-expressed"``, ...).
     params
         The settings the strategy used (``n_genes``, resolved strategy for ``auto``, ...).
+    sections
+        For several modalities of the same cells (``modality="rna+atac"``): ``((label, sentences), ...)``
+        aligned with ``cell_ids``. The ranked lists above are then the union of the sections' genes, and
+        :meth:`texts` renders one line per section (see :meth:`combine`).
     """
 
     cell_ids: np.ndarray = attrs.field(converter=lambda v: np.asarray(v, dtype=object))
@@ -130,9 +135,23 @@ class CellSentences:
     indices: np.ndarray = attrs.field(converter=lambda v: np.asarray(v, dtype=np.int64))
     strategy: str = ""
     params: Mapping[str, Any] = attrs.field(factory=dict)
+    sections: tuple[tuple[str, CellSentences], ...] = attrs.field(converter=tuple, factory=tuple)
 
     def __len__(self) -> int:
         return len(self.cell_ids)
+
+    def texts(self, sep: str = ", ") -> list[str]:
+        """Every cell's sentence as text: its genes joined with ``sep``; with :attr:`sections`, one line
+        ``"{label}: {genes}"`` per section that has genes (the multi-modality sentence format)."""
+        from .ranking import encode_names, join_ranked
+
+        if not self.sections:
+            return join_ranked(encode_names(self.vocabulary, sep), self.indptr, self.indices, sep)
+        parts = [(label, part.texts(sep)) for label, part in self.sections]
+        return [
+            "\n".join(f"{label}: {texts[i]}" for label, texts in parts if texts[i])
+            for i in range(len(self))
+        ]
 
     def genes(self, i: int) -> list[str]:
         """The ranked gene symbols of cell ``i``."""
@@ -159,7 +178,38 @@ class CellSentences:
         indptr = np.concatenate([[0], np.cumsum(lengths)])
         gather = np.repeat(starts - indptr[:-1], lengths) + np.arange(indptr[-1])
         return attrs.evolve(
-            self, cell_ids=self.cell_ids[rows], indptr=indptr, indices=self.indices[gather]
+            self,
+            cell_ids=self.cell_ids[rows],
+            indptr=indptr,
+            indices=self.indices[gather],
+            sections=tuple((label, part.take(rows)) for label, part in self.sections),
+        )
+
+    @classmethod
+    def combine(cls, parts: Sequence[tuple[str, CellSentences]]) -> CellSentences:
+        """Sentences of several modalities of the same cells (same ``cell_ids`` order) as one.
+
+        Each cell's ranked list is the first part's genes, then the genes of later parts not listed yet;
+        the parts themselves are kept as :attr:`sections` for rendering.
+        """
+        if not parts:
+            raise ValueError("nothing to combine")
+        ids = parts[0][1].cell_ids
+        for label, part in parts[1:]:
+            if len(part) != len(ids) or not np.array_equal(part.cell_ids, ids):
+                raise ValueError(f"section {label!r} is not aligned with the first section's cells")
+        names = [part.vocabulary[part.indices] for _, part in parts]
+        genes = []
+        for i in range(len(ids)):
+            seen: dict[str, None] = {}
+            for (_, part), flat in zip(parts, names):
+                seen.update(dict.fromkeys(flat[part.indptr[i] : part.indptr[i + 1]].tolist()))
+            genes.append(list(seen))
+        combined = cls.from_lists(ids, genes, strategy="+".join(p.strategy for _, p in parts))
+        return attrs.evolve(
+            combined,
+            params={label: dict(part.params) for label, part in parts},
+            sections=tuple(parts),
         )
 
     @classmethod
@@ -197,6 +247,18 @@ class CellSentences:
             strategy=strategy,
             params=params,
         )
+
+
+def sentence_genes(text: str, sep: str = ", ") -> list[str]:
+    """The genes of a sentence text, also of a multi-section one (``"RNA: a, b\\nATAC: c"``).
+
+    A line with ``": "`` is a section whose genes follow it; gene names never contain ``": "``.
+    """
+    genes: list[str] = []
+    for line in text.split("\n"):
+        body = line.split(": ", 1)[1] if ": " in line else line
+        genes.extend(g for g in body.split(sep) if g)
+    return genes
 
 
 @attrs.frozen

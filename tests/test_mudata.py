@@ -70,3 +70,22 @@ def test_mudata_default_key_and_h5ad_of_one_modality(rules, multiome_path, tmp_p
     missing_mod = CliRunner().invoke(main, ["annotate", str(multiome_path), "-o", str(tmp_path / "x.h5mu"),
                                             "--model", "rules", "--mod", "peaks"])
     assert missing_mod.exit_code == 1 and "has no modality 'peaks'" in missing_mod.output
+
+
+def test_two_modalities_in_one_prompt(rules, multiome_path):
+    mudata.set_options(pull_on_update=False)
+    mdata = mudata.read_h5mu(multiome_path)
+    second = mdata.mod["rna"][100:].copy()  # a second modality holding only some of the cells
+    second.var_names = [f"{g}-2" for g in second.var_names]
+    mdata.mod["rna2"] = second
+    mdata.update()
+    import cellscribe as cs
+
+    cs.tl.annotate(mdata, modality="rna+rna", mod="rna+rna2", model="rules", sentence="top-expressed",
+                   n_genes=5, sidecar=False, progress=False)
+    prompt = rules.calls[0]
+    assert prompt.sentences[0].startswith("RNA: ") and "\nRNA: " in prompt.sentences[0]
+    obs = mdata.obs
+    assert obs["cellscribe"].iloc[:100].isna().all()  # not in both modalities: not annotated
+    assert obs["cellscribe_status"].iloc[100:].notna().all()
+    assert len(rules.calls) == 900 - (obs["cellscribe_note"].iloc[100:] == "no expressed gene in the cell sentence").sum()

@@ -38,9 +38,12 @@ class SentenceJoiner:
         return self._encoded
 
     def __call__(self, sentences: CellSentences) -> list[str]:
-        """One string per cell of ``sentences`` (an empty string for a cell without genes)."""
+        """One string per cell of ``sentences`` (an empty string for a cell without genes); sentences
+        of several modalities render one ``"{label}: genes"`` line per modality."""
         if len(sentences) == 0:
             return []
+        if sentences.sections:
+            return sentences.texts(self.sep)
         encoded = self._encoding(sentences.vocabulary)
         return join_ranked(encoded, sentences.indptr, sentences.indices, self.sep)
 
