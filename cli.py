@@ -203,6 +203,7 @@ def _annotate_command() -> click.Command:
     @click.option("--trust-remote-code", is_flag=True, help="Allow the model's own code to run (off by default).")
     @click.option("--tissue", default=None, help="Tissue of origin (knowledge-based models restrict to it).")
     @click.option("--model-option", multiple=True, metavar="KEY=VALUE", help="Backend option (repeat).")
+    @click.option("--base-url", default=None, help="Server URL for openai: models (same as --model-option base_url=...).")
     @click.option("--prompt-option", multiple=True, metavar="KEY=VALUE", help="Prompt strategy option (repeat).")
     @click.option("--sentence-option", multiple=True, metavar="KEY=VALUE", help="Sentence strategy option (repeat).")
     @click.option("--modality-option", multiple=True, metavar="KEY=VALUE", help="Modality/reader option (repeat).")
@@ -228,6 +229,9 @@ def _annotate_command() -> click.Command:
         kw["generation"] = _parse_pairs(kw.pop("generation"), "--generation")
         kw["prompt_options"] = _parse_pairs(kw.pop("prompt_option"), "--prompt-option")
         kw["model_options"] = _parse_pairs(kw.pop("model_option"), "--model-option")
+        base_url = kw.pop("base_url")
+        if base_url:
+            kw["model_options"]["base_url"] = base_url
         kw["sentence_options"] = _parse_pairs(kw.pop("sentence_option"), "--sentence-option")
         kw["modality_options"] = {**_parse_pairs(kw.pop("modality_option"), "--modality-option"), **plugin_values}
         out = check_output(output, inputs=(input_path, kw.get("reference")), force=force or dry_run)
@@ -336,14 +340,15 @@ def puzzles_group() -> None:
 @click.option("--system-role", is_flag=True, help="Send the system message as a system turn (default: as the released script).")
 @click.option("--generation", multiple=True, metavar="KEY=VALUE", help="Generation setting override (repeat).")
 @click.option("--model-option", multiple=True, metavar="KEY=VALUE", help="Backend option (repeat).")
+@click.option("--base-url", default=None, help="Server URL for openai: models.")
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--limit", type=int, default=None, help="Solve only the first N puzzles.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
 @_friendly_errors
 def puzzles_solve(puzzles_path: str, output: str, model: str, system_role: bool, generation: tuple[str, ...],
-                  model_option: tuple[str, ...], batch_size: int, limit: int | None, progress: bool,
-                  force: bool) -> None:
+                  model_option: tuple[str, ...], base_url: str | None, batch_size: int, limit: int | None,
+                  progress: bool, force: bool) -> None:
     """Solve the puzzles of PUZZLES (JSON list or JSONL with system_msg, user_msg, answer) and write
     them with a ``prediction`` field; print partial accuracy, exact match, legitimate-format ratio and
     uniqueness when answers are present."""
@@ -359,7 +364,8 @@ def puzzles_solve(puzzles_path: str, output: str, model: str, system_role: bool,
     with tqdm(total=len(data.records), desc="puzzles", disable=not progress) as bar:
         solved, scores = puzzles.solve_puzzles(
             data, model=model, system_role=system_role, generation=_parse_pairs(generation, "--generation"),
-            model_options=_parse_pairs(model_option, "--model-option"), batch_size=batch_size,
+            model_options={**_parse_pairs(model_option, "--model-option"), **({"base_url": base_url} if base_url else {})},
+            batch_size=batch_size,
             progress=bar.update,
         )
     with atomic_output(out) as tmp:

@@ -739,12 +739,20 @@ def annotate(
     from tqdm.auto import tqdm
 
     settings = dict(generation or {})
-    if decode != "generate":  # backends that cannot constrain or score reject the setting clearly
+    if decode != "generate":
+        modes = tuple(getattr(loaded, "decode_modes", ("generate",)))
+        if decode not in modes:
+            raise ValueError(
+                f"model {model_name!r} ({backend_c.name} backend) cannot decode={decode!r}; it supports "
+                f"{', '.join(modes)}. Use a local transformers model for constrained decoding and scoring."
+            )
         settings["decode"] = decode
     with tqdm(total=len(plan.prompts), desc="cellscribe", unit="prompt", disable=not progress) as bar:
         generations, resumed = run_batches(
             loaded, plan.prompts, settings=settings, model=model_name,
-            batch_prompts=max(1, batch_size) * CHECKPOINT_BATCHES, folder=checkpoint, progress=bar.update,
+            # Enough prompts per batch to keep every concurrent request of a serving backend busy.
+            batch_prompts=max(1, batch_size, getattr(loaded, "max_concurrency", 1)) * CHECKPOINT_BATCHES,
+            folder=checkpoint, progress=bar.update,
         )
     gen_seconds = time.perf_counter() - t1
     by_unit = _decode_all(plan, generations, host)

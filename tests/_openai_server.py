@@ -1,0 +1,218 @@
+"""A small OpenAI-compatible HTTP server for tests, run in a thread on 127.0.0.1 on a free port.
+
+It answers ``POST /v1/chat/completions`` and ``POST /v1/completions`` with the text an ``answer``
+function gives for the request body, records every request (path, headers, JSON body), counts the
+requests in flight, and can be told to misbehave for the next requests (an HTTP error with or without
+``Retry-After``, a stall longer than the client's timeout). It is bounded: it shuts itself down after
+``lifetime`` seconds, and every sleep it does ends as soon as it is closed.
+
+Usage::
+
+    with OpenAIServer(answer=lambda body: "beta") as server:
+        server.fail(429, retry_after="1")
+        ... # point the backend at server.base_url
+        assert server.requests[0].body["model"] == "tiny"
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import threading
+from collections.abc import Callable, Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import attrs
+
+
+@attrs.frozen
+class Received:
+    """One request as the server read it (header names lower-cased)."""
+
+    path: str
+    headers: Mapping[str, str]
+    body: Any
+
+
+@attrs.frozen
+class _Action:
+    status: int = 200
+    headers: Mapping[str, str] = attrs.field(factory=dict)
+    error: str = ""
+    stall: float = 0.0
+
+
+def user_text(body: Mapping[str, Any]) -> str:
+    """The last user message of a chat request, or the prompt of a completions request."""
+    if "messages" in body:
+        return next(m["content"] for m in reversed(body["messages"]) if m["role"] == "user")
+    return body["prompt"]
+
+
+class OpenAIServer:
+    """An OpenAI-compatible server for tests (see the module docstring).
+
+    Parameters
+    ----------
+    answer
+        ``answer(body)``: the completion text for a request body (default: ``"beta"``), or a chat
+        message mapping (``{"content": ..., "reasoning_content": ...}``) for servers that return the
+        reasoning apart.
+    delay
+        Seconds every answer takes, or ``delay(body) -> seconds``.
+    api_key
+        When given, requests without ``Authorization: Bearer <api_key>`` get a 401 whose message
+        repeats the header they sent (as some hosted APIs do), to check clients redact it.
+    lifetime
+        Seconds after which the server closes itself.
+    """
+
+    def __init__(
+        self,
+        answer: Callable[[Mapping[str, Any]], str] | None = None,
+        *,
+        delay: float | Callable[[Mapping[str, Any]], float] = 0.0,
+        api_key: str | None = None,
+        lifetime: float = 30.0,
+    ) -> None:
+        self.answer = answer or (lambda body: "beta")
+        self.delay = delay
+        self.api_key = api_key
+        self.requests: list[Received] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self._script: collections.deque[_Action] = collections.deque()
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
+        self._httpd.daemon_threads = True
+        self._httpd.block_on_close = False
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self._timer = threading.Timer(lifetime, self.close)
+        self._timer.daemon = True
+
+    @property
+    def base_url(self) -> str:
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+    def start(self) -> OpenAIServer:
+        self._thread.start()
+        self._timer.start()
+        return self
+
+    def close(self) -> None:
+        """Stop serving (idempotent); sleeping handlers wake up and return at once."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self._timer.cancel()
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def __enter__(self) -> OpenAIServer:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- scripting ---------------------------------------------------------------------------------
+
+    def fail(self, status: int, *, times: int = 1, retry_after: str | None = None, message: str = "") -> None:
+        """Answer the next ``times`` requests with HTTP ``status`` (and a ``Retry-After`` header)."""
+        headers = {"Retry-After": retry_after} if retry_after is not None else {}
+        with self._lock:
+            self._script.extend([_Action(status, headers, message or f"scripted {status}")] * times)
+
+    def stall(self, seconds: float, *, times: int = 1) -> None:
+        """Make the next ``times`` requests wait ``seconds`` before answering."""
+        with self._lock:
+            self._script.extend([_Action(stall=seconds)] * times)
+
+    # -- serving -------------------------------------------------------------------------------------
+
+    def _next_action(self) -> _Action:
+        with self._lock:
+            return self._script.popleft() if self._script else _Action()
+
+    def _enter(self, received: Received) -> None:
+        with self._lock:
+            self.requests.append(received)
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+
+    def _leave(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
+
+    def _sleep(self, seconds: float) -> None:
+        if seconds > 0:
+            self._closed.wait(seconds)
+
+    def _respond(self, path: str, headers: Mapping[str, str], body: Any) -> tuple[int, dict[str, str], Any]:
+        if path not in ("/v1/chat/completions", "/v1/completions"):
+            return 404, {}, {"error": {"message": f"no route {path}", "type": "not_found"}}
+        if self.api_key is not None and headers.get("authorization") != f"Bearer {self.api_key}":
+            sent = headers.get("authorization", "")
+            return 401, {}, {"error": {"message": f"Incorrect API key provided: {sent}", "type": "auth"}}
+        action = self._next_action()
+        if action.status != 200:
+            return action.status, dict(action.headers), {"error": {"message": action.error, "code": action.status}}
+        self._sleep(action.stall)
+        self._sleep(self.delay(body) if callable(self.delay) else self.delay)
+        answer = self.answer(body)
+        message = dict(answer) if isinstance(answer, Mapping) else {"content": answer}
+        text = message["content"]
+        usage = {
+            "prompt_tokens": len(json.dumps(body.get("messages", body.get("prompt"))).split()),
+            "completion_tokens": len(text.split()),
+        }
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        if path == "/v1/chat/completions":
+            choice = {"index": 0, "message": {"role": "assistant", **message}, "finish_reason": "stop"}
+            kind = "chat.completion"
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": "stop"}
+            kind = "text_completion"
+        reply = {"id": f"test-{len(self.requests)}", "object": kind, "model": body.get("model"),
+                 "choices": [choice], "usage": usage}
+        return 200, {}, reply
+
+
+def _handler_for(server: OpenAIServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:  # keep test output clean
+            pass
+
+        def do_POST(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length)
+            headers = {k.lower(): v for k, v in self.headers.items()}
+            try:
+                body = json.loads(raw)
+            except json.JSONDecodeError:
+                self._send(400, {}, {"error": {"message": "invalid JSON"}})
+                return
+            server._enter(Received(self.path, headers, body))
+            try:
+                self._send(*server._respond(self.path, headers, body))
+            finally:
+                server._leave()
+
+        def _send(self, status: int, headers: Mapping[str, str], payload: Any) -> None:
+            data = json.dumps(payload).encode()
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(data)
+            except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout test)
+                pass
+
+    return Handler
