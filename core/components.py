@@ -114,7 +114,9 @@ class LoadedModel(Protocol):
     ``count_tokens(text)`` counts tokens with the model's tokenizer (``None`` if it has none).
     ``info()`` returns what identifies the model (recorded in the run parameters).
     Optional: ``render(prompt) -> str`` (the exact model input), ``use_modality(modality)`` (switch to
-    the modality's adapter).
+    the modality's adapter), ``decode_modes`` (the ``decode=`` values it supports; default
+    ``("generate",)``), ``prompts_per_call`` (how many prompts the pipeline should send per call and
+    checkpoint), ``max_concurrency`` (requests a serving backend keeps in flight).
     """
 
     def generate(self, prompts: Sequence[Prompt], **options: Any) -> list[Generation]: ...

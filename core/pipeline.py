@@ -288,6 +288,15 @@ def _multimodal_sentences(
     return data, prepared[0][2], CellSentences.combine(parts), state
 
 
+def _batch_prompts(loaded: Any, batch_size: int) -> int:
+    """Prompts per checkpointed batch: what the model asks for (``prompts_per_call``), else enough to
+    keep every concurrent request of a serving backend busy for several calls."""
+    per_call = getattr(loaded, "prompts_per_call", None)
+    if per_call:
+        return int(per_call)
+    return max(1, batch_size, getattr(loaded, "max_concurrency", 1)) * CHECKPOINT_BATCHES
+
+
 def _resolve_model_name(model: str | None) -> str:
     return DEFAULT_MODEL if model is None else str(model)
 
@@ -750,8 +759,7 @@ def annotate(
     with tqdm(total=len(plan.prompts), desc="cellscribe", unit="prompt", disable=not progress) as bar:
         generations, resumed = run_batches(
             loaded, plan.prompts, settings=settings, model=model_name,
-            # Enough prompts per batch to keep every concurrent request of a serving backend busy.
-            batch_prompts=max(1, batch_size, getattr(loaded, "max_concurrency", 1)) * CHECKPOINT_BATCHES,
+            batch_prompts=_batch_prompts(loaded, batch_size),
             folder=checkpoint, progress=bar.update,
         )
     gen_seconds = time.perf_counter() - t1

@@ -1,0 +1,682 @@
+"""The ``markers`` backend: an offline model that answers prompts from marker-gene knowledge.
+
+It reads the same prompts an LLM reads (through the structured fields of
+:class:`~cellscribe.core.types.Prompt`, never the rendered text) and answers in the text format the
+prompt's decoder expects, so decoding, ``obs`` columns and evaluation run exactly as for an LLM.
+
+Per prompt type
+    *zero-shot* (decoder ``cellreasoner``, no examples): every unit's sentence is scored against the
+    cell types of the knowledge (:mod:`.scoring`), restricted to the tissue given at load time, or
+    against the prompt's candidates when it has some. The answer is the best type's Cell Ontology-style
+    name, or the candidate string verbatim.
+
+    *k-shot* (decoder ``cellreasoner`` with examples): each label of the examples gets a signature
+    learned from them (:mod:`.signatures`); where the label names a known cell type, its signature score
+    and its knowledge score are averaged. Answers are the reference's own labels, verbatim.
+
+    *puzzle* (decoder ``cellpuzzles``): the cells x candidates score matrix becomes per-cell
+    log-probabilities (softmax at the calibrated temperature) and is solved jointly with
+    :func:`scipy.optimize.linear_sum_assignment`, maximising the summed log-probability: with as many
+    candidates as cells every candidate is used once; with more candidates, every cell gets a different
+    one; with more cells than candidates, each candidate is used at most ``ceil(cells / candidates)``
+    times.
+
+Candidates
+    A candidate is matched to the knowledge by name, then by Cell Ontology look-up, then by its nearest
+    is_a ancestor that has markers (:meth:`MarkerKnowledge.locate`). A candidate the knowledge cannot
+    place at all is scored *by elimination*: its score for a unit is the best score of the knowledge's
+    types that no placed candidate explains (types that are not a placed candidate's type, nor its
+    ancestor or descendant; within the load-time tissue when one was given) minus
+    :data:`ELIMINATION_MARGIN`. A unit that none of the placed candidates explains, but some other cell
+    type does, goes to the unplaced candidate; a unit a placed candidate explains stays with it. Two
+    unplaced candidates tie; the first in the prompt's order wins a tie.
+
+Confidence
+    Per unit, the calibrated probability of the answer (:mod:`.calibration`), from the softmax over the
+    types or candidates it was compared with; ``label_scores`` hold those probabilities (the
+    :data:`LABEL_SCORES` best, or every candidate up to :data:`MAX_CANDIDATE_SCORES`).
+
+A prompt of another decoder with several units is treated as one sample: its units' scores are
+averaged and the reasoning describes the first unit.
+
+Sentences
+    Ranks are read as expression ranks. When the user keeps the default sentence settings the model
+    asks for ``top-expressed`` sentences of :data:`DEFAULT_N_GENES` genes without ribosomal,
+    mitochondrial and housekeeping genes (:attr:`MarkersBackend.sentence_preferences`): measured on the
+    labelled data of ``benchmarks/markers_calibration.py``, leaving them out of the sentence (so 200
+    genes reach deeper) beat keeping them and skipping them only when scoring (pancreas 0.897 against
+    0.869 correct; PBMC unchanged). ``ranked-hvg`` sentences (CellReasoner's) follow a global gene order,
+    not the cell's: the model still finds the markers in them, but their ranks carry less meaning.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import re
+import time
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from cellscribe.core.ontology import get_ontology
+from cellscribe.core.types import Generation, Prompt
+
+from . import reasoning as text
+from .calibration import Calibration, load_calibration
+from .knowledge import (
+    HOUSEKEEPING_GENES,
+    UBIQUITOUS_PATTERN,
+    MarkerKnowledge,
+    default_ubiquitous_genes,
+    load_knowledge,
+)
+from .scoring import SCORING_VERSION, MarkerScorer, ParsedUnits
+from .signatures import Signatures, label_signatures
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "NAME",
+    "DEFAULT_N_GENES",
+    "ELIMINATION_MARGIN",
+    "MarkersBackend",
+    "MarkersModel",
+    "is_uninformative_gene",
+]
+
+NAME = "markers"
+#: Genes per sentence the model asks for when the user keeps the default sentence settings.
+DEFAULT_N_GENES = 200
+#: Units scored at once (bounds memory: a units x 189 float64 score matrix per chunk).
+CHUNK_UNITS = 2_000
+#: Types compared in the written reasoning of a zero-shot or k-shot answer.
+COMPARED = 3
+#: Best types given in ``Generation.label_scores`` without candidates.
+LABEL_SCORES = 5
+#: Most candidates given in ``Generation.label_scores``.
+MAX_CANDIDATE_SCORES = 50
+#: Score subtracted from the best unexplained type's score for a candidate without marker knowledge.
+ELIMINATION_MARGIN = 0.1
+
+# load() options the pipeline passes to every backend, which this model has no use for.
+_PIPELINE_OPTIONS = frozenset({"device", "dtype", "trust_remote_code", "batch_size", "adapters"})
+_UBIQUITOUS_RE = re.compile(UBIQUITOUS_PATTERN)
+
+
+@functools.cache
+def _uninformative() -> frozenset[str]:
+    return frozenset(g.upper() for g in default_ubiquitous_genes() | HOUSEKEEPING_GENES)
+
+
+def is_uninformative_gene(symbol: str) -> bool:
+    """Whether a gene symbol is ribosomal, mitochondrial or housekeeping (the built-in knowledge's
+    ubiquitous genes, ignoring case). The model's sentences leave these genes out so that 200 genes
+    reach deeper into each cell's expression."""
+    upper = str(symbol).strip().upper()
+    return upper in _uninformative() or _UBIQUITOUS_RE.match(upper) is not None
+
+
+@functools.cache
+def _builtin_scorer() -> MarkerScorer:
+    return MarkerScorer(load_knowledge())
+
+
+def _as_tables(value: Any, what: str) -> list[Any]:
+    """A list of marker tables (DataFrames or existing paths) from one value or an iterable."""
+    if value is None:
+        return []
+    if isinstance(value, (str, PathLike, pd.DataFrame)):
+        items = [value]
+    elif isinstance(value, Iterable):
+        items = [v for v in value if v is not None]
+    else:
+        raise TypeError(
+            f"{what} must be a marker table (CSV path or DataFrame) or a list of them, got {value!r}"
+        )
+    tables = []
+    for item in items:
+        if isinstance(item, pd.DataFrame):
+            tables.append(item)
+            continue
+        if isinstance(item, (list, tuple)):
+            tables.extend(_as_tables(item, what))
+            continue
+        path = Path(item)
+        if not path.is_file():
+            raise ValueError(
+                f"{what}: marker table {str(item)!r} does not exist; give the path of a CSV with columns "
+                "'cell type' and 'gene' (optional 'weight', 'tissue', 'cl_id')"
+            )
+        tables.append(path)
+    return tables
+
+
+class MarkersBackend:
+    """Backend ``markers``: the offline default model (see the module docstring).
+
+    ``model="markers"``; ``"markers:TABLE.csv"`` adds a marker table (as ``marker_table=`` does).
+    """
+
+    name = NAME
+    description = "offline marker-gene reasoner (PanglaoDB + canonical markers); no weights, no GPU"
+    sentence_preferences = {
+        "sentence": "top-expressed",
+        "n_genes": DEFAULT_N_GENES,
+        "options": {"exclude": is_uninformative_gene},
+    }
+
+    def handles(self, spec: str) -> bool:
+        return spec == NAME or spec.startswith(f"{NAME}:")
+
+    def load(
+        self,
+        spec: str,
+        *,
+        hook: Any = None,
+        tissue: str | None = None,
+        marker_table: Any = None,
+        **options: Any,
+    ) -> MarkersModel:
+        """A :class:`MarkersModel` over the built-in knowledge plus extra marker tables.
+
+        :param spec: ``"markers"`` or ``"markers:PATH"`` (PATH: a marker table added to the knowledge).
+        :param hook: the plugin manager's hook relay; every ``cellscribe_marker_knowledge(tissue=...)``
+            result (a DataFrame, a CSV path, or a list of them) is added to the knowledge.
+        :param tissue: restrict zero-shot answers to this tissue's cell types (plus immune, vascular and
+            connective cells; see :meth:`MarkerKnowledge.restrict`).
+        :param marker_table: a user marker table (CSV path or DataFrame) or a list of them
+            (``--model-option marker_table=PATH``), added after the plugin tables.
+        :raises ValueError: for an unknown tissue, a missing or malformed table.
+        """
+        start = time.perf_counter()
+        unused = sorted(k for k, v in options.items() if k not in _PIPELINE_OPTIONS and v is not None)
+        if unused:
+            warnings.warn(
+                f"the markers model ignores the option(s) {unused}; it understands marker_table "
+                "(and tissue)",
+                UserWarning,
+                stacklevel=2,
+            )
+        if options.get("adapters"):
+            warnings.warn("the markers model has no weights: adapters are ignored", UserWarning, stacklevel=2)
+        tables: list[Any] = []
+        if spec.startswith(f"{NAME}:"):
+            tables += _as_tables(spec.split(":", 1)[1], f"model {spec!r}")
+        if hook is not None:
+            for result in hook.cellscribe_marker_knowledge(tissue=tissue):
+                tables += _as_tables(result, "a cellscribe_marker_knowledge hook")
+        tables += _as_tables(marker_table, "marker_table")
+        scorer = MarkerScorer(load_knowledge(extra_tables=tables)) if tables else _builtin_scorer()
+        model = MarkersModel(scorer, tissue=tissue, calibration=load_calibration(), n_tables=len(tables))
+        log.info("markers model ready in %.2f s: %r", time.perf_counter() - start, scorer)
+        return model
+
+
+class _Options:
+    """What the units of a group of prompts are compared with: knowledge rows, candidates, or k-shot
+    labels, with the scores of each option computed from the type scores."""
+
+    def __init__(
+        self,
+        names: Sequence[str],
+        rows: np.ndarray,
+        other: np.ndarray,
+        *,
+        display: Sequence[str] | None = None,
+    ) -> None:
+        self.names = [str(n) for n in names]
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.other = other  # boolean mask of the types no option explains (for elimination)
+        # Names as written in reasoning (display-safe), computed once per group of prompts.
+        self.display = [text.safe(n) for n in (display if display is not None else self.names)]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def scores(self, type_scores: np.ndarray) -> np.ndarray:
+        """``(units, options)``: known options take their type's score, unplaced ones the elimination
+        score."""
+        out = np.empty((type_scores.shape[0], len(self.names)), dtype=np.float64)
+        known = self.rows >= 0
+        out[:, known] = type_scores[:, self.rows[known]]
+        if not known.all():
+            out[:, ~known] = self.elimination(type_scores)[:, None]
+        return out
+
+    def elimination(self, type_scores: np.ndarray) -> np.ndarray:
+        """Per unit, the best score of the types no placed option explains, minus the margin."""
+        if not self.other.any():
+            return np.full(type_scores.shape[0], -ELIMINATION_MARGIN)
+        return type_scores[:, self.other].max(axis=1) - ELIMINATION_MARGIN
+
+
+class MarkersModel:
+    """The loaded ``markers`` model (a :class:`~cellscribe.core.components.LoadedModel`).
+
+    Attributes
+    ----------
+    scorer
+        The :class:`~.scoring.MarkerScorer` over the loaded knowledge.
+    tissue
+        The tissue zero-shot answers are restricted to, or ``None``.
+    calibration
+        The fixed :class:`~.calibration.Calibration`.
+    """
+
+    #: Prompts per call the pipeline should send: scoring is vectorised over a call, and per-call
+    #: costs (token look-ups) are paid once, so large calls are much faster than LLM-sized batches.
+    prompts_per_call = 8192
+    #: Decode modes that make sense for a scorer: its answers always come from scores.
+    decode_modes = ("generate", "constrained", "score")
+
+    def __init__(
+        self,
+        scorer: MarkerScorer,
+        *,
+        tissue: str | None = None,
+        calibration: Calibration | None = None,
+        n_tables: int = 0,
+    ) -> None:
+        self.scorer = scorer
+        self.tissue = tissue
+        self.calibration = calibration or load_calibration()
+        self.n_tables = n_tables
+        mask = scorer.tissue_mask(tissue)
+        self._allowed = np.ones(len(scorer.cell_types), dtype=bool) if mask is None else mask
+        self._ontology = get_ontology()
+        self._options_cache: dict[tuple[str, ...], _Options] = {}
+
+    @property
+    def knowledge(self) -> MarkerKnowledge:
+        return self.scorer.knowledge
+
+    def __repr__(self) -> str:
+        return f"<MarkersModel {self.scorer!r}{f' tissue={self.tissue!r}' if self.tissue else ''}>"
+
+    # ---------------------------------------------------------------- LoadedModel protocol
+
+    def count_tokens(self, text: str) -> int | None:
+        """The model has no tokenizer: ``None`` (prompt strategies then estimate)."""
+        return None
+
+    def info(self) -> dict[str, Any]:
+        """What identifies this model in the run parameters."""
+        return {
+            "backend": NAME,
+            "knowledge": self.knowledge.version,
+            "n_cell_types": int(len(self.scorer.cell_types)),
+            "n_tissue_cell_types": int(self._allowed.sum()),
+            "tissue": self.tissue or "",
+            "extra_tables": self.n_tables,
+            "scoring": SCORING_VERSION,
+            "calibration": self.calibration.version,
+        }
+
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        *,
+        settings: Mapping[str, Any] | None = None,
+        progress: Callable[[int], Any] | None = None,
+        **_: Any,
+    ) -> list[Generation]:
+        """One :class:`Generation` per prompt, in order (see the module docstring).
+
+        ``settings`` (sampling parameters) do not apply to this deterministic model and are ignored.
+        Prompts are answered in chunks of about :data:`CHUNK_UNITS` units; a chunk that fails yields
+        generations with ``error`` set instead of raising.
+        """
+        if settings:
+            log.debug("markers model ignores generation settings %s", sorted(settings))
+        out: list[Generation | None] = [None] * len(prompts)
+        for chunk in _chunks(prompts, CHUNK_UNITS):
+            try:
+                for i, generation in self._answer(prompts, chunk).items():
+                    out[i] = generation
+            except Exception as exc:  # one bad chunk never stops the run (LoadedModel contract)
+                log.exception("markers model failed on %d prompts", len(chunk))
+                for i in chunk:
+                    out[i] = Generation(text="", error=f"{type(exc).__name__}: {exc}")
+            if progress is not None:
+                progress(len(chunk))
+        return [g if g is not None else Generation(text="", error="not answered") for g in out]
+
+    def score_sentences(
+        self, sentences: Sequence[str], candidates: Sequence[str] | None = None
+    ) -> pd.DataFrame:
+        """The scores a zero-shot answer is chosen from, as a DataFrame (one row per sentence, one
+        column per cell type of the tissue, or per candidate; candidates the knowledge cannot place
+        get their elimination score). Apply :meth:`Calibration.probabilities` for probabilities."""
+        options = self._options(list(candidates) if candidates else None)
+        units = self.scorer.parse(list(sentences))
+        return pd.DataFrame(options.scores(self.scorer.score(units)), columns=options.names)
+
+    # ---------------------------------------------------------------- dispatch
+
+    def _answer(self, prompts: Sequence[Prompt], chunk: Sequence[int]) -> dict[int, Generation]:
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i in chunk:
+            p = prompts[i]
+            if p.decoder == "cellpuzzles":
+                groups[("puzzle",)].append(i)
+            elif p.examples:
+                # Examples are identified by cell, label and sentence length (cut sentences differ).
+                key = tuple((e.cell_id, e.label, len(e.sentence)) for e in p.examples)
+                groups[("k-shot", p.candidates, key)].append(i)
+            else:
+                groups[("zero-shot", p.candidates)].append(i)
+        answers: dict[int, Generation] = {}
+        for key, members in groups.items():
+            group = [prompts[i] for i in members]
+            if key[0] == "puzzle":
+                generations = self._puzzles(group)
+            elif key[0] == "k-shot":
+                generations = self._single(group, examples=group[0].examples)
+            else:
+                generations = self._single(group)
+            answers.update(zip(members, generations, strict=True))
+        return answers
+
+    # ---------------------------------------------------------------- options
+
+    def _explained(self, rows: np.ndarray) -> np.ndarray:
+        """Boolean mask of the types that the knowledge rows ``rows`` explain: the rows themselves and
+        the types that are their Cell Ontology ancestors or descendants."""
+        explained = np.zeros(len(self.scorer.cell_types), dtype=bool)
+        placed = sorted({int(r) for r in rows if r >= 0})
+        explained[placed] = True
+        ids = [self.scorer.cl_ids[r] for r in placed if self.scorer.cl_ids[r]]
+        if ids:
+            for t, cl in enumerate(self.scorer.cl_ids):
+                if cl and not explained[t]:
+                    explained[t] = any(
+                        self._ontology.is_a(cl, other) or self._ontology.is_a(other, cl) for other in ids
+                    )
+        return explained
+
+    def _options(self, labels: Sequence[str] | None) -> _Options:
+        key = tuple(labels or ())
+        if key not in self._options_cache:
+            self._options_cache[key] = self._build_options(key)
+        return self._options_cache[key]
+
+    def _build_options(self, labels: Sequence[str]) -> _Options:
+        if not labels:
+            rows = np.flatnonzero(self._allowed)
+            return _Options(self.scorer.cell_types[rows], rows, np.zeros(len(self._allowed), dtype=bool))
+        rows = self.scorer.locate(labels)
+        other = self._allowed & ~self._explained(rows)
+        names = self.scorer.cell_types
+        display = [
+            label if r < 0 or names[r] == label else f"{label} [as {names[r]}]" for label, r in zip(labels, rows)
+        ]
+        return _Options(labels, rows, other, display=display)
+
+    # ---------------------------------------------------------------- zero-shot and k-shot
+
+    def _single(self, prompts: Sequence[Prompt], examples: Sequence[Any] = ()) -> list[Generation]:
+        """Answers for CellReasoner-style prompts sharing candidates (and examples, for k-shot)."""
+        labels = list(prompts[0].candidates)
+        signatures: Signatures | None = None
+        if examples:
+            if not labels:
+                labels = sorted({str(e.label) for e in examples})
+            signatures = label_signatures(self.scorer, examples, labels)
+        options = self._options(labels)
+        counts = np.asarray([max(len(p.sentences), 1) for p in prompts])
+        sentences = [s for p in prompts for s in (p.sentences or ("",))]
+        units = self.scorer.parse(sentences, signatures.vocabulary if signatures else None)
+        type_scores = _average_by_prompt(self.scorer.score(units), counts)
+        first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        first_units = _take_units(units, first)
+        signature_scores = None
+        if signatures is not None:
+            empty = sp.csr_matrix((len(labels), len(units.vocabulary)))
+            raw = self.scorer.score(units, positive=signatures.positive, negative=empty, norms=signatures.norms)
+            signature_scores = _average_by_prompt(raw, counts)
+            scores = _combine(options, type_scores, signature_scores, signatures.n_examples)
+        else:
+            scores = options.scores(type_scores)
+        probabilities = self.calibration.probabilities(scores)
+        best = np.argmax(scores, axis=1)
+        compared = _top_columns(scores, COMPARED)
+        evidence = self.scorer.evidence(first_units, np.where(compared >= 0, options.rows[compared], -1))
+        sig_evidence = None
+        if signatures is not None:
+            sig_rows = np.where(signatures.n_examples[compared] > 0, compared, -1)
+            sig_evidence = self.scorer.evidence(
+                first_units,
+                sig_rows,
+                positive=signatures.positive,
+                negative=sp.csr_matrix((len(labels), len(units.vocabulary))),
+            )
+        confidence = self.calibration.confidence(probabilities[np.arange(len(best)), best])
+        label_scores = _label_scores(options.names, probabilities, bool(labels))
+        out = []
+        for i, prompt in enumerate(prompts):
+            lines = [text.header_line(int(first_units.n_genes[i]), int(first_units.n_skipped[i]))]
+            for j, option in enumerate(compared[i].tolist()):
+                extra, found = [], evidence[i][j]
+                if signatures is not None and signatures.n_examples[option] > 0:
+                    extra.append(_signature_clause(sig_evidence[i][j], int(signatures.n_examples[option])))
+                    if found is not None:  # both sources: say which evidence is the knowledge's
+                        extra.append("its known markers: " + "; ".join(text.evidence_clauses(found)))
+                        found = None
+                if options.rows[option] < 0:
+                    extra.append(self._elimination_clause(type_scores[i], options))
+                lines.append(text.type_line(options.display[option], scores[i, option], found, extra=extra))
+            lines.append(text.conclusion_line([(options.display[o], scores[i, o]) for o in compared[i]]))
+            label = options.names[best[i]]
+            inside = "<think>" in prompt.response_prefix
+            out.append(
+                Generation(
+                    text=text.cellreasoner_text("\n".join(lines), label, inside_think=inside),
+                    confidence=(float(confidence[i]),) * len(prompt.unit_ids),
+                    label_scores=(label_scores[i],) * len(prompt.unit_ids),
+                )
+            )
+        return out
+
+    def _elimination_clause(self, type_scores: np.ndarray, options: _Options) -> str:
+        if not options.other.any():
+            return "no marker knowledge, and every cell type of the knowledge is another candidate's"
+        other = np.flatnonzero(options.other)
+        best = other[int(np.argmax(type_scores[other]))]
+        return (
+            "no marker knowledge for it: scored by elimination, from the best cell type no other "
+            f"candidate explains ({text.safe(self.scorer.cell_types[best])}, {type_scores[best]:.2f}) "
+            f"minus {ELIMINATION_MARGIN}"
+        )
+
+    # ---------------------------------------------------------------- puzzles
+
+    def _puzzles(self, prompts: Sequence[Prompt]) -> list[Generation]:
+        """Answers for CellPuzzles prompts: all their cells are scored at once, each puzzle solved
+        jointly."""
+        from scipy.optimize import linear_sum_assignment
+
+        counts = np.asarray([len(p.sentences) for p in prompts])
+        units = self.scorer.parse([s for p in prompts for s in p.sentences])
+        type_scores = self.scorer.score(units)
+        starts = np.concatenate([[0], np.cumsum(counts)])
+        plans = []
+        evidence_rows = np.full((len(units), 1), -1, dtype=np.int64)
+        for k, prompt in enumerate(prompts):
+            labels = tuple(prompt.candidates)
+            if not labels or counts[k] == 0:
+                plans.append(None)
+                continue
+            options = self._options(labels)
+            cells = slice(starts[k], starts[k + 1])
+            scores = options.scores(type_scores[cells])
+            log_p = np.log(np.maximum(self.calibration.probabilities(scores), 1e-300))
+            repeats = math.ceil(counts[k] / len(options))
+            _, columns = linear_sum_assignment(-np.tile(log_p, (1, repeats)))
+            assigned = columns % len(options)
+            best = np.argmax(scores, axis=1)
+            evidence_rows[cells, 0] = options.rows[assigned]
+            plans.append((options, scores, log_p, assigned, best, repeats))
+        evidence = self.scorer.evidence(units, evidence_rows)
+        out = []
+        for k, (prompt, plan) in enumerate(zip(prompts, plans)):
+            if plan is None:
+                error = "a puzzle prompt needs candidates and at least one cell"
+                out.append(Generation(text="", error=error))
+                continue
+            options, scores, log_p, assigned, best, repeats = plan
+            base = int(starts[k])
+            lines = [
+                self._puzzle_cell_line(
+                    c, options, scores[c], assigned, best, evidence[base + c], type_scores[base + c]
+                )
+                for c in range(counts[k])
+            ]
+            lines.append(_assignment_note(int(counts[k]), len(options), repeats))
+            probabilities = np.exp(log_p[np.arange(counts[k]), assigned])
+            confidence = self.calibration.confidence(probabilities)
+            out.append(
+                Generation(
+                    text=text.puzzle_text("\n".join(lines), [options.names[a] for a in assigned]),
+                    confidence=tuple(float(c) for c in confidence),
+                    label_scores=tuple(_label_scores(options.names, np.exp(log_p), True)),
+                )
+            )
+        return out
+
+    def _puzzle_cell_line(
+        self,
+        c: int,
+        options: _Options,
+        scores: np.ndarray,
+        assigned: np.ndarray,
+        best: np.ndarray,
+        evidence: Sequence[Any],
+        type_scores: np.ndarray,
+    ) -> str:
+        a, b = int(assigned[c]), int(best[c])
+        name = options.display[a]
+        found = evidence[0]
+        if options.rows[a] < 0:
+            why = self._elimination_clause(type_scores, options)
+        elif found is not None:
+            why = "; ".join(text.evidence_clauses(found))
+        else:
+            why = "nothing in its genes speaks for or against it"
+        line = f"Cell {c + 1} ({name}, score {scores[a]:.2f}): {why}."
+        if a != b:
+            holders = np.flatnonzero(assigned == b)
+            holder = f"cell {int(holders[0]) + 1} fits it better" if len(holders) else "it is taken"
+            line += (
+                f" On its own it fits {options.display[b]} best ({scores[b]:.2f}), but {holder}, so "
+                f"jointly it is {name}."
+            )
+        return line
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def _top_columns(values: np.ndarray, k: int) -> np.ndarray:
+    """Per row, the columns of the ``k`` largest values, largest first (ties: lower column first)."""
+    k = min(k, values.shape[1])
+    if k < values.shape[1]:
+        part = np.argpartition(-values, k - 1, axis=1)[:, :k]
+        part.sort(axis=1)  # column order, so the stable sort below breaks ties by column
+    else:
+        part = np.broadcast_to(np.arange(values.shape[1]), values.shape).copy()
+    order = np.argsort(-np.take_along_axis(values, part, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(part, order, axis=1)
+
+
+def _chunks(prompts: Sequence[Prompt], size: int) -> Iterable[list[int]]:
+    """Consecutive prompt indices holding about ``size`` units each."""
+    chunk: list[int] = []
+    units = 0
+    for i, prompt in enumerate(prompts):
+        chunk.append(i)
+        units += max(len(prompt.unit_ids), 1)
+        if units >= size:
+            yield chunk
+            chunk, units = [], 0
+    if chunk:
+        yield chunk
+
+
+def _average_by_prompt(scores: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Rows of ``scores`` averaged over each prompt's consecutive units (identity for one unit each)."""
+    if np.all(counts == 1):
+        return scores
+    owner = np.repeat(np.arange(len(counts)), counts)
+    summed = np.zeros((len(counts), scores.shape[1]))
+    np.add.at(summed, owner, scores)
+    return summed / counts[:, None]
+
+
+def _take_units(units: ParsedUnits, rows: np.ndarray) -> ParsedUnits:
+    """The units ``rows`` of a parsed batch."""
+    if len(rows) == len(units) and np.array_equal(rows, np.arange(len(units))):
+        return units
+    return ParsedUnits(
+        units.weights[rows],
+        units.positions[rows],
+        units.n_genes[rows],
+        units.n_skipped[rows],
+        units.vocabulary,
+    )
+
+
+def _combine(
+    options: _Options, type_scores: np.ndarray, signature_scores: np.ndarray, n_examples: np.ndarray
+) -> np.ndarray:
+    """k-shot option scores: the mean of the knowledge and signature scores where a label has both,
+    whichever exists otherwise, elimination where it has neither."""
+    knowledge = options.scores(type_scores)
+    has_signature = n_examples > 0
+    known = options.rows >= 0
+    both = has_signature & known
+    out = knowledge.copy()
+    out[:, both] = (knowledge[:, both] + signature_scores[:, both]) / 2
+    only = has_signature & ~known
+    out[:, only] = signature_scores[:, only]
+    return out
+
+
+def _signature_clause(evidence: Any, n_examples: int) -> str:
+    examples = f"its {n_examples} reference example{'s' if n_examples != 1 else ''}"
+    if evidence is None or not evidence.found:
+        return f"none of the genes typical of {examples} is among the genes"
+    verb = "supports" if len(evidence.found) == 1 else "support"
+    return f"{text.markers_at(evidence.found)}, typical of {examples}, {verb} it"
+
+
+def _label_scores(
+    names: Sequence[str], probabilities: np.ndarray, all_options: bool
+) -> list[dict[str, float]]:
+    """Per row of ``probabilities``, ``{label: probability}`` of the best options (rounded to 4
+    decimals), best first."""
+    order = _top_columns(probabilities, MAX_CANDIDATE_SCORES if all_options else LABEL_SCORES)
+    values = np.round(np.take_along_axis(probabilities, order, axis=1), 4).tolist()
+    labels = np.asarray([str(n) for n in names], dtype=object)[order].tolist()
+    return [dict(zip(ls, vs)) for ls, vs in zip(labels, values)]
+
+
+def _assignment_note(n_cells: int, n_candidates: int, repeats: int) -> str:
+    if n_cells == n_candidates:
+        rule = "every candidate used exactly once"
+    elif n_cells < n_candidates:
+        rule = "every cell given a different candidate"
+    else:
+        rule = f"each candidate used at most {repeats} times, as there are more cells than candidates"
+    return (
+        f"The {n_cells} cells and {n_candidates} candidates were matched jointly ({rule}), maximising "
+        "the summed log-probability of the assignment."
+    )
