@@ -15,6 +15,7 @@ __all__ = [
     "__version__",
     "hookimpl",
     "tl",
+    "pl",
     "Annotation",
     "CellSentences",
     "Example",
@@ -25,9 +26,10 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # ``tl`` pulls in anndata; import it on first use so ``import cellscribe`` stays cheap.
-    if name == "tl":
+    # ``tl`` and ``pl`` pull in anndata/matplotlib; import them on first use so ``import cellscribe``
+    # stays cheap.
+    if name in ("tl", "pl"):
         import importlib
 
-        return importlib.import_module(f"{__name__}.tl")
+        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'cellscribe' has no attribute {name!r}")

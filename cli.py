@@ -154,8 +154,12 @@ class _LazyGroup(click.Group):
 
     def _ensure(self) -> None:
         if "annotate" not in self.commands:
+            from .cli_eval import evaluate_command, grade_command
+
             self.add_command(_annotate_command())
             self.add_command(_sentences_command())
+            self.add_command(grade_command, name="grade")
+            self.add_command(evaluate_command, name="evaluate")
 
 
 

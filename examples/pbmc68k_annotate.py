@@ -89,7 +89,19 @@ def main() -> None:
     fig = sc.pl.umap(adata, color=["bulk_labels", "cellscribe", "cellscribe_confidence"], show=False,
                      return_fig=True, ncols=1)
     fig.savefig(out / "umap.png", dpi=110, bbox_inches="tight")
+
+    # The evaluation report (the same as `cellscribe evaluate ... --truth bulk_labels -o DIR`).
+    from cellscribe import pl
+    from cellscribe.core.evaluate import evaluate, write_report
+
+    evaluation = evaluate(adata, "bulk_labels", ["cellscribe"])
+    run = next(iter(evaluation.runs.values()))
+    print(f"graded score (CellReasoner's scale): {run.graded_score:.2f}   accuracy: {run.accuracy:.2f}   "
+          f"macro F1: {run.macro_f1:.2f}   ECE: {run.ece:.2f}")
+    figures = pl.report_figures(adata, evaluation, out / "report", truth="bulk_labels")
+    report = write_report(evaluation, out / "report", figures=figures)
     print(f"\nwrote {out / 'pbmc68k_annotated.h5ad'}, {out / 'umap.png'} and {out / 'raw_outputs.jsonl'}")
+    print(f"evaluation report: {report['html']} (also {report['markdown']})")
 
 
 if __name__ == "__main__":

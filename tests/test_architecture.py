@@ -62,7 +62,7 @@ def test_core_imports_no_plugin_and_no_top_layer():
         for level, module in _imports(path):
             name = _resolve(path, level, module)
             assert not name.startswith("cellscribe.plugins"), f"{path} imports plugin {name}"
-            for top in ("cellscribe.cli", "cellscribe.tl"):
+            for top in ("cellscribe.cli", "cellscribe.tl", "cellscribe.pl", "cellscribe.cli_eval"):
                 assert not name.startswith(top), f"{path} imports {top}: core sits below the CLI and tl"
 
 
