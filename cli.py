@@ -200,7 +200,7 @@ def _annotate_command() -> click.Command:
                   help="Folder of finished batches (default OUTPUT.cellscribe.ckpt); re-run to resume.")
     @click.option("--seed", type=int, default=0, show_default=True)
     @click.option("--max-prompt-tokens", type=int, default=None, help="Token budget per prompt.")
-    @click.option("--batch-size", type=int, default=8, show_default=True, help="Prompts per model call.")
+    @click.option("--batch-size", type=int, default=None, help="Prompts per model call (default: the backend's).")
     @click.option("--adapter", default=None, help="LoRA adapter (path or hub id) for the modality.")
     @click.option("--device", default=None, help="Model device (cpu, cuda, cuda:1).")
     @click.option("--dtype", default=None, help="Model dtype (auto, bfloat16, float32).")
@@ -345,7 +345,7 @@ def puzzles_group() -> None:
 @click.option("--generation", multiple=True, metavar="KEY=VALUE", help="Generation setting override (repeat).")
 @click.option("--model-option", multiple=True, metavar="KEY=VALUE", help="Backend option (repeat).")
 @click.option("--base-url", default=None, help="Server URL for openai: models.")
-@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--batch-size", type=int, default=None, help="Prompts per model call (default: the backend's).")
 @click.option("--limit", type=int, default=None, help="Solve only the first N puzzles.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
@@ -378,6 +378,24 @@ def puzzles_solve(puzzles_path: str, output: str, model: str, system_role: bool,
         for line in puzzles.format_scores(scores):
             click.echo(line)
     click.echo(f"wrote {len(solved.records)} predictions to {out}")
+
+
+@main.command(name="adapters")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def adapters_command(as_json: bool) -> None:
+    """List the model manifests (shipped in adapters/manifests and in $CELLSCRIBE_MANIFESTS folders):
+    the names usable as --model, with their base model, formats and LoRA adapter."""
+    from .core.manifests import list_manifests
+
+    manifests = list_manifests(errors="warn")
+    if as_json:
+        click.echo(json.dumps([m.to_dict() for m in manifests], indent=2, default=str))
+        return
+    for m in manifests:
+        genes = f" ({m.n_genes} genes)" if m.n_genes else ""
+        click.echo(f"{m.name}: {m.description}")
+        click.echo(f"    base {m.base_model}; modality {m.modality}; prompt {m.prompt}; sentence {m.sentence}{genes}; "
+                   f"decoder {m.decoder}; adapter {m.adapter or 'none'}")
 
 
 @main.command(name="plugins")

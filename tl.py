@@ -31,7 +31,7 @@ def annotate(
     decode: str = "generate",
     seed: int = 0,
     max_prompt_tokens: int | None = None,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     checkpoint: str | Path | None = None,
     adapter: str | None = None,
     device: str | None = None,
@@ -67,8 +67,10 @@ def annotate(
         Prompt strategy: ``"zero-shot"`` (CellReasoner), ``"k-shot"`` (examples from ``reference``),
         ``"puzzle"`` (Cell-o1 CellPuzzles; needs ``candidates``).
     model
-        ``None`` (the offline default, ``"markers"``), a registered backend name, a local model directory
-        or a Hugging Face hub id (transformers backend).
+        ``None`` (the offline default, ``"markers"``), a registered backend name, a model manifest name
+        (``"cellreasoner-7b"``, ``"cell-o1"``: ``cellscribe adapters`` lists them; a manifest's prompt,
+        sentence and generation settings apply wherever you kept the defaults), a local model directory
+        or a Hugging Face hub id (transformers backend), or ``"openai:<name>"`` for a serving engine.
     mode
         ``"direct"`` (answer only) or ``"reasoning"`` (think first; CellReasoner's reasoning mode).
     candidates
@@ -103,7 +105,8 @@ def annotate(
     max_prompt_tokens
         Token budget per prompt (k-shot examples are shortened to fit).
     batch_size
-        Prompts per model call.
+        Prompts per model call (default: the backend's choice; transformers fills batches up to a token
+        budget, ``model_options={"max_batch_tokens": N}``).
     checkpoint
         A folder where finished batches of outputs are saved as they complete; running the same call
         again with the same folder resumes where it stopped (the CLI uses ``OUTPUT.cellscribe.ckpt``).

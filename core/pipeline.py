@@ -288,13 +288,20 @@ def _multimodal_sentences(
     return data, prepared[0][2], CellSentences.combine(parts), state
 
 
-def _batch_prompts(loaded: Any, batch_size: int) -> int:
+def find_model_manifest(model: str) -> Any:
+    """The shipped or user manifest named ``model`` (``"cell-o1"``), or ``None``."""
+    from .manifests import find_manifest
+
+    return find_manifest(model)
+
+
+def _batch_prompts(loaded: Any, batch_size: int | None) -> int:
     """Prompts per checkpointed batch: what the model asks for (``prompts_per_call``), else enough to
     keep every concurrent request of a serving backend busy for several calls."""
     per_call = getattr(loaded, "prompts_per_call", None)
     if per_call:
         return int(per_call)
-    return max(1, batch_size, getattr(loaded, "max_concurrency", 1)) * CHECKPOINT_BATCHES
+    return max(1, batch_size or 8, getattr(loaded, "max_concurrency", 1)) * CHECKPOINT_BATCHES
 
 
 def _resolve_model_name(model: str | None) -> str:
@@ -338,8 +345,30 @@ def plan_run(
     reg = host.registry
     if mode not in ("direct", "reasoning"):
         raise ValueError(f"mode must be 'direct' or 'reasoning', got {mode!r}")
-    prompt_c = reg.get("prompt", prompt)
     model_name = _resolve_model_name(model)
+    manifest = find_model_manifest(model_name)
+    if manifest is not None:
+        # A model manifest (adapters/manifests) sets the formats its model was trained with, wherever the
+        # user kept cellscribe's defaults.
+        kept = {"prompt": prompt == "zero-shot", "sentence": sentence == "auto", "n_genes": n_genes is None,
+                "mode": mode == "direct", "prompt_options": not prompt_options,
+                "sentence_options": not sentence_options}
+        for key, value in manifest.annotate_defaults().items():
+            if kept.get(key):
+                log.info("model manifest %s sets %s=%r", manifest.name, key, value)
+                if key == "prompt":
+                    prompt = value
+                elif key == "sentence":
+                    sentence = value
+                elif key == "n_genes":
+                    n_genes = value
+                elif key == "mode":
+                    mode = value
+                elif key == "prompt_options":
+                    prompt_options = value
+                elif key == "sentence_options":
+                    sentence_options = value
+    prompt_c = reg.get("prompt", prompt)
     backend_c = reg.backend_for(model_name)
     # A backend may ask for its own sentence settings when the user kept the defaults.
     sentence_opts = dict(sentence_options or {})
@@ -694,7 +723,7 @@ def annotate(
     decode: str = "generate",
     seed: int = 0,
     max_prompt_tokens: int | None = None,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     checkpoint: str | Path | None = None,
     adapter: str | None = None,
     device: str | None = None,

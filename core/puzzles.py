@@ -69,7 +69,7 @@ def solve_puzzles(
     model: str,
     system_role: bool = False,
     generation: Mapping[str, Any] | None = None,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     model_options: Mapping[str, Any] | None = None,
     progress: Callable[[int], None] | None = None,
     host: Host | None = None,

@@ -112,3 +112,11 @@ def test_plugins_command_lists_builtins(runner, host):
     for name in ("io", "rna", "sentences", "prompting", "transformers"):
         assert f"{name}  (cellscribe.plugins.{name}, built-in" in result.output
     assert "modality:rna" in result.output and "prompt:puzzle" in result.output
+
+
+def test_adapters_command_lists_shipped_manifests(runner, host):
+    result = runner.invoke(main, ["adapters"])
+    assert result.exit_code == 0
+    for name in ("cellreasoner-7b", "cellreasoner-32b", "cell-o1"):
+        assert f"{name}:" in result.output
+    assert "base ncbi/Cell-o1" in result.output

@@ -94,3 +94,19 @@ def test_unresolved_path_keeps_raw_text(host, untrained_dir, subset_path, tmp_pa
     records = [json.loads(line) for line in open(adata.uns["cellscribe"]["sidecar"])]
     raw = {r["unit_ids"][0]: r["output"] for r in records}
     assert all(raw[c] for c in adata.obs_names[unresolved])
+
+
+@pytest.mark.parametrize("decode", ["constrained", "score"])
+def test_decode_modes_force_candidates_even_for_an_untrained_model(host, untrained_dir, subset_path, decode):
+    import cellscribe as cs
+
+    adata = ad.read_h5ad(subset_path)
+    candidates = ["alpha", "beta", "delta", "activated_stellate", "macrophage"]
+    cs.tl.annotate(adata, model=str(untrained_dir), n_genes=N_GENES, candidates=candidates, decode=decode,
+                   generation={"do_sample": False, "max_new_tokens": 8}, sidecar=False, progress=False)
+    obs = adata.obs
+    assert (obs["cellscribe_status"] == "ok").all()
+    assert set(obs["cellscribe"].astype(str)) <= set(candidates)
+    if decode == "score":
+        assert obs["cellscribe_confidence"].between(0, 1).all()
+    assert adata.uns["cellscribe"]["params"]["decode"] == decode

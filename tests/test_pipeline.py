@@ -227,3 +227,14 @@ def test_a_failing_batch_is_split_and_only_its_bad_prompt_lost(pancreas, with_pl
     assert obs.loc[bad, "cellscribe_status"] == "unresolved"
     assert "out of memory" in obs.loc[bad, "cellscribe_note"]
     assert (obs["cellscribe_status"] == "ok").sum() >= 340
+
+
+def test_model_manifest_sets_its_formats_where_defaults_were_kept(pancreas, host):
+    candidates = sorted(pancreas.obs["Group"].unique())
+    plan = pipeline.plan_run(pancreas, model="cell-o1", candidates=candidates)
+    assert plan.params["prompt"] == "puzzle" and plan.params["sentence_resolved"] == "top-expressed"
+    assert plan.params["n_genes"] == 50 and plan.prompts[0].decoder == "cellpuzzles"
+    assert all(len(s.split(", ")) == 50 for s in plan.prompts[0].sentences)
+    # What the user chose explicitly wins.
+    plan = pipeline.plan_run(pancreas, model="cell-o1", candidates=candidates, n_genes=20)
+    assert plan.params["n_genes"] == 20

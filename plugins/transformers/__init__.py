@@ -3,10 +3,13 @@
 Registers:
 
 - backend ``transformers`` (:class:`~._backend.TransformersBackend`): handles a local directory that
-  holds a ``config.json`` and any string shaped like a hub id (``"org/name"``). Registered with
-  ``trylast=True`` so third-party backends are asked first.
+  holds a ``config.json``, any string shaped like a hub id (``"org/name"``) and the name of a model
+  manifest (``"cellreasoner-7b"``, ``"cell-o1"``; :mod:`cellscribe.core.manifests`). Registered with
+  ``trylast=True`` so third-party backends are asked first. Token-budget batches; ``decode`` modes
+  ``generate``, ``constrained`` (:mod:`._constrained`) and ``score`` (:mod:`._scoring`).
 - ``cellscribe_load_adapter`` for ``backend="transformers"``: loads a PEFT adapter (safetensors only)
-  named after its modality, so one base model can carry an adapter per modality.
+  named after its modality, so one base model can carry an adapter per modality; an adapter trained on
+  another base model is refused.
 
 torch, transformers and peft are imported only when a model or adapter is loaded, never here.
 """

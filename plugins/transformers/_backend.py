@@ -1,9 +1,39 @@
-"""The transformers backend: load a causal LM with its tokenizer and generate answers to prompts.
+"""The transformers backend: load a causal LM with its tokenizer and answer prompts.
 
-A hub id and a local folder go through the same code path (``from_pretrained``). Prompts are rendered
-with the model's own chat template, tokenised without extra special tokens (the template already
-holds them), left-padded and generated in batches of prompts that share their generation settings,
-longest first. Only the new tokens are decoded.
+A hub id, a local folder and a manifest name (:mod:`cellscribe.core.manifests`, ``model="cell-o1"``)
+go through the same code path (``from_pretrained``). Prompts are rendered with the model's chat
+template and tokenised in one call, without extra special tokens (the template already holds them).
+
+Batching
+--------
+Prompts that share their effective settings are sorted by length, longest first (an out-of-memory
+error shows up on the first batch, not after an hour), and cut into batches by a *token budget*:
+a batch holds as many prompts as fit in ``max_batch_tokens`` padded tokens (rows x (longest prompt +
+new tokens); scoring passes the candidates in chunks of rows that fit the same budget), optionally
+also capped at ``batch_size`` prompts. The default budget is 16,384 tokens on CPU and, on CUDA, what
+fits in 60% of the memory left free after loading (KV cache plus prefill activations per token, from
+the model config). Sorting keeps padding small; left padding lets every row continue at the last column. A
+batch that raises (CUDA out of memory) is split in halves and retried down to single prompts; a prompt
+that still fails gets ``Generation(text="", error=...)``.
+
+Decode modes
+------------
+``settings["decode"]`` chooses how answers are made (default ``"generate"``):
+
+- ``"generate"``: ``model.generate`` with the prompt's and the user's settings.
+- ``"constrained"``: as ``generate``, with a logits processor (:mod:`._constrained`) that allows only
+  legal answers built from ``prompt.candidates`` (one candidate then end-of-sequence; for CellPuzzles
+  prompts ``<think>...</think>\\n<answer>`` and a permutation of the candidates). Reasoning stays free
+  (without ``<``) and is closed after ``max_reasoning_tokens`` (default: what ``max_new_tokens`` leaves
+  after the longest answer). Greedy and sampling; beam search is refused. Prompts without candidates
+  are generated freely (with a ``UserWarning``).
+- ``"score"``: no generation; every candidate's log-likelihood after the prompt (:mod:`._scoring`),
+  reusing the prompt's KV cache. ``Generation.label_scores`` holds one ``{label: probability}`` per
+  unit (softmax over the candidates of the summed log-probability, or of the mean per token with
+  ``length_normalize=True``), ``Generation.confidence`` the probability of each unit's label, and
+  ``Generation.text`` the answer as the decoder expects it: the best label, or for a puzzle the
+  assignment maximising the summed log-probabilities (``scipy.optimize.linear_sum_assignment``) as
+  ``<think>scored</think>\\n<answer>a | b</answer>``. Every prompt needs candidates.
 
 Generation settings
 -------------------
@@ -23,7 +53,10 @@ user's ``settings``. Keys:
   sentences). Truncation is reported with a ``UserWarning``; prompt strategies should stay under the
   limit by shortening sentences (they receive ``count_tokens``).
 - ``seed``: ``torch.manual_seed(seed)`` before every batch (sampling reproducible for a given batch
-  size).
+  partition). When sampling without a seed, one is drawn per call and recorded in ``info()["seed"]``.
+- ``decode``, ``length_normalize``, ``max_reasoning_tokens``: see above.
+
+``load(..., deterministic=True)`` makes every call greedy whatever the prompts' defaults say.
 
 Each :class:`~cellscribe.core.types.Generation` records ``n_prompt_tokens`` (after truncation) and
 ``n_output_tokens`` (generated tokens up to and including the first end-of-sequence token).
@@ -35,13 +68,22 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import re
+import secrets
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import attrs
+import numpy as np
+
+from cellscribe.core.manifests import Manifest, find_manifest
 from cellscribe.core.types import Generation, Prompt
+
+from ._layout import SCORED_REASONING, TokenLayout, layout_for, tokenize_layout
+from ._scoring import left_pad
 
 if TYPE_CHECKING:
     import torch
@@ -50,14 +92,21 @@ log = logging.getLogger(__name__)
 
 BACKEND_NAME = "transformers"
 
+DECODE_MODES = ("generate", "constrained", "score")
 #: Settings keys consumed by the backend itself (never passed to ``generate``).
-BACKEND_KEYS = frozenset({"max_prompt_tokens", "seed"})
+BACKEND_KEYS = frozenset({"max_prompt_tokens", "seed", "decode", "length_normalize", "max_reasoning_tokens"})
 #: Keys that only matter when sampling; dropped under greedy / beam search.
 SAMPLING_KEYS = frozenset({"temperature", "top_p", "top_k", "min_p", "typical_p"})
 #: GenerationConfig fields a backend that returns one text per prompt cannot honour.
 UNSUPPORTED_KEYS = frozenset(
     {"num_return_sequences", "return_dict_in_generate", "output_scores", "output_logits", "streamer"}
 )
+#: Token budget per batch on CPU (padded prompt + new tokens, summed over rows).
+CPU_BATCH_TOKENS = 16_384
+#: Share of the free CUDA memory (after loading) the default token budget may fill.
+CUDA_MEMORY_SHARE = 0.6
+#: New tokens assumed when sizing batches if neither the settings nor the model set max_new_tokens.
+FALLBACK_MAX_NEW_TOKENS = 512
 
 NO_CHAT_TEMPLATE = (
     "this tokenizer has no chat template; cellscribe renders prompts with the model's chat template — "
@@ -96,7 +145,8 @@ def _check_model_dir(spec: str) -> None:
     if not looks_like_hub_id(spec):
         raise ValueError(
             f"model path {spec!r} does not exist. Give an existing local model directory (with "
-            "config.json) or a Hugging Face hub id like 'Qwen/Qwen2.5-7B-Instruct'."
+            "config.json), a Hugging Face hub id like 'Qwen/Qwen2.5-7B-Instruct' or a model manifest "
+            "name (`cellscribe adapters` lists them)."
         )
 
 
@@ -124,6 +174,16 @@ def _resolve_dtype(dtype: Any, device: str, torch: Any) -> torch.dtype:
     return resolved
 
 
+def _resolve_attention(device: str, dtype: Any, torch: Any) -> str:
+    """FlashAttention-2 on CUDA in half precision when the ``flash_attn`` package works, else SDPA."""
+    if device.startswith("cuda") and dtype in (torch.float16, torch.bfloat16):
+        from transformers.utils import is_flash_attn_2_available
+
+        if is_flash_attn_2_available():
+            return "flash_attention_2"
+    return "sdpa"
+
+
 @functools.cache
 def _generation_config_fields() -> frozenset[str]:
     from transformers import GenerationConfig
@@ -131,10 +191,40 @@ def _generation_config_fields() -> frozenset[str]:
     return frozenset(GenerationConfig().to_dict())
 
 
-def _split_settings(settings: Mapping[str, Any]) -> tuple[dict[str, Any], int | None, int | None]:
-    """Effective settings -> (``generate`` keyword arguments, ``max_prompt_tokens``, ``seed``).
+@attrs.frozen
+class _Plan:
+    """What one group of prompts is run with (see the module docstring)."""
 
-    Raises ``ValueError`` for keys that are neither backend keys nor ``GenerationConfig`` fields.
+    kwargs: Mapping[str, Any]
+    max_prompt_tokens: int | None = None
+    seed: int | None = None
+    decode: str = "generate"
+    length_normalize: bool = False
+    max_reasoning_tokens: int | None = None
+
+    def key(self) -> str:
+        return json.dumps(attrs.asdict(self), sort_keys=True, default=repr)
+
+    @property
+    def samples(self) -> bool:
+        return self.decode != "score" and bool(self.kwargs.get("do_sample"))
+
+
+def _optional_int(settings: Mapping[str, Any], key: str, minimum: int) -> int | None:
+    value = settings.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < minimum:
+        kind = "a positive integer" if minimum > 0 else "an integer >= 0"
+        raise ValueError(f"{key} must be {kind}, got {value!r}.")
+    return int(value)
+
+
+def _split_settings(settings: Mapping[str, Any], *, greedy: bool = False) -> _Plan:
+    """Effective settings -> a :class:`_Plan`.
+
+    Raises ``ValueError`` for keys that are neither backend keys nor ``GenerationConfig`` fields, and
+    for invalid backend values.
     """
     known = _generation_config_fields()
     unknown = sorted(k for k in settings if k not in BACKEND_KEYS and k not in known)
@@ -142,26 +232,49 @@ def _split_settings(settings: Mapping[str, Any]) -> tuple[dict[str, Any], int | 
     if unknown or unsupported:
         raise ValueError(
             f"unsupported generation setting(s) {', '.join(unknown + unsupported)}: the transformers "
-            "backend takes max_prompt_tokens, seed and the fields of transformers.GenerationConfig "
-            "(do_sample, temperature, top_p, top_k, repetition_penalty, max_new_tokens, min_new_tokens, "
-            "num_beams, ...), one output per prompt."
+            "backend takes decode, max_prompt_tokens, seed, length_normalize, max_reasoning_tokens and "
+            "the fields of transformers.GenerationConfig (do_sample, temperature, top_p, top_k, "
+            "repetition_penalty, max_new_tokens, min_new_tokens, num_beams, ...), one output per prompt."
         )
     kwargs = {k: v for k, v in settings.items() if k not in BACKEND_KEYS}
+    if greedy:
+        kwargs["do_sample"] = False
     if kwargs.get("do_sample") is False:
         kwargs = {k: v for k, v in kwargs.items() if k not in SAMPLING_KEYS}
-    max_prompt_tokens = settings.get("max_prompt_tokens")
-    if max_prompt_tokens is not None and int(max_prompt_tokens) < 1:
-        raise ValueError(f"max_prompt_tokens must be a positive integer, got {max_prompt_tokens!r}.")
-    seed = settings.get("seed")
-    return (
-        kwargs,
-        None if max_prompt_tokens is None else int(max_prompt_tokens),
-        None if seed is None else int(seed),
+    decode = settings.get("decode") or "generate"
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode must be one of {', '.join(map(repr, DECODE_MODES))}, got {decode!r}.")
+    if decode == "constrained" and int(kwargs.get("num_beams") or 1) > 1:
+        raise ValueError(
+            "decode='constrained' works with greedy decoding and sampling, not beam search: drop num_beams "
+            "or set it to 1."
+        )
+    length_normalize = settings.get("length_normalize", False)
+    if not isinstance(length_normalize, (bool, np.bool_)):
+        raise ValueError(f"length_normalize must be True or False, got {length_normalize!r}.")
+    return _Plan(
+        kwargs=kwargs,
+        max_prompt_tokens=_optional_int(settings, "max_prompt_tokens", 1),
+        seed=_optional_int(settings, "seed", 0),
+        decode=decode,
+        length_normalize=bool(length_normalize),
+        max_reasoning_tokens=_optional_int(settings, "max_reasoning_tokens", 0),
     )
 
 
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
+
+
+@attrs.define
+class _Item:
+    """One prompt inside :meth:`TransformersModel.generate`."""
+
+    index: int
+    ids: list[int]
+    n_prompt: int
+    n_units: int = 1
+    tl: TokenLayout | None = None
 
 
 class TransformersModel:
@@ -171,20 +284,32 @@ class TransformersModel:
     Attributes
     ----------
     model
-        The ``PreTrainedModel``, or a ``PeftModel`` when adapters were loaded.
+        The ``PreTrainedModel``, or a ``PeftModel`` when adapters were loaded (unmerged).
     tokenizer
         Its tokenizer, left-padding, with a pad token.
     spec, revision
-        What was loaded.
+        What was loaded (the manifest name when loaded by one).
+    manifest
+        The :class:`~cellscribe.core.manifests.Manifest` it was loaded from, or ``None``; its
+        ``annotate_defaults()`` are the prompt, sentence and generation settings it expects.
     device
         Where inputs are sent (the model's first parameter's device when a ``device_map`` was given).
     batch_size
-        Prompts per ``generate`` call.
+        Most prompts per batch, or ``None`` for no limit other than the token budget.
+    max_batch_tokens
+        Token budget per batch (``None``: resolved on first use, see the module docstring).
     adapters
         Modality -> adapter location, for the adapters loaded.
+    merged_adapter
+        The modality whose adapter was merged into the weights, or ``None``.
     truncation_side
         ``"left"`` keeps the end of an over-long prompt, ``"right"`` its start.
+    deterministic
+        Every call is greedy.
     """
+
+    #: The ``decode=`` values this model supports (all three: free, constrained, scored).
+    decode_modes = DECODE_MODES
 
     def __init__(
         self,
@@ -194,12 +319,19 @@ class TransformersModel:
         spec: str,
         revision: str | None = None,
         device: str = "cpu",
-        batch_size: int = 8,
+        batch_size: int | None = None,
+        max_batch_tokens: int | None = None,
         adapters: Mapping[str, str] | None = None,
+        merged_adapter: str | None = None,
         truncation_side: str = "left",
+        manifest: Manifest | None = None,
+        deterministic: bool = False,
+        seed: int | None = None,
     ) -> None:
-        if int(batch_size) < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        if batch_size is not None and int(batch_size) < 1:
+            raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}.")
+        if max_batch_tokens is not None and int(max_batch_tokens) < 1:
+            raise ValueError(f"max_batch_tokens must be a positive integer or None, got {max_batch_tokens!r}.")
         if truncation_side not in ("left", "right"):
             raise ValueError(f"truncation_side must be 'left' or 'right', got {truncation_side!r}.")
         self.model = model
@@ -207,10 +339,19 @@ class TransformersModel:
         self.spec = spec
         self.revision = revision
         self.device = device
-        self.batch_size = int(batch_size)
+        self.batch_size = None if batch_size is None else int(batch_size)
+        self.max_batch_tokens = None if max_batch_tokens is None else int(max_batch_tokens)
         self.adapters = dict(adapters or {})
+        self.merged_adapter = merged_adapter
         self.truncation_side = truncation_side
-        self._active_adapter: str | None = next(reversed(self.adapters), None)
+        self.manifest = manifest
+        self.deterministic = bool(deterministic)
+        self.default_seed = seed
+        self.seed = seed
+        self._active_adapter: str | None = merged_adapter or next(reversed(self.adapters), None)
+        self._layouts: dict[Any, TokenLayout] = {}
+        self._free_masks: dict[str, tuple[Any, Any]] = {}
+        self._last_decode: list[str] = []
 
     # -- LoadedModel protocol ---------------------------------------------------------------------
 
@@ -223,26 +364,45 @@ class TransformersModel:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def info(self) -> dict[str, Any]:
-        """What identifies the model: backend, model, revision, resolved commit, dtype, device, adapters."""
+        """What identifies the model and how it ran: backend, model, manifest, revision, resolved
+        commit, dtype, device, attention kernel, adapters, batching, seed and decode modes used."""
         base = getattr(self.model, "config", None)
         dtype = getattr(self.model, "dtype", None)
         return {
             "backend": BACKEND_NAME,
             "model": self.spec,
+            "manifest": self.manifest.name if self.manifest is not None else None,
+            "base_model": self.manifest.base_model if self.manifest is not None else self.spec,
             "revision": self.revision,
             "commit": getattr(base, "_commit_hash", None),
             "dtype": str(dtype).removeprefix("torch.") if dtype is not None else None,
             "device": self.device,
+            "attn_implementation": getattr(base, "_attn_implementation", None),
             "adapters": dict(self.adapters),
             "active_adapter": self._active_adapter,
+            "merged_adapter": self.merged_adapter,
+            "batch_size": self.batch_size,
+            "max_batch_tokens": self.max_batch_tokens,
+            "deterministic": self.deterministic,
+            "seed": self.seed,
+            "decode": list(self._last_decode),
         }
 
     def use_modality(self, modality: str) -> None:
         """Answer with ``modality``'s adapter from now on.
 
         A modality without an adapter uses the base model (adapters disabled) when others are loaded;
-        without any adapter this does nothing.
+        without any adapter this does nothing. With a merged adapter only its own modality can be used
+        (the base weights are gone): another raises ``ValueError``.
         """
+        if self.merged_adapter is not None:
+            if modality != self.merged_adapter:
+                raise ValueError(
+                    f"the adapter for {self.merged_adapter!r} was merged into the weights, so modality "
+                    f"{modality!r} cannot be answered with the base model; load without merge_adapters "
+                    "to switch between modalities."
+                )
+            return
         if not self.adapters:
             return
         if modality in self.adapters:
@@ -262,41 +422,55 @@ class TransformersModel:
     ) -> list[Generation]:
         """One :class:`Generation` per prompt, in order.
 
-        Prompts are grouped by effective settings (see the module docstring), then generated
-        ``batch_size`` at a time, longest first. ``progress(n)`` is called after every batch with
-        the number of prompts it held. A batch that raises is retried one prompt at a time; a prompt
-        that still fails gets ``Generation(text="", error=...)``. Invalid settings raise
-        ``ValueError`` before anything is generated.
+        Prompts are grouped by effective settings, then run in token-budget batches, longest first
+        (see the module docstring). ``progress(n)`` is called after every batch with the number of
+        prompts it held. Invalid settings, score mode without candidates and candidates that cannot
+        be told apart raise ``ValueError`` before anything is generated.
         """
         prompts = list(prompts)
         user = dict(settings or {})
-        # Group by what reaches generate (after dropping sampling-only keys), so prompts whose
+        texts = [self.render(p) for p in prompts]
+        all_ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+
+        # Group by what reaches the model (after dropping sampling-only keys), so prompts whose
         # defaults differ only in keys the user's settings make irrelevant share batches.
-        groups: dict[str, tuple[tuple[dict[str, Any], int | None, int | None], list[int]]] = {}
-        split: dict[str, tuple[dict[str, Any], int | None, int | None]] = {}
+        groups: dict[str, tuple[_Plan, list[int]]] = {}
+        plans: dict[str, _Plan] = {}
         for i, prompt in enumerate(prompts):
             effective = {**prompt.generation, **user}
             effective_key = json.dumps(effective, sort_keys=True, default=repr)
-            if effective_key not in split:
-                split[effective_key] = _split_settings(effective)
-            plan = split[effective_key]
-            key = json.dumps(plan, sort_keys=True, default=repr)
-            groups.setdefault(key, (plan, []))[1].append(i)
-        plans = list(groups.values())
+            if effective_key not in plans:
+                plans[effective_key] = _split_settings(effective, greedy=self.deterministic)
+            plan = plans[effective_key]
+            groups.setdefault(plan.key(), (plan, []))[1].append(i)
 
-        results: list[Generation | None] = [None] * len(prompts)
+        seed = self.default_seed
+        if seed is None and any(plan.samples and plan.seed is None for plan, _ in groups.values()):
+            seed = secrets.randbelow(2**31)  # recorded in info(), so the run can be repeated
+        work: list[tuple[_Plan, str, list[_Item]]] = []
         n_truncated = 0
-        for (kwargs, max_prompt_tokens, seed), members in plans:
-            ids, truncated = self._encode([self.render(prompts[i]) for i in members], max_prompt_tokens)
+        n_free = 0
+        for plan, members in groups.values():
+            if plan.seed is None and seed is not None:
+                plan = attrs.evolve(plan, seed=seed)
+            items, truncated = self._items(members, prompts, all_ids, plan.max_prompt_tokens)
             n_truncated += truncated
-            order = sorted(range(len(members)), key=lambda j: -len(ids[j]))
-            for start in range(0, len(order), self.batch_size):
-                batch = order[start : start + self.batch_size]
-                outputs = self._generate_or_retry([ids[j] for j in batch], kwargs, seed)
-                for j, output in zip(batch, outputs):
-                    results[members[j]] = output
-                if progress is not None:
-                    progress(len(batch))
+            if plan.decode == "generate":
+                work.append((plan, "generate", items))
+                continue
+            free, fixed = self._attach_layouts(items, prompts, texts, plan)
+            n_free += len(free)
+            if free:
+                work.append((plan, "generate", free))
+            if fixed:
+                work.append((plan, plan.decode, fixed))
+        if n_free:
+            warnings.warn(
+                f"{n_free} of {len(prompts)} prompts have no candidate labels and were generated without "
+                "constraint; pass candidates=[...] to constrain every answer.",
+                UserWarning,
+                stacklevel=2,
+            )
         if n_truncated:
             kept = "end" if self.truncation_side == "left" else "start"
             warnings.warn(
@@ -305,65 +479,216 @@ class TransformersModel:
                 UserWarning,
                 stacklevel=2,
             )
+
+        results: list[Generation | None] = [None] * len(prompts)
+        for plan, mode, items in work:
+            runner = functools.partial(self._run_batch, plan=plan, mode=mode)
+            for batch in self._batches(items, plan, mode):
+                for item, output in zip(batch, self._run_or_split(batch, runner)):
+                    results[item.index] = output
+                if progress is not None:
+                    progress(len(batch))
+        self.seed = next((p.seed for p, _, _ in work if p.seed is not None), self.seed)
+        self._last_decode = sorted({plan.decode for plan, _, _ in work})
         return results  # type: ignore[return-value]
 
-    # -- internals ----------------------------------------------------------------------------------
+    # -- preparing work ---------------------------------------------------------------------------
 
-    def _encode(self, texts: list[str], max_prompt_tokens: int | None) -> tuple[list[list[int]], int]:
-        """Token ids of ``texts`` (each cut to ``max_prompt_tokens``) and how many were cut."""
-        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        if max_prompt_tokens is None:
-            return ids, 0
-        n_cut = sum(len(row) > max_prompt_tokens for row in ids)
-        if self.truncation_side == "left":
-            return [row[-max_prompt_tokens:] for row in ids], n_cut
-        return [row[:max_prompt_tokens] for row in ids], n_cut
+    def _items(
+        self, members: list[int], prompts: list[Prompt], all_ids: list[list[int]], max_prompt_tokens: int | None
+    ) -> tuple[list[_Item], int]:
+        """The group's prompts as items (ids cut to ``max_prompt_tokens``) and how many were cut."""
+        n_cut = 0
+        items = []
+        for i in members:
+            ids = all_ids[i]
+            if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
+                n_cut += 1
+                ids = ids[-max_prompt_tokens:] if self.truncation_side == "left" else ids[:max_prompt_tokens]
+            items.append(_Item(index=i, ids=list(ids), n_prompt=len(ids), n_units=len(prompts[i].unit_ids)))
+        return items, n_cut
 
-    def _generate_or_retry(
-        self, batch: list[list[int]], kwargs: Mapping[str, Any], seed: int | None
+    def _attach_layouts(
+        self, items: list[_Item], prompts: list[Prompt], texts: list[str], plan: _Plan
+    ) -> tuple[list[_Item], list[_Item]]:
+        """Give each item its token layout; ``(items without candidates, items with)``.
+
+        Score mode needs candidates for every prompt: raises ``ValueError`` otherwise.
+        """
+        free, fixed = [], []
+        for item in items:
+            layout = layout_for(prompts[item.index], texts[item.index])
+            if layout is None:
+                free.append(item)
+                continue
+            tl = self._layouts.get(layout)
+            if tl is None:
+                if len(self._layouts) > 1024:
+                    self._layouts.clear()
+                tl = self._layouts[layout] = tokenize_layout(layout, self.tokenizer, sorted(self._eos_ids()))
+            item.tl = tl
+            if plan.decode == "score":
+                item.ids = item.ids + list(tl.open_ids) + list(tl.close_ids)
+            fixed.append(item)
+        if free and plan.decode == "score":
+            raise ValueError(
+                f"decode='score' needs candidate labels, but {len(free)} prompt(s) have none; pass "
+                "candidates=[...] (or a labelled reference for k-shot prompts), or use decode='generate'."
+            )
+        return free, fixed
+
+    def _max_new_tokens(self, kwargs: Mapping[str, Any]) -> int:
+        value = kwargs.get("max_new_tokens") or getattr(self.model.generation_config, "max_new_tokens", None)
+        return int(value or FALLBACK_MAX_NEW_TOKENS)
+
+    def _token_budget(self) -> int:
+        """``max_batch_tokens``, resolved on first use when not given (see the module docstring)."""
+        if self.max_batch_tokens is None:
+            self.max_batch_tokens = self._default_budget()
+            log.info("token budget per batch: %d", self.max_batch_tokens)
+        return self.max_batch_tokens
+
+    def _default_budget(self) -> int:
+        if not str(self.device).startswith("cuda"):
+            return CPU_BATCH_TOKENS
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(torch.device(self.device))
+        config = self.model.config
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        heads = getattr(config, "num_attention_heads", 32)
+        hidden = getattr(config, "hidden_size", 4096)
+        head_dim = getattr(config, "head_dim", None) or hidden // heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        layers = getattr(config, "num_hidden_layers", 32)
+        intermediate = getattr(config, "intermediate_size", 4 * hidden)
+        size = torch.finfo(self.model.dtype).bits // 8 if self.model.dtype.is_floating_point else 2
+        kv = 2 * layers * kv_heads * head_dim * size
+        # Prefill activations live one layer at a time: hidden states, attention and the MLP.
+        activations = (6 * hidden + 3 * intermediate) * size
+        return int(max(2048, min(1 << 20, CUDA_MEMORY_SHARE * free / (kv + activations))))
+
+    def _batches(self, items: list[_Item], plan: _Plan, mode: str) -> list[list[_Item]]:
+        """Items sorted longest first (ties in prompt order) and cut by the token budget."""
+        budget = self._token_budget()
+        new = self._max_new_tokens(plan.kwargs)
+
+        def extra(item: _Item) -> int:
+            if mode == "score":  # the candidate pass is chunked within the budget by the scorer
+                return item.tl.max_answer_tokens() + 1
+            return new if item.tl is None else self._constrained_total(item, plan)
+
+        order = sorted(items, key=lambda it: (-len(it.ids), it.index))
+        batches: list[list[_Item]] = []
+        current: list[_Item] = []
+        width = tail = 0
+        for item in order:
+            w, t = max(width, len(item.ids)), max(tail, extra(item))
+            full = self.batch_size is not None and len(current) >= self.batch_size
+            if current and (full or (len(current) + 1) * (w + t) > budget):
+                batches.append(current)
+                current, w, t = [], len(item.ids), extra(item)
+            current.append(item)
+            width, tail = w, t
+        if current:
+            batches.append(current)
+        return batches
+
+    def _reasoning_cap(self, item: _Item, plan: _Plan) -> int:
+        tl = item.tl
+        if not tl.layout.reasoning:
+            return 0
+        if plan.max_reasoning_tokens is not None:
+            return plan.max_reasoning_tokens
+        return max(0, self._max_new_tokens(plan.kwargs) - len(tl.open_ids) - tl.max_answer_tokens())
+
+    def _constrained_total(self, item: _Item, plan: _Plan) -> int:
+        """New tokens a constrained answer of ``item`` may take: opening, reasoning and answer."""
+        return len(item.tl.open_ids) + self._reasoning_cap(item, plan) + item.tl.max_answer_tokens()
+
+    # -- running batches ----------------------------------------------------------------------------
+
+    def _run_or_split(
+        self, batch: list[_Item], runner: Callable[[list[_Item]], list[Generation]]
     ) -> list[Generation]:
+        """``runner(batch)``; when it raises, the batch is split in halves and retried, down to single
+        prompts, which then get an error ``Generation``."""
         try:
-            return self._generate_batch(batch, kwargs, seed)
+            return runner(batch)
         except Exception as exc:  # any failure (CUDA OOM, a bad input) must not end the run
             self._release_memory()
             if len(batch) == 1:
                 log.warning("generation failed for one prompt: %s", _describe(exc))
-                return [Generation(text="", n_prompt_tokens=len(batch[0]), error=_describe(exc))]
-            log.warning(
-                "a batch of %d prompts failed (%s); retrying them one at a time", len(batch), _describe(exc)
-            )
-            return [self._generate_or_retry([ids], kwargs, seed)[0] for ids in batch]
+                return [Generation(text="", n_prompt_tokens=batch[0].n_prompt, error=_describe(exc))]
+            log.warning("a batch of %d prompts failed (%s); retrying it in halves", len(batch), _describe(exc))
+            half = len(batch) // 2
+            return self._run_or_split(batch[:half], runner) + self._run_or_split(batch[half:], runner)
 
-    def _generate_batch(
-        self, batch: list[list[int]], kwargs: Mapping[str, Any], seed: int | None
-    ) -> list[Generation]:
+    def _run_batch(self, batch: list[_Item], *, plan: _Plan, mode: str) -> list[Generation]:
         import torch
 
-        pad_id = self.tokenizer.pad_token_id
-        width = max(len(ids) for ids in batch)
-        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, ids in enumerate(batch):
-            # Left padding: every prompt ends at the last column, where generation continues.
-            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[row, width - len(ids) :] = 1
-        if seed is not None:
-            torch.manual_seed(seed)
+        if plan.seed is not None:
+            torch.manual_seed(plan.seed)
         with torch.inference_mode(), self._adapter_context():
-            output = self.model.generate(
-                input_ids=input_ids.to(self.device),
-                attention_mask=attention_mask.to(self.device),
-                **kwargs,
-            )
-        new_tokens = output[:, width:].tolist()
-        eos = self._eos_ids()
-        generations = []
-        for ids, tokens in zip(batch, new_tokens):
-            # Finished rows are filled with padding: count up to and including the first end token.
-            n_out = next((k + 1 for k, t in enumerate(tokens) if t in eos), len(tokens))
-            text = self.tokenizer.decode(tokens[:n_out], skip_special_tokens=True)
-            generations.append(Generation(text=text, n_prompt_tokens=len(ids), n_output_tokens=n_out))
-        return generations
+            if mode == "score":
+                return self._score_batch(batch, plan)
+            return self._generate_batch(batch, plan, constrained=mode == "constrained")
+
+    def _generate_batch(self, batch: list[_Item], plan: _Plan, *, constrained: bool) -> list[Generation]:
+        import torch
+
+        ids, mask = left_pad([item.ids for item in batch], self.tokenizer.pad_token_id)
+        width = ids.shape[1]
+        kwargs = dict(plan.kwargs)
+        if constrained:
+            from ._constrained import AnswerConstraint, RowState, as_logits_processor
+
+            # A minimum length would forbid the end of a complete answer.
+            kwargs.pop("min_new_tokens", None)
+            kwargs.pop("min_length", None)
+            kwargs["max_new_tokens"] = max(self._constrained_total(item, plan) for item in batch)
+            states = [RowState(item.tl, self._reasoning_cap(item, plan)) for item in batch]
+            pool, banned = self._free_stage_masks()
+            kwargs["logits_processor"] = as_logits_processor(AnswerConstraint(states, pool, banned))
+        output = self.model.generate(
+            input_ids=torch.from_numpy(ids).to(self.device),
+            attention_mask=torch.from_numpy(mask).to(self.device),
+            **kwargs,
+        )
+        new_tokens = output[:, width:].cpu().numpy()
+        # Finished rows are filled with padding: count up to and including the first end token.
+        is_end = np.isin(new_tokens, sorted(self._eos_ids()))
+        n_out = np.where(is_end.any(axis=1), is_end.argmax(axis=1) + 1, new_tokens.shape[1])
+        texts = self.tokenizer.batch_decode(
+            [row[:n].tolist() for row, n in zip(new_tokens, n_out)], skip_special_tokens=True
+        )
+        return [
+            Generation(text=text, n_prompt_tokens=item.n_prompt, n_output_tokens=int(n))
+            for item, text, n in zip(batch, texts, n_out)
+        ]
+
+    def _score_batch(self, batch: list[_Item], plan: _Plan) -> list[Generation]:
+        from ._scoring import ScoreItem, score_items
+
+        matrices = score_items(
+            self.model,
+            [ScoreItem(item.ids, item.tl) for item in batch],
+            pad_id=self.tokenizer.pad_token_id,
+            device=self.device,
+            length_normalize=plan.length_normalize,
+            max_batch_tokens=self._token_budget(),
+        )
+        return [_scored_generation(item, matrix) for item, matrix in zip(batch, matrices)]
+
+    def _free_stage_masks(self) -> tuple[Any, Any]:
+        device = str(self.device)
+        if device not in self._free_masks:
+            from ._constrained import free_stage_masks
+
+            vocab = self.model.get_output_embeddings().weight.shape[0]
+            pool, banned = free_stage_masks(self.tokenizer, vocab, sorted(self._eos_ids()))
+            self._free_masks[device] = (pool.to(device), banned.to(device))
+        return self._free_masks[device]
 
     def _eos_ids(self) -> set[int]:
         eos = self.model.generation_config.eos_token_id
@@ -384,23 +709,65 @@ class TransformersModel:
             torch.cuda.empty_cache()
 
 
+def _scored_generation(item: _Item, matrix: np.ndarray) -> Generation:
+    """The :class:`Generation` of a scored prompt (see the module docstring)."""
+    tl = item.tl
+    layout = tl.layout
+    shifted = matrix - matrix.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    probs = np.exp(log_probs)
+    k = tl.n_candidates
+    if layout.n_labels == 1:
+        chosen = [int(np.argmax(log_probs[0]))]
+    else:
+        from scipy.optimize import linear_sum_assignment
+
+        # More cells than candidates: each candidate may then be used ceil(n / k) times.
+        copies = math.ceil(layout.n_labels / k) if layout.unique else layout.n_labels
+        rows, cols = linear_sum_assignment(-np.tile(log_probs, (1, copies)))
+        chosen = [int(c) % k for _, c in sorted(zip(rows, cols))]
+    labels = [layout.candidates[j] for j in chosen]
+    scores = [dict(zip(layout.candidates, map(float, row))) for row in probs]
+    confidence = [float(probs[i, j]) for i, j in enumerate(chosen)]
+    if layout.n_labels == 1:
+        # One answer for the whole prompt: every unit gets it.
+        n_units = max(1, item.n_units)
+        scores, confidence = scores * n_units, confidence * n_units
+    n_out = sum(len(tl.first[j]) if i == 0 else len(tl.later[j]) for i, j in enumerate(chosen))
+    n_out += len(tl.tail_ids) + 1 + (len(tl.open_ids) + len(tl.close_ids) if layout.reasoning else 0)
+    return Generation(
+        text=layout.text(labels, SCORED_REASONING),
+        confidence=tuple(confidence),
+        label_scores=tuple(scores),
+        n_prompt_tokens=item.n_prompt,
+        n_output_tokens=n_out,
+    )
+
+
 class TransformersBackend:
     """Loads causal language models with ``transformers`` (the :class:`~cellscribe.core.components.Backend`
     named ``"transformers"``)."""
 
     name = BACKEND_NAME
     description = (
-        "Hugging Face transformers causal LMs from a local folder or a hub id, rendered with the model's "
-        "chat template; PEFT adapters per modality"
+        "Hugging Face transformers causal LMs from a local folder, a hub id or a model manifest, rendered "
+        "with the model's chat template; token-budget batches; generate, constrained or score decoding; "
+        "PEFT adapters per modality"
     )
 
     def handles(self, spec: str) -> bool:
-        """True for a local directory with a ``config.json``, or a string shaped like a hub id that is
-        not an existing path."""
+        """True for a local directory with a ``config.json``, a string shaped like a hub id that is
+        not an existing path, or a model manifest name (``"cell-o1"``)."""
         path = Path(spec).expanduser()
         if path.exists():
             return path.is_dir() and (path / "config.json").is_file()
-        return looks_like_hub_id(spec)
+        if looks_like_hub_id(spec):
+            return True
+        try:
+            manifest = find_manifest(spec)
+        except ValueError:
+            return True  # a broken manifest of that name: load() reports what is wrong with it
+        return manifest is not None and manifest.backend == BACKEND_NAME
 
     def load(
         self,
@@ -411,19 +778,24 @@ class TransformersBackend:
         device: str | None = None,
         dtype: Any = None,
         trust_remote_code: bool = False,
-        batch_size: int = 8,
+        batch_size: int | None = None,
+        max_batch_tokens: int | None = None,
         revision: str | None = None,
         truncation_side: str = "left",
+        merge_adapters: bool = False,
+        deterministic: bool = False,
+        seed: int | None = None,
         model_kwargs: Mapping[str, Any] | None = None,
         **options: Any,
     ) -> TransformersModel:
-        """Load tokenizer and model from ``spec`` (a local folder or a hub id).
+        """Load tokenizer and model from ``spec`` (a local folder, a hub id or a manifest name).
 
         Parameters
         ----------
         adapters
             Modality -> adapter location; each is loaded through the ``cellscribe_load_adapter`` hook
-            (``hook``, the plugin manager's hook relay; the process-wide host's when ``None``).
+            (``hook``, the plugin manager's hook relay; the process-wide host's when ``None``). A
+            manifest's adapter is loaded for the manifest's modality unless ``adapters`` names one.
         device
             ``None``/``"auto"``: CUDA when available, else CPU. Ignored when ``model_kwargs`` has a
             ``device_map``.
@@ -432,21 +804,44 @@ class TransformersBackend:
         trust_remote_code
             Passed to ``from_pretrained``; off unless the user opts in.
         batch_size
-            Prompts per ``generate`` call.
+            Most prompts per batch; ``None``: as many as the token budget allows.
+        max_batch_tokens
+            Token budget per batch; ``None``: 16,384 on CPU, from free memory on CUDA.
         revision
-            Hub branch, tag or commit.
+            Hub branch, tag or commit (default: the manifest's, if any).
         truncation_side
             Which part of a prompt over ``max_prompt_tokens`` to drop (see the module docstring).
+        merge_adapters
+            Merge the (single) adapter into the weights: faster, but the base model is gone.
+        deterministic
+            Greedy decoding for every call, whatever the prompts' defaults.
+        seed
+            Seed used when the settings give none.
         model_kwargs
             Extra keyword arguments for ``AutoModelForCausalLM.from_pretrained`` (``device_map``,
-            ``attn_implementation``, ``quantization_config``, ...).
+            ``attn_implementation``, ``quantization_config``, ...). The attention kernel defaults to
+            FlashAttention-2 on CUDA when installed, else PyTorch SDPA.
         options
             Ignored (options meant for other components).
 
         Weights are read from safetensors files only. Raises ``ValueError`` for a path that is not a
-        model, a hub id that cannot be fetched, or a tokenizer without a chat template.
+        model, an invalid manifest, a hub id that cannot be fetched, a tokenizer without a chat
+        template, or an adapter whose base model is another model.
         """
-        _check_model_dir(spec)
+        manifest = None if Path(spec).expanduser().exists() else find_manifest(spec)
+        base = spec
+        adapters = dict(adapters or {})
+        if manifest is not None:
+            if manifest.backend != BACKEND_NAME:
+                raise ValueError(
+                    f"manifest {manifest.name!r} is for the {manifest.backend!r} backend, not {BACKEND_NAME!r}"
+                )
+            base = manifest.base_model
+            revision = revision if revision is not None else manifest.revision
+            if manifest.adapter and manifest.modality not in adapters:
+                adapters = {manifest.modality: manifest.adapter, **adapters}
+            log.info("model %s: manifest %s, base %s", spec, manifest.path, base)
+        _check_model_dir(base)
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -456,12 +851,15 @@ class TransformersBackend:
         model_kwargs = dict(model_kwargs or {})
         device = _resolve_device(device, torch)
         torch_dtype = _resolve_dtype(dtype, device, torch)
+        chosen_attention = "attn_implementation" not in model_kwargs
+        if chosen_attention:
+            model_kwargs["attn_implementation"] = _resolve_attention(device, torch_dtype, torch)
 
         try:
-            tokenizer = AutoTokenizer.from_pretrained(spec, padding_side="left", **hub_kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(base, padding_side="left", **hub_kwargs)
         except OSError as exc:
             raise ValueError(
-                f"could not load a tokenizer for {spec!r} ({exc}). For a hub id check the spelling, your "
+                f"could not load a tokenizer for {base!r} ({exc}). For a hub id check the spelling, your "
                 "network access and, for gated models, your Hugging Face login; or give a local folder."
             ) from exc
         if not getattr(tokenizer, "chat_template", None):
@@ -470,18 +868,28 @@ class TransformersBackend:
         if tokenizer.pad_token is None:
             if tokenizer.eos_token is None:
                 raise ValueError(
-                    f"the tokenizer of {spec!r} has neither a pad nor an eos token; set "
+                    f"the tokenizer of {base!r} has neither a pad nor an eos token; set "
                     "tokenizer.pad_token in the model folder."
                 )
             tokenizer.pad_token = tokenizer.eos_token
 
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                spec, use_safetensors=True, dtype=torch_dtype, **hub_kwargs, **model_kwargs
-            )
+            try:
+                model = AutoModelForCausalLM.from_pretrained(
+                    base, use_safetensors=True, dtype=torch_dtype, **hub_kwargs, **model_kwargs
+                )
+            except ValueError as exc:
+                # An architecture without SDPA/FlashAttention support: let transformers choose.
+                if not chosen_attention or "attn" not in str(exc).lower():
+                    raise
+                log.info("%s: %s; using transformers' default attention", base, exc)
+                model_kwargs.pop("attn_implementation")
+                model = AutoModelForCausalLM.from_pretrained(
+                    base, use_safetensors=True, dtype=torch_dtype, **hub_kwargs, **model_kwargs
+                )
         except OSError as exc:
             raise ValueError(
-                f"could not load model weights for {spec!r} ({exc}). cellscribe reads safetensors weights "
+                f"could not load model weights for {base!r} ({exc}). cellscribe reads safetensors weights "
                 "only; convert *.bin checkpoints with save_pretrained(..., safe_serialization=True)."
             ) from exc
         if "device_map" in model_kwargs:
@@ -497,7 +905,13 @@ class TransformersBackend:
         if gen_config.pad_token_id is None:
             gen_config.pad_token_id = tokenizer.pad_token_id
 
+        merged = None
         if adapters:
+            if merge_adapters and len(adapters) != 1:
+                raise ValueError(
+                    f"merge_adapters needs exactly one adapter, got {len(adapters)} "
+                    f"({', '.join(adapters)}); several adapters stay separate and are switched per modality."
+                )
             if hook is None:
                 from cellscribe.core.plugins import get_host
 
@@ -513,9 +927,17 @@ class TransformersBackend:
                         "cellscribe_load_adapter."
                     )
                 model = loaded
+            if merge_adapters:
+                model = model.merge_and_unload()
+                merged = next(iter(adapters))
             model.eval()
+        elif merge_adapters:
+            log.info("merge_adapters ignored: no adapter to merge")
 
-        log.info("loaded %s (%s, %s) with adapters %s", spec, torch_dtype, device, dict(adapters or {}))
+        log.info(
+            "loaded %s (%s, %s, %s) with adapters %s",
+            base, torch_dtype, device, getattr(model.config, "_attn_implementation", None), adapters,
+        )
         return TransformersModel(
             model,
             tokenizer,
@@ -523,6 +945,11 @@ class TransformersBackend:
             revision=revision,
             device=device,
             batch_size=batch_size,
-            adapters={m: str(a) for m, a in (adapters or {}).items()},
+            max_batch_tokens=max_batch_tokens,
+            adapters={m: str(a) for m, a in adapters.items()},
+            merged_adapter=merged,
             truncation_side=truncation_side,
+            manifest=manifest,
+            deterministic=deterministic,
+            seed=seed,
         )
