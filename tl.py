@@ -160,21 +160,11 @@ def annotate(
         versions, seed), ``"summary"`` (counts), ``"sidecar"`` (path of the raw outputs) and, with
         ``groupby``, ``"clusters"`` (label and vote share per group).
     """
+    options = {name: value for name, value in locals().items() if name not in ("data", "copy")}
     from .core import pipeline
 
     data = data.copy() if copy else data
-    pipeline.annotate(
-        data,
-        modality=modality, mod=mod, prompt=prompt, model=model, mode=mode, candidates=candidates,
-        reference=reference, reference_key=reference_key, k=k, groupby=groupby,
-        n_representatives=n_representatives, layer=layer, use_raw=use_raw, sentence=sentence,
-        n_genes=n_genes, generation=generation, decode=decode, seed=seed,
-        max_prompt_tokens=max_prompt_tokens, batch_size=batch_size, checkpoint=checkpoint, adapter=adapter, device=device, dtype=dtype,
-        trust_remote_code=trust_remote_code, tissue=tissue, model_options=model_options,
-        prompt_options=prompt_options,
-        sentence_options=sentence_options, modality_options=modality_options, sidecar=sidecar,
-        chunk_size=chunk_size, progress=progress, key_added=key_added,
-    )
+    pipeline.annotate(data, **options)
     return data if copy else None
 
 
