@@ -117,7 +117,9 @@ def _plugin_options(command: str) -> list[click.Option]:
 
 
 def _split_plugin_values(kwargs: dict[str, Any], plugin_params: list[click.Option]) -> dict[str, Any]:
-    return {p.name: kwargs.pop(p.name) for p in plugin_params if kwargs.get(p.name) is not None}
+    """Remove the plugin-added options from ``kwargs``; return those that were set (not ``None``)."""
+    values = {p.name: kwargs.pop(p.name, None) for p in plugin_params}
+    return {name: value for name, value in values.items() if value is not None}
 
 
 def _write_data(data: Any, output: Path, mod: str | None) -> None:
