@@ -1,0 +1,320 @@
+"""The ATAC modality: chromatin accessibility to a cells x genes gene-activity FeatureMatrix.
+
+Three inputs, one output:
+
+1. **gene activity** already computed (the fragments reader of this plugin, Signac's ``GeneActivity``,
+   ArchR's gene scores, ``snapatac2.pp.make_gene_matrix``): features are gene symbols (or Ensembl ids,
+   mapped as for RNA) and are used as they are;
+2. **peaks** (cells x peaks, as Cell Ranger ARC, Signac or muon store them): peak coordinates come from
+   ``var`` columns (``chrom``/``seqnames``, ``start``, ``end``) or from names such as ``chr1:100-600``,
+   ``chr1-100-600`` or ``chr1_100_600``; each gene's activity is the sum of the peaks that overlap its
+   body plus promoter (strand-aware; :mod:`.annotation`), one sparse product per chunk of cells. The
+   genes come from a GTF/GFF (``gtf=``) or, without one, from the peak-to-gene table Cell Ranger ARC
+   leaves in ``uns["atac"]["peak_annotation"]`` (as muon reads it);
+3. **fragments**: read by :class:`~.fragments.FragmentsReader` into input 1.
+
+Then, for every input: optional neighbour smoothing over an LSI embedding (:mod:`.embedding`; on by
+default), and a normalisation (:mod:`.activity`; ``"enrichment"`` by default) chosen so that the genes a
+cell type opens more than others rank first. Measured on PBSmall (150 PBMC, ~170 fragments per cell;
+``benchmarks/atac.py``) with the ``markers`` model: the defaults give 58% of the cells the right Cell
+Ontology lineage (91% when monocytes called macrophages count as myeloid), against 32% (48%) without
+smoothing and 22% (36%) without smoothing and with depth-normalised activity.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from cellscribe.core.genes import choose_gene_symbols, merge_duplicate_symbols
+from cellscribe.core.matrix import DEFAULT_CHUNK, iter_row_chunks, summarize
+from cellscribe.core.types import FeatureMatrix
+
+from ._options import as_bool, as_int
+from .activity import NORMALIZATIONS, ActivityMatrix, gene_baseline
+from .annotation import read_gene_annotation, resolve_annotation
+from .embedding import DEFAULT_NEIGHBORS, knn_operator, lsi
+from .fragments import DEFAULT_PROMOTER
+from .overlap import peak_coordinates, peaks_to_genes
+
+log = logging.getLogger(__name__)
+
+__all__ = ["AtacModality", "FEATURE_KINDS"]
+
+FEATURE_KINDS = ("auto", "peaks", "genes")
+#: ``obsm`` key of an LSI embedding used for smoothing when present (the fragments reader writes it;
+#: muon's ``atac.tl.lsi`` too).
+LSI_KEY = "X_lsi"
+
+
+def _choose_matrix(adata: Any, layer: str | None, use_raw: bool | None) -> tuple[Any, pd.DataFrame, pd.Index, str]:
+    if layer is not None and use_raw:
+        raise ValueError("pass either layer= or use_raw=True, not both")
+    if layer is not None:
+        if layer not in adata.layers:
+            available = ", ".join(repr(k) for k in adata.layers.keys()) or "none"
+            raise ValueError(f"layer {layer!r} not found (adata.layers has: {available}); leave layer unset to use X")
+        return adata.layers[layer], adata.var, adata.var_names, f"layers[{layer!r}]"
+    if use_raw:
+        if adata.raw is None:
+            raise ValueError("use_raw=True but adata has no .raw; leave use_raw unset to use adata.X")
+        return adata.raw.X, adata.raw.var, adata.raw.var_names, "raw.X"
+    return adata.X, adata.var, adata.var_names, "X"
+
+
+def _in_memory(matrix: Any) -> bool:
+    return sp.issparse(matrix) or isinstance(matrix, np.ndarray)
+
+
+def _load(matrix: Any, chunk_size: int, what: str) -> sp.csr_matrix:
+    """``matrix`` as an in-memory CSR (no copy for CSR input); backed matrices are read with a warning."""
+    if sp.issparse(matrix) and matrix.format == "csr":
+        return matrix
+    if not _in_memory(matrix):
+        message = (f"{what} needs the whole matrix: reading the on-disk (backed) matrix into memory; pass "
+                   "smoothing=False (--no-smoothing) to keep it on disk")
+        log.warning(message)
+        warnings.warn(message, UserWarning, stacklevel=4)
+    return sp.vstack([chunk for _, _, chunk in iter_row_chunks(matrix, chunk_size)], format="csr")
+
+
+class AtacModality:
+    """Chromatin accessibility (scATAC-seq, the ATAC of a multiome) as gene activity."""
+
+    name = "atac"
+    description = (
+        "Chromatin accessibility as gene activity: from fragments (snapatac2), peaks (aggregated over gene "
+        "body + promoter) or a gene activity matrix; kNN-smoothed on LSI, enrichment-normalised."
+    )
+    mudata_keys: tuple[str, ...] = ("atac", "peaks", "ATAC")
+
+    def prepare(
+        self,
+        adata: Any,
+        *,
+        layer: str | None = None,
+        use_raw: bool | None = None,
+        gtf: str | None = None,
+        promoter: int = DEFAULT_PROMOTER,
+        downstream: int = 0,
+        gene_body: bool = True,
+        features: str = "auto",
+        smoothing: bool = True,
+        n_neighbors: int = DEFAULT_NEIGHBORS,
+        n_components: int | None = None,
+        use_rep: str | None = None,
+        normalization: str = "enrichment",
+        chunk_size: int = DEFAULT_CHUNK,
+        **options: Any,
+    ) -> FeatureMatrix:
+        """Describe the ATAC data of ``adata`` as a cells x genes gene-activity FeatureMatrix.
+
+        Parameters
+        ----------
+        adata
+            Cells x peaks or cells x genes (gene activity). Never modified; a backed matrix stays on
+            disk unless smoothing or an LSI needs it whole (then it is read with a warning).
+        layer, use_raw
+            Read ``layers[layer]`` or ``raw.X`` instead of ``X``.
+        gtf
+            Gene annotation for peaks (a GTF/GFF path; a snapatac2 genome name needs a download).
+            Without it, peaks use ``uns["atac"]["peak_annotation"]`` when present. Ignored for gene
+            activity.
+        promoter, downstream, gene_body
+            A gene's region for peaks: its body (``gene_body``) plus ``promoter`` bp upstream of the
+            TSS and ``downstream`` bp after the end, strand-aware (as snapatac2 counts fragments).
+        features
+            ``"auto"`` (peaks when ``var`` has coordinates or most ``var_names`` are intervals, else
+            genes), ``"peaks"`` or ``"genes"``.
+        smoothing
+            Average each cell's counts over its ``n_neighbors`` nearest cells (itself included) in an
+            LSI embedding before normalising. Cells without counts are neither smoothed nor used as
+            neighbours.
+        n_neighbors
+            Neighbourhood size of the smoothing.
+        n_components
+            LSI components when the embedding is computed here (default: one per 30 cells, 5 to 30).
+        use_rep
+            ``obsm`` key of the embedding to smooth over; default ``obsm["X_lsi"]`` when present
+            (the fragments reader writes it), else an LSI of the input matrix (peaks, or genes).
+        normalization
+            ``"enrichment"`` (default), ``"depth"`` or ``"none"``; see :mod:`.activity`.
+        chunk_size
+            Cells per chunk when reading and computing rows.
+        options
+            Options of other components; ignored.
+
+        Returns
+        -------
+        A FeatureMatrix with one row per cell of ``adata`` (same order; cells without counts give empty
+        rows), one column per gene symbol, ``value_kind="activity"``. Its matrix is computed lazily,
+        chunk by chunk, when the sentence strategy reads it.
+
+        Raises
+        ------
+        ValueError
+            Negative values (scaled data); peaks without a gene annotation; invalid options; gene ids
+            that cannot be made symbols.
+        TypeError
+            ``adata`` is not an AnnData.
+        """
+        import anndata
+
+        if not isinstance(adata, anndata.AnnData):
+            if hasattr(adata, "mod"):
+                raise TypeError(
+                    "the atac modality needs an AnnData, got a MuData; pass its ATAC modality, e.g. "
+                    f"mdata.mod['atac'] (modalities: {', '.join(map(repr, adata.mod))})"
+                )
+            raise TypeError(f"the atac modality needs an AnnData, got {type(adata).__name__}")
+        if features not in FEATURE_KINDS:
+            raise ValueError(f"features must be one of {', '.join(FEATURE_KINDS)}, got {features!r}")
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {', '.join(NORMALIZATIONS)}, got {normalization!r}")
+        smoothing = as_bool(smoothing, "smoothing")
+        gene_body = as_bool(gene_body, "gene_body")
+        promoter = as_int(promoter, "promoter", 0)
+        downstream = as_int(downstream, "downstream", 0)
+        n_neighbors = as_int(n_neighbors, "n_neighbors", 1)
+        if n_components is not None:
+            n_components = as_int(n_components, "n_components", 1)
+        started = time.perf_counter()
+
+        matrix, var, var_names, source = _choose_matrix(adata, layer, use_raw)
+        first = matrix if _in_memory(matrix) else next(iter_row_chunks(matrix, chunk_size))[2]
+        if summarize(first, chunk_size).has_negative:
+            raise ValueError(
+                f"{source} contains negative values (scaled or centred data); gene activity is ranked from "
+                "counts or non-negative scores: pass layer= (or use_raw=True) to choose such a matrix"
+            )
+
+        coords = None if features == "genes" else peak_coordinates(var, var_names)
+        if features == "peaks" and coords is None:
+            raise ValueError(
+                "features='peaks' but the peaks have no coordinates: give var columns chrom, start, end, or "
+                "var_names like 'chr1:100-600'"
+            )
+        if coords is not None:
+            peaks, coord_source = coords
+            to_genes, names, how = self._peak_genes(adata, peaks, gtf, promoter, downstream, gene_body)
+            what = f"{source}: {len(peaks)} peaks ({coord_source}) -> {len(names)} genes ({how})"
+        else:
+            symbols = choose_gene_symbols(var, var_names)
+            log.info("atac: gene activity; %s", symbols.note)
+            names, to_genes, _ = merge_duplicate_symbols(symbols.symbols, np.float32)
+            what = f"{source}: gene activity ({len(names)} genes)"
+
+        if smoothing:
+            activity, smooth_note = self._smoothed(
+                adata, matrix, to_genes, use_rep, n_neighbors, n_components, chunk_size
+            )
+            what += f"; {smooth_note}"
+        else:
+            activity = ActivityMatrix(matrix, to_genes=to_genes, normalization="none")
+        if normalization == "enrichment":
+            activity = activity.with_normalization("enrichment", gene_baseline(activity, chunk_size))
+        else:
+            activity = activity.with_normalization(normalization)
+        what += f"; {normalization} normalisation"
+
+        result = FeatureMatrix(
+            X=activity,
+            feature_names=names,
+            cell_ids=adata.obs_names.to_numpy(),
+            value_kind="activity",
+            source=what,
+            modality=self.name,
+        )
+        log.info("atac: %d cells x %d genes from %s in %.2f s", result.n_cells, result.n_features, what,
+                 time.perf_counter() - started)
+        return result
+
+    @staticmethod
+    def _peak_genes(
+        adata: Any, peaks: pd.DataFrame, gtf: str | None, promoter: int, downstream: int, gene_body: bool
+    ) -> tuple[sp.csr_matrix, np.ndarray, str]:
+        """The peaks x gene-symbols 0/1 matrix and its genes, from a GTF or from Cell Ranger's peak
+        annotation, with a note saying which."""
+        if gtf is None:
+            table = _peak_annotation(adata)
+            if table is None:
+                raise ValueError(
+                    "these are peaks; turning them into gene activity needs a gene annotation: pass "
+                    "gtf=PATH (--gtf PATH, a GTF/GFF of the genome the peaks were called on)"
+                )
+            to_genes, names = _from_peak_annotation(table, adata.var_names)
+            return to_genes, names, "uns['atac']['peak_annotation']"
+        genes = read_gene_annotation(resolve_annotation(gtf))
+        to_genes, names = peaks_to_genes(peaks, genes, upstream=promoter, downstream=downstream, gene_body=gene_body)
+        if to_genes.nnz == 0:
+            warnings.warn(
+                f"no peak overlaps a gene region of {gtf!r}: every cell's gene activity is empty. Check that "
+                "the annotation belongs to the peaks' genome build",
+                UserWarning,
+                stacklevel=4,
+            )
+        unique, merge, _ = merge_duplicate_symbols(names, np.float32)
+        if merge is not None:  # genes sharing a symbol: a peak counts once per symbol
+            to_genes = sp.csr_matrix(to_genes @ merge)
+            to_genes.data = np.minimum(to_genes.data, 1)
+        region = "gene body" if gene_body else "TSS"
+        return to_genes, unique, f"{region} + {promoter} bp promoter + {downstream} bp downstream of {gtf}"
+
+    @staticmethod
+    def _smoothed(
+        adata: Any, matrix: Any, to_genes: sp.spmatrix | None, use_rep: str | None, n_neighbors: int,
+        n_components: int | None, chunk_size: int,
+    ) -> tuple[ActivityMatrix, str]:
+        """Gene counts in memory with the kNN averaging operator over the chosen embedding."""
+        if use_rep is not None and use_rep not in adata.obsm:
+            raise ValueError(
+                f"use_rep={use_rep!r} is not in obsm (keys: {', '.join(map(repr, adata.obsm.keys())) or 'none'}); "
+                "leave it unset to compute an LSI embedding"
+            )
+        rep = use_rep if use_rep is not None else (LSI_KEY if LSI_KEY in adata.obsm else None)
+        inputs = _load(matrix, chunk_size, "smoothing")
+        counts = inputs if to_genes is None else sp.csr_matrix(inputs @ to_genes, dtype=np.float32)
+        if not np.issubdtype(counts.dtype, np.floating):
+            counts = counts.astype(np.float32)
+        active = np.asarray(counts.sum(axis=1)).ravel() > 0
+        if rep is not None:
+            embedding = np.asarray(adata.obsm[rep], dtype=np.float32)
+            origin = f"obsm[{rep!r}]"
+        else:
+            embedding = lsi(inputs, n_components=n_components)
+            origin = f"LSI of the input ({embedding.shape[1]} components)"
+        if embedding.shape[0] != counts.shape[0]:
+            raise ValueError(f"obsm[{rep!r}] has {embedding.shape[0]} rows for {counts.shape[0]} cells")
+        operator = knn_operator(embedding, n_neighbors=n_neighbors, active=active)
+        note = f"kNN smoothing ({n_neighbors} neighbours on {origin})"
+        return ActivityMatrix(counts, neighbors=operator, normalization="none"), note
+
+
+def _peak_annotation(adata: Any) -> pd.DataFrame | None:
+    """Cell Ranger ARC's peak-to-gene table as muon stores it (``uns["atac"]["peak_annotation"]``)."""
+    atac = adata.uns.get("atac") if hasattr(adata.uns, "get") else None
+    table = atac.get("peak_annotation") if isinstance(atac, dict) else None
+    if not isinstance(table, pd.DataFrame) or "peak" not in table.columns:
+        return None
+    return table
+
+
+def _from_peak_annotation(table: pd.DataFrame, var_names: pd.Index) -> tuple[sp.csr_matrix, np.ndarray]:
+    genes = (table["gene"] if "gene" in table.columns else pd.Series(table.index, index=table.index)).astype(str)
+    peaks = table["peak"].astype(str)
+    rows = pd.Index(var_names.astype(str)).get_indexer(peaks.to_numpy())
+    found = rows >= 0
+    codes, names = pd.factorize(genes.to_numpy()[found])
+    matrix = sp.csr_matrix(
+        (np.ones(int(found.sum()), dtype=np.float32), (rows[found], codes)), shape=(len(var_names), len(names))
+    )
+    matrix.data = np.minimum(matrix.data, 1)  # duplicate pairs count once
+    log.info("atac: peaks -> genes from uns['atac']['peak_annotation'] (%d pairs, %d genes)",
+             int(found.sum()), len(names))
+    return matrix, np.asarray(names, dtype=object)
