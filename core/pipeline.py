@@ -37,6 +37,9 @@ DEFAULT_REPRESENTATIVES = 5
 #: Prompts per checkpointed batch, in multiples of the backend's batch size.
 CHECKPOINT_BATCHES = 8
 DECODE_MODES = ("generate", "constrained", "score")
+#: The defaults a model manifest may replace (a value the user chose explicitly is kept).
+MANIFEST_OVERRIDABLE = {"prompt": "zero-shot", "sentence": "auto", "n_genes": None, "mode": "direct",
+                        "prompt_options": None, "sentence_options": None}
 EMPTY_NOTE = "no expressed gene in the cell sentence"
 
 
@@ -126,10 +129,7 @@ def build_sentences(
 
 def sentences_frame(sentences: CellSentences) -> pd.Series:
     """Cell sentences as a Series of strings indexed by cell id (metadata in ``.attrs``)."""
-    from .ranking import encode_names, join_ranked
-
-    text = join_ranked(encode_names(sentences.vocabulary), sentences.indptr, sentences.indices)
-    series = pd.Series(text, index=pd.Index(sentences.cell_ids, name="cell_id"), name="sentence")
+    series = pd.Series(sentences.texts(), index=pd.Index(sentences.cell_ids, name="cell_id"), name="sentence")
     series.attrs["strategy"] = sentences.strategy
     series.attrs["params"] = dict(sentences.params)
     return series
@@ -350,24 +350,14 @@ def plan_run(
     if manifest is not None:
         # A model manifest (adapters/manifests) sets the formats its model was trained with, wherever the
         # user kept cellscribe's defaults.
-        kept = {"prompt": prompt == "zero-shot", "sentence": sentence == "auto", "n_genes": n_genes is None,
-                "mode": mode == "direct", "prompt_options": not prompt_options,
-                "sentence_options": not sentence_options}
+        chosen = {"prompt": prompt, "sentence": sentence, "n_genes": n_genes, "mode": mode,
+                  "prompt_options": prompt_options or None, "sentence_options": sentence_options or None}
         for key, value in manifest.annotate_defaults().items():
-            if kept.get(key):
+            if key in chosen and chosen[key] == MANIFEST_OVERRIDABLE[key]:
                 log.info("model manifest %s sets %s=%r", manifest.name, key, value)
-                if key == "prompt":
-                    prompt = value
-                elif key == "sentence":
-                    sentence = value
-                elif key == "n_genes":
-                    n_genes = value
-                elif key == "mode":
-                    mode = value
-                elif key == "prompt_options":
-                    prompt_options = value
-                elif key == "sentence_options":
-                    sentence_options = value
+                chosen[key] = value
+        prompt, sentence, n_genes, mode = chosen["prompt"], chosen["sentence"], chosen["n_genes"], chosen["mode"]
+        prompt_options, sentence_options = chosen["prompt_options"], chosen["sentence_options"]
     prompt_c = reg.get("prompt", prompt)
     backend_c = reg.backend_for(model_name)
     # A backend may ask for its own sentence settings when the user kept the defaults.
