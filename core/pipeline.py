@@ -759,7 +759,7 @@ def annotate(
         **dict(model_options or {}),
     )
     log.info("model %s loaded by backend %s in %.1f s", model_name, backend_c.name, time.perf_counter() - t0)
-    if adapter and hasattr(loaded, "use_modality"):
+    if hasattr(loaded, "use_modality"):  # the modality's adapter when the model has one, else the base
         loaded.use_modality(modality)
     plan.make_prompts(getattr(loaded, "count_tokens", None))
 

@@ -198,9 +198,12 @@ def _handler_for(server: OpenAIServer) -> type[BaseHTTPRequestHandler]:
                 return
             server._enter(Received(self.path, headers, body))
             try:
-                self._send(*server._respond(self.path, headers, body))
+                reply = server._respond(self.path, headers, body)
             finally:
+                # Counted as finished before the reply goes out: once the client has the answer it may
+                # send its next request at once, and must not find this one still counted.
                 server._leave()
+            self._send(*reply)
 
         def _send(self, status: int, headers: Mapping[str, str], payload: Any) -> None:
             data = json.dumps(payload).encode()

@@ -317,3 +317,30 @@ def test_merged_adapter(backend, host, base_dir, lora_dirs):
         backend.load(
             str(base_dir), adapters={m: str(p) for m, p in lora_dirs.items()}, hook=host.hook, merge_adapters=True
         )
+
+
+def test_a_manifest_family_loads_every_modality_adapter_once(backend, base_dir, lora_dirs, tmp_path, monkeypatch):
+    """Manifests of one base for several modalities: loading one loads all their adapters, and
+    switching modality gives exactly what that modality's manifest loaded alone gives."""
+    folder = tmp_path / "manifests"
+    for modality, lora in lora_dirs.items():
+        write(folder / f"tiny-{modality}.toml", f"""
+            name = "tiny-{modality}"
+            base_model = "{base_dir}"
+            modality = "{modality}"
+            adapter = "{lora}"
+            """)
+    monkeypatch.setenv(manifests.ENV_MANIFESTS, str(folder))
+    prompts = [cellreasoner_prompt(s) for s in sentences(3)]
+    family = backend.load("tiny-rna")
+    assert set(family.adapters) == {"rna", "atac"}
+    family.use_modality("atac")
+    switched = texts(family.generate(prompts, settings=GREEDY))
+    family.use_modality("rna")
+    back = texts(family.generate(prompts, settings=GREEDY))
+
+    alone = {m: backend.load(str(base_dir), adapters={m: str(lora_dirs[m])}) for m in ("rna", "atac")}
+    for m, model in alone.items():
+        model.use_modality(m)
+    assert switched == texts(alone["atac"].generate(prompts, settings=GREEDY))
+    assert back == texts(alone["rna"].generate(prompts, settings=GREEDY))

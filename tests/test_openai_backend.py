@@ -176,12 +176,9 @@ def test_unusable_settings_raise_before_any_request(server, settings, match):
 def test_concurrency_bound_is_respected(server):
     server.delay = 0.05
     model = connect(server, max_concurrency=4)
-    t0 = time.perf_counter()
     generations = model.generate([chat(f"GENE{i}") for i in range(24)])
-    elapsed = time.perf_counter() - t0
     assert all(g.text == "beta" for g in generations)
-    assert server.max_in_flight == 4
-    assert elapsed < 24 * 0.05 * 0.75  # requests overlapped
+    assert server.max_in_flight == 4  # requests overlapped, never more than the bound
 
 
 def test_one_request_at_a_time_when_bound_is_one(server):

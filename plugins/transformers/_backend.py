@@ -79,7 +79,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import numpy as np
 
-from cellscribe.core.manifests import Manifest, find_manifest
+from cellscribe.core.manifests import Manifest, find_manifest, list_manifests
 from cellscribe.core.types import Generation, Prompt
 
 from ._layout import SCORED_REASONING, TokenLayout, layout_for, tokenize_layout
@@ -275,6 +275,22 @@ class _Item:
     n_prompt: int
     n_units: int = 1
     tl: TokenLayout | None = None
+
+
+def manifest_family(manifest: Manifest) -> list[Manifest]:
+    """Other manifests with the same base model and backend that name a LoRA adapter, one per modality
+    (the first by name wins when several name the same modality)."""
+    family: dict[str, Manifest] = {}
+    for other in list_manifests(errors="warn"):
+        if (
+            other.name != manifest.name
+            and other.adapter
+            and other.base_model == manifest.base_model
+            and other.backend == manifest.backend
+            and other.modality != manifest.modality
+        ):
+            family.setdefault(other.modality, other)
+    return list(family.values())
 
 
 class TransformersModel:
@@ -840,6 +856,10 @@ class TransformersBackend:
             revision = revision if revision is not None else manifest.revision
             if manifest.adapter and manifest.modality not in adapters:
                 adapters = {manifest.modality: manifest.adapter, **adapters}
+            # Manifests of the same base for other modalities: their adapters load onto this base too, so
+            # a MuData run switches adapter per modality (use_modality) instead of reloading the base.
+            for sibling in manifest_family(manifest):
+                adapters.setdefault(sibling.modality, sibling.adapter)
             log.info("model %s: manifest %s, base %s", spec, manifest.path, base)
         _check_model_dir(base)
         import torch
