@@ -179,6 +179,11 @@ def _confidence(generation: Generation, i: int, n: int) -> float | None:
         return None
 
 
+def _failed(units: Sequence[str], text: str, error: str) -> list[Annotation]:
+    """Every unit unresolved because the model call itself failed."""
+    return [Annotation.unresolved(u, raw=text, note=f"generation failed: {error}") for u in units]
+
+
 class CellReasonerDecoder:
     """``cellreasoner``: free text (CellReasoner direct or reasoning mode) to one label per unit."""
 
@@ -192,10 +197,7 @@ class CellReasonerDecoder:
         units = list(prompt.unit_ids)
         text = _as_text(generation.text)
         if generation.error:
-            return [
-                Annotation.unresolved(u, raw=text, note=f"generation failed: {generation.error}")
-                for u in units
-            ]
+            return _failed(units, text, generation.error)
         vocab = [str(v) for v in (vocabulary if vocabulary is not None else prompt.candidates) if str(v)]
         reasoning_mode = prompt.meta.get("mode") == "reasoning" or THINK_OPEN in prompt.response_prefix
         reasoning, answer_part, closed = split_reasoning(text)
@@ -245,10 +247,7 @@ class CellPuzzlesDecoder:
         units = list(prompt.unit_ids)
         text = _as_text(generation.text)
         if generation.error:
-            return [
-                Annotation.unresolved(u, raw=text, note=f"generation failed: {generation.error}")
-                for u in units
-            ]
+            return _failed(units, text, generation.error)
         start, stop = text.find(THINK_OPEN), text.rfind(THINK_CLOSE)
         reasoning = text[start + len(THINK_OPEN) : stop].strip() if 0 <= start < stop else ""
         labels = split_answer(text)
