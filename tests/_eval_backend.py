@@ -9,7 +9,7 @@ have something to show.
 
 from __future__ import annotations
 
-from cellscribe import Generation, hookimpl
+from _rule_backend import RuleModel, RulePlugin
 
 #: (label, required genes, forbidden genes) for scanpy's pbmc68k_reduced, checked in order. Labels
 #: are spelled as a model would ("NK cells"), not as the data's bulk_labels ("CD56+ NK").
@@ -24,53 +24,24 @@ PBMC_RULES = (
 )
 
 
-class MarkerModel:
-    def __init__(self, rules=PBMC_RULES):
-        self.rules = rules
+class MarkerModel(RuleModel):
+    """The first rule whose required genes are all in the sentence and forbidden genes absent answers."""
 
-    def _answer(self, sentence):
+    unknown = "Unknown"
+
+    def __init__(self, rules=PBMC_RULES):
+        super().__init__(rules, name="pbmc-markers")
+
+    def answer(self, sentence):
         genes = sentence.split(", ")
         position = {g: i for i, g in enumerate(genes)}
         for label, required, forbidden in self.rules:
             if all(g in position for g in required) and not any(g in position for g in forbidden):
                 first = min(position[g] for g in required)
                 return label, round(1.0 - 0.7 * first / max(len(genes), 1), 3)
-        return "Unknown", None
-
-    def generate(self, prompts, *, settings=None, progress=None, **_):
-        out = []
-        for prompt in prompts:
-            label, confidence = self._answer(prompt.sentences[0])
-            out.append(Generation(text=label, confidence=(confidence,) * len(prompt.unit_ids)))
-            if progress:
-                progress(1)
-        return out
-
-    def count_tokens(self, text):
-        return len(text.split())
-
-    def info(self):
-        return {"backend": "pbmc-markers", "n_rules": len(self.rules)}
+        return None, None
 
 
-class MarkerBackend:
-    name = "pbmc-markers"
-    description = "test backend answering PBMC cell types from marker genes"
-
-    def __init__(self, rules=PBMC_RULES):
-        self.model = MarkerModel(rules)
-
-    def handles(self, spec):
-        return spec == self.name
-
-    def load(self, spec, **options):
-        return self.model
-
-
-class MarkerPlugin:
-    def __init__(self, **kw):
-        self.backend = MarkerBackend(**kw)
-
-    @hookimpl
-    def cellscribe_register_backends(self, register):
-        register(self.backend)
+def MarkerPlugin(rules=PBMC_RULES) -> RulePlugin:
+    """The plugin to install with ``with_plugin`` (backend name ``"pbmc-markers"``)."""
+    return RulePlugin(model=MarkerModel(rules))

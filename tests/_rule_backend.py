@@ -13,30 +13,42 @@ PANCREAS_RULES = {"GCG": "alpha", "IAPP": "beta", "SST": "delta", "COL1A1": "act
 
 
 class RuleModel:
-    def __init__(self, rules, garbage_for=()):
+    """Names the label of the first rule gene in the sentence (confidence 0.9); answers garbage for the
+    units in ``garbage_for``. Subclasses change how one sentence is answered (:meth:`answer`)."""
+
+    #: Text answered when no rule fits.
+    unknown = "no idea at all"
+
+    def __init__(self, rules, garbage_for=(), name="rules"):
         self.rules = rules
         self.garbage_for = set(garbage_for)
+        self.name = name
         self.calls = []
 
-    def _label(self, sentence):
-        genes = sentence.split(", ")
-        for gene in genes:
+    def answer(self, sentence):
+        """``(label or None, confidence)`` for one cell sentence."""
+        for gene in sentence.split(", "):
             if gene in self.rules:
-                return self.rules[gene]
-        return None
+                return self.rules[gene], 0.9
+        return None, 0.9
 
     def generate(self, prompts, *, settings=None, progress=None, **_):
         out = []
         for p in prompts:
             self.calls.append(p)
-            labels = [self._label(s) for s in p.sentences]
+            answers = [self.answer(s) for s in p.sentences]
+            labels = [label for label, _ in answers]
             if any(u in self.garbage_for for u in p.unit_ids):
                 text = "I cannot tell ¯\\_(ツ)_/¯"
             elif p.decoder == "cellpuzzles":
                 text = "<think>markers</think>\n<answer>" + " | ".join(l or "unknown" for l in labels) + "</answer>"
             else:
-                text = labels[0] or "no idea at all"
-            out.append(Generation(text=text, confidence=(0.9,) * len(p.unit_ids)))
+                text = labels[0] or self.unknown
+            if p.decoder == "cellpuzzles":
+                confidence = tuple(c for _, c in answers)
+            else:
+                confidence = (answers[0][1],) * len(p.unit_ids)
+            out.append(Generation(text=text, confidence=confidence))
             if progress:
                 progress(1)
         return out
@@ -45,18 +57,18 @@ class RuleModel:
         return len(text.split())
 
     def info(self):
-        return {"backend": "rules", "n_rules": len(self.rules)}
+        return {"backend": self.name, "n_rules": len(self.rules)}
 
 
 class RuleBackend:
-    name = "rules"
     description = "test backend answering from marker genes"
 
-    def __init__(self, rules=PANCREAS_RULES, garbage_for=()):
-        self.model = RuleModel(rules, garbage_for)
+    def __init__(self, model):
+        self.model = model
+        self.name = model.name
 
     def handles(self, spec):
-        return spec == "rules"
+        return spec == self.name
 
     def load(self, spec, **options):
         self.model.load_options = options
@@ -64,8 +76,11 @@ class RuleBackend:
 
 
 class RulePlugin:
-    def __init__(self, **kw):
-        self.backend = RuleBackend(**kw)
+    """The plugin to install with ``with_plugin``: ``RulePlugin(rules=..., garbage_for=...)`` or
+    ``RulePlugin(model=a_model)``; the model is ``plugin.backend.model``."""
+
+    def __init__(self, model=None, **kw):
+        self.backend = RuleBackend(model if model is not None else RuleModel(kw.pop("rules", PANCREAS_RULES), **kw))
 
     @hookimpl
     def cellscribe_register_backends(self, register):
