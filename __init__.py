@@ -1,6 +1,7 @@
 """cellscribe: annotate single cells with reasoning language models, across modalities.
 
-Plugin authors need only ``from cellscribe import hookimpl``; analysts use ``cellscribe.tl``.
+Plugin authors need only ``from cellscribe import hookimpl``; analysts use ``cellscribe.tl`` (and
+``cellscribe.load_model`` to load a model once for several runs).
 Heavy libraries (torch, transformers, scanpy) are imported only when a run needs them.
 """
 
@@ -16,6 +17,8 @@ __all__ = [
     "hookimpl",
     "tl",
     "pl",
+    "load_model",
+    "Model",
     "Annotation",
     "CellSentences",
     "Example",
@@ -28,8 +31,10 @@ __all__ = [
 def __getattr__(name: str):
     # ``tl`` and ``pl`` pull in anndata/matplotlib; import them on first use so ``import cellscribe``
     # stays cheap.
-    if name in ("tl", "pl"):
-        import importlib
+    import importlib
 
+    if name in ("tl", "pl"):
         return importlib.import_module(f"{__name__}.{name}")
+    if name in ("load_model", "Model"):
+        return getattr(importlib.import_module(f"{__name__}.core.models"), name)
     raise AttributeError(f"module 'cellscribe' has no attribute {name!r}")

@@ -109,6 +109,23 @@ def _read_candidates(values: tuple[str, ...], path: str | None) -> list[str] | N
     return labels or None
 
 
+def _parse_adapters(values: tuple[str, ...], modalities: list[str]) -> dict[str, str]:
+    """``--adapter`` values to ``{modality: path}``: ``MODALITY=PATH``, or a bare PATH for one modality."""
+    adapters: dict[str, str] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if sep and name in modalities:
+            adapters[name] = path
+        elif len(modalities) == 1:
+            adapters[modalities[0]] = value
+        else:
+            raise click.BadParameter(
+                f"{value!r}: with several --modality, write MODALITY=PATH (one of {', '.join(modalities)})",
+                param_hint="--adapter",
+            )
+    return adapters
+
+
 def _plugin_options(command: str) -> list[click.Option]:
     options: list[click.Option] = []
     for result in get_host().hook.cellscribe_cli_options(command=command):
@@ -179,7 +196,8 @@ def _annotate_command() -> click.Command:
     @click.command(name="annotate")
     @click.argument("input_path", metavar="INPUT", type=click.Path(exists=True, dir_okay=False))
     @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output .h5ad/.h5mu (never INPUT).")
-    @click.option("--modality", default="rna", show_default=True, help="Modality plugin.")
+    @click.option("--modality", multiple=True, default=("rna",), show_default=True,
+                  help="Modality plugin; repeat it to annotate several modalities of a MuData with one loaded model.")
     @click.option("--mod", default=None, help="MuData modality key.")
     @click.option("--prompt", default="zero-shot", show_default=True, help="Prompt strategy: zero-shot, k-shot, puzzle.")
     @click.option("--model", default=None, help="Backend name, local model directory or hub id (default: markers).")
@@ -203,7 +221,8 @@ def _annotate_command() -> click.Command:
     @click.option("--seed", type=int, default=0, show_default=True)
     @click.option("--max-prompt-tokens", type=int, default=None, help="Token budget per prompt.")
     @click.option("--batch-size", type=int, default=None, help="Prompts per model call (default: the backend's).")
-    @click.option("--adapter", default=None, help="LoRA adapter (path or hub id) for the modality.")
+    @click.option("--adapter", multiple=True, metavar="[MODALITY=]PATH",
+                  help="LoRA adapter (path or hub id) for the modality; MODALITY=PATH with several modalities.")
     @click.option("--device", default=None, help="Model device (cpu, cuda, cuda:1).")
     @click.option("--dtype", default=None, help="Model dtype (auto, bfloat16, float32).")
     @click.option("--trust-remote-code", is_flag=True, help="Allow the model's own code to run (off by default).")
@@ -228,6 +247,7 @@ def _annotate_command() -> click.Command:
         """
         from .core import pipeline
         from .core.io import atomic_output, check_output
+        from .core.models import load_model
 
         plugin_values = _split_plugin_values(kw, plugin_params)
         limit, dry_run, force = kw.pop("limit"), kw.pop("dry_run"), kw.pop("force")
@@ -240,6 +260,11 @@ def _annotate_command() -> click.Command:
             kw["model_options"]["base_url"] = base_url
         kw["sentence_options"] = _parse_pairs(kw.pop("sentence_option"), "--sentence-option")
         kw["modality_options"] = {**_parse_pairs(kw.pop("modality_option"), "--modality-option"), **plugin_values}
+        modalities = list(dict.fromkeys(kw.pop("modality")))
+        adapters = _parse_adapters(kw.pop("adapter"), modalities)
+        if len(modalities) > 1 and kw["mod"] is not None:
+            raise click.UsageError("--mod names one MuData modality; leave it out with several --modality "
+                                   "(each is read from its usual key)")
         out = check_output(output, inputs=(input_path, kw.get("reference")), force=force or dry_run)
 
         data = pipeline.read_input(input_path, **kw["modality_options"])
@@ -250,28 +275,42 @@ def _annotate_command() -> click.Command:
 
         if dry_run:
             plan_kw = {k: v for k, v in kw.items() if k not in {
-                "generation", "decode", "checkpoint", "batch_size", "adapter", "device", "dtype", "trust_remote_code",
+                "generation", "decode", "checkpoint", "batch_size", "device", "dtype", "trust_remote_code",
                 "tissue", "model_options", "sidecar", "progress", "key_added"}}
-            plan = pipeline.plan_run(data, **plan_kw)
-            for key, value in plan.summary().items():
-                click.echo(f"{key}: {value}")
-            if plan.prompts:
-                click.echo("first prompt:")
-                for m in plan.prompts[0].messages:
-                    click.echo(f"  [{m['role']}] {m['content'][:300]}{'...' if len(m['content']) > 300 else ''}")
+            for modality in modalities:
+                plan = pipeline.plan_run(data, **plan_kw, modality=modality)
+                for key, value in plan.summary().items():
+                    click.echo(f"{key}: {value}")
+                if plan.prompts:
+                    click.echo("first prompt:")
+                    for m in plan.prompts[0].messages:
+                        click.echo(f"  [{m['role']}] {m['content'][:300]}{'...' if len(m['content']) > 300 else ''}")
             return
 
-        if kw["sidecar"] is None:
-            kw["sidecar"] = str(out.with_name(out.name + ".cellscribe.jsonl"))
-        own_checkpoint = kw["checkpoint"] is None
-        if own_checkpoint:
-            kw["checkpoint"] = str(out.with_name(out.name + ".cellscribe.ckpt"))
-        summary = pipeline.annotate(data, **kw)
+        summaries = []
+        load_options = {name: kw.pop(name) for name in (
+            "device", "dtype", "trust_remote_code", "batch_size", "tissue", "model_options")}
+        # Loaded by the first run, once it has checked its input.
+        model = load_model(kw.pop("model"), adapters=adapters, lazy=True, **load_options)
+        for modality in modalities:
+            run_kw = dict(kw, modality=modality)
+            suffix = f".{modality}" if len(modalities) > 1 else ""
+            if kw["sidecar"] is None:
+                run_kw["sidecar"] = str(out.with_name(f"{out.name}.cellscribe{suffix}.jsonl"))
+            elif suffix:
+                sidecar = Path(kw["sidecar"])
+                run_kw["sidecar"] = str(sidecar.with_name(f"{sidecar.stem}{suffix}{sidecar.suffix}"))
+            checkpoint = Path(kw["checkpoint"] or out.with_name(out.name + ".cellscribe.ckpt"))
+            run_kw["checkpoint"] = str(checkpoint / modality if suffix else checkpoint)
+            summaries.append((modality, pipeline.annotate(data, model=model, **run_kw)))
         with atomic_output(out) as tmp:
             _write_data(data, tmp, kw["mod"])
-        if own_checkpoint:  # the output now holds everything; a user-named folder is left alone
-            shutil.rmtree(kw["checkpoint"], ignore_errors=True)
-        _echo_summary(summary, out)
+        if kw["checkpoint"] is None:  # the output now holds everything; a user-named folder is left alone
+            shutil.rmtree(out.with_name(out.name + ".cellscribe.ckpt"), ignore_errors=True)
+        for modality, summary in summaries:
+            if len(summaries) > 1:
+                click.echo(f"{modality}:")
+            _echo_summary(summary, out)
 
     annotate.params.extend(plugin_params)
     return annotate
@@ -316,6 +355,7 @@ def _sentences_command() -> click.Command:
         """Write the cell sentences of INPUT to OUTPUT, streaming chunks of cells (bounded memory)."""
         from .core import pipeline
         from .core.io import atomic_output, check_output
+        from .core.models import load_model
 
         plugin_values = _split_plugin_values(kw, plugin_params)
         out = check_output(output, inputs=(input_path,), force=force)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .core.models import Model
 
 __all__ = ["annotate", "sentences"]
 
@@ -15,7 +18,7 @@ def annotate(
     modality: str = "rna",
     mod: str | None = None,
     prompt: str = "zero-shot",
-    model: str | None = None,
+    model: str | Model | None = None,
     mode: str = "direct",
     candidates: Sequence[str] | None = None,
     reference: Any = None,
@@ -71,6 +74,9 @@ def annotate(
         (``"cellreasoner-7b"``, ``"cell-o1"``: ``cellscribe adapters`` lists them; a manifest's prompt,
         sentence and generation settings apply wherever you kept the defaults), a local model directory
         or a Hugging Face hub id (transformers backend), or ``"openai:<name>"`` for a serving engine.
+        Or a model already loaded by :func:`cellscribe.load_model`, reused without loading it again
+        (its load options are fixed: ``adapter``, ``device``, ``dtype``, ``trust_remote_code``,
+        ``batch_size``, ``tissue`` and ``model_options`` must then be left out).
     mode
         ``"direct"`` (answer only) or ``"reasoning"`` (think first; CellReasoner's reasoning mode).
     candidates

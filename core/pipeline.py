@@ -26,13 +26,12 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .checkpoint import run_batches
+from .models import Model, check_run_options, load_model, resolve_model_name
 from .plugins import Host, get_host
 from .types import STATUS_OK, STATUS_UNRESOLVED, Annotation, CellSentences, FeatureMatrix, Prompt
 
 log = logging.getLogger(__name__)
 
-#: ``model=None`` resolves to this backend name (the offline default model).
-DEFAULT_MODEL = "markers"
 DEFAULT_REPRESENTATIVES = 5
 #: Prompts per checkpointed batch, in multiples of the backend's batch size.
 CHECKPOINT_BATCHES = 8
@@ -304,17 +303,13 @@ def _batch_prompts(loaded: Any, batch_size: int | None) -> int:
     return max(1, batch_size or 8, getattr(loaded, "max_concurrency", 1)) * CHECKPOINT_BATCHES
 
 
-def _resolve_model_name(model: str | None) -> str:
-    return DEFAULT_MODEL if model is None else str(model)
-
-
 def plan_run(
     data: Any,
     *,
     modality: str = "rna",
     mod: str | None = None,
     prompt: str = "zero-shot",
-    model: str | None = None,
+    model: str | Model | None = None,
     mode: str = "direct",
     candidates: Sequence[str] | None = None,
     reference: Any = None,
@@ -345,7 +340,7 @@ def plan_run(
     reg = host.registry
     if mode not in ("direct", "reasoning"):
         raise ValueError(f"mode must be 'direct' or 'reasoning', got {mode!r}")
-    model_name = _resolve_model_name(model)
+    model_name = resolve_model_name(model.name if isinstance(model, Model) else model)
     manifest = find_model_manifest(model_name)
     if manifest is not None:
         # A model manifest (adapters/manifests) sets the formats its model was trained with, wherever the
@@ -697,7 +692,7 @@ def annotate(
     modality: str = "rna",
     mod: str | None = None,
     prompt: str = "zero-shot",
-    model: str | None = None,
+    model: str | Model | None = None,
     mode: str = "direct",
     candidates: Sequence[str] | None = None,
     reference: Any = None,
@@ -735,8 +730,15 @@ def annotate(
     if decode not in DECODE_MODES:
         raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
     run_id = _dt.datetime.now().strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
-    model_name = _resolve_model_name(model)
-    backend_c = host.registry.backend_for(model_name)
+    if isinstance(model, Model):
+        check_run_options(model, {
+            "adapter": adapter, "device": device, "dtype": dtype, "trust_remote_code": trust_remote_code,
+            "batch_size": batch_size, "tissue": tissue, "model_options": model_options,
+        })
+        handle = model
+    else:
+        handle = None
+    model_name = handle.name if handle else resolve_model_name(model)
 
     plan = plan_run(
         data, modality=modality, mod=mod, prompt=prompt, model=model_name, mode=mode,
@@ -746,19 +748,14 @@ def annotate(
         prompt_options=prompt_options, sentence_options=sentence_options,
         modality_options=modality_options, chunk_size=chunk_size, build_prompts=False, host=host,
     )
-    t0 = time.perf_counter()
-    loaded = backend_c.load(
-        model_name,
-        adapters={modality: adapter} if adapter else None,
-        hook=host.hook,
-        device=device,
-        dtype=dtype,
-        trust_remote_code=trust_remote_code,
-        batch_size=batch_size,
-        tissue=tissue,
-        **dict(model_options or {}),
-    )
-    log.info("model %s loaded by backend %s in %.1f s", model_name, backend_c.name, time.perf_counter() - t0)
+    if handle is None:
+        handle = load_model(
+            model_name, adapters={modality: adapter} if adapter else None, device=device, dtype=dtype,
+            trust_remote_code=trust_remote_code, batch_size=batch_size, tissue=tissue,
+            model_options=model_options, host=host,
+        )
+    loaded = handle.loaded
+    load_options = handle.options
     if hasattr(loaded, "use_modality"):  # the modality's adapter when the model has one, else the base
         loaded.use_modality(modality)
     plan.make_prompts(getattr(loaded, "count_tokens", None))
@@ -771,14 +768,14 @@ def annotate(
         modes = tuple(getattr(loaded, "decode_modes", ("generate",)))
         if decode not in modes:
             raise ValueError(
-                f"model {model_name!r} ({backend_c.name} backend) cannot decode={decode!r}; it supports "
+                f"model {model_name!r} ({handle.backend} backend) cannot decode={decode!r}; it supports "
                 f"{', '.join(modes)}. Use a local transformers model for constrained decoding and scoring."
             )
         settings["decode"] = decode
     with tqdm(total=len(plan.prompts), desc="cellscribe", unit="prompt", disable=not progress) as bar:
         generations, resumed = run_batches(
             loaded, plan.prompts, settings=settings, model=model_name,
-            batch_prompts=_batch_prompts(loaded, batch_size),
+            batch_prompts=_batch_prompts(loaded, load_options["batch_size"]),
             folder=checkpoint, progress=bar.update,
         )
     gen_seconds = time.perf_counter() - t1
@@ -808,13 +805,14 @@ def annotate(
         "resumed_batches": resumed,
         "generation_defaults": dict(plan.prompts[0].generation) if plan.prompts else {},
         "model_info": dict(loaded.info()) if hasattr(loaded, "info") else {},
-        "adapter": adapter,
-        "batch_size": batch_size,
-        "device": device,
-        "dtype": dtype,
-        "trust_remote_code": trust_remote_code,
-        "tissue": tissue,
-        "model_options": {k_: str(v) for k_, v in dict(model_options or {}).items()},
+        "adapter": load_options["adapters"].get(modality),
+        "adapters": dict(load_options["adapters"]),
+        "batch_size": load_options["batch_size"],
+        "device": load_options["device"],
+        "dtype": load_options["dtype"],
+        "trust_remote_code": load_options["trust_remote_code"],
+        "tissue": load_options["tissue"],
+        "model_options": {k_: str(v) for k_, v in load_options["model_options"].items()},
         "versions": _versions(),
         "run_id": run_id,
         "started": run_id[:15],

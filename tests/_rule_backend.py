@@ -66,11 +66,13 @@ class RuleBackend:
     def __init__(self, model):
         self.model = model
         self.name = model.name
+        self.loads = 0
 
     def handles(self, spec):
         return spec == self.name
 
     def load(self, spec, **options):
+        self.loads += 1
         self.model.load_options = options
         return self.model
 

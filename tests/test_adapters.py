@@ -7,6 +7,8 @@ import shutil
 import textwrap
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 from _llm_helpers import cellreasoner_prompt, make_lora, sentences
@@ -344,3 +346,55 @@ def test_a_manifest_family_loads_every_modality_adapter_once(backend, base_dir, 
         model.use_modality(m)
     assert switched == texts(alone["atac"].generate(prompts, settings=GREEDY))
     assert back == texts(alone["rna"].generate(prompts, settings=GREEDY))
+
+
+def test_a_loaded_model_serves_every_modality_of_a_mudata(base_dir, lora_dirs, data_dir, monkeypatch):
+    """``cellscribe.load_model`` loads the base and both adapters once; each ``tl.annotate`` call on a
+    MuData modality answers with that modality's adapter, exactly as a run that loads the model with
+    that adapter itself, and records the adapter it used."""
+    import mudata
+
+    import cellscribe as cs
+    from cellscribe.plugins.transformers import TransformersBackend
+
+    mudata.set_options(pull_on_update=False)
+    mdata = mudata.read_h5mu(data_dir / "multiome" / "pbmc10k_multiome_1000cells_subset.h5mu")[:10].copy()
+    options = dict(candidates=["T cell", "B cell", "monocyte", "natural killer cell"], decode="score",
+                   sidecar=False, progress=False, modality_options=None)
+    atac = {"smoothing": False}
+
+    loads = []
+    original = TransformersBackend.load
+    monkeypatch.setattr(TransformersBackend, "load", lambda self, *a, **kw: loads.append(a) or original(self, *a, **kw))
+    model = cs.load_model(str(base_dir), adapters={m: str(p) for m, p in lora_dirs.items()})
+    assert "adapters for ['atac', 'rna']" in repr(model)
+    cs.tl.annotate(mdata, modality="rna", mod="rna", model=model, **options)
+    cs.tl.annotate(mdata, modality="atac", mod="atac", model=model, **{**options, "modality_options": atac})
+    assert len(loads) == 1
+
+    for mod, extra in (("rna", None), ("atac", atac)):
+        alone = mdata.mod[mod].copy()
+        cs.tl.annotate(alone, modality=mod, model=str(base_dir), adapter=str(lora_dirs[mod]),
+                       **{**options, "modality_options": extra})
+        shared = mdata.mod[mod].obs
+        pd.testing.assert_series_equal(shared["cellscribe"], alone.obs["cellscribe"])
+        np.testing.assert_allclose(shared["cellscribe_confidence"], alone.obs["cellscribe_confidence"], atol=1e-5)
+        assert mdata.mod[mod].uns["cellscribe"]["params"]["adapter"] == str(lora_dirs[mod])
+    assert len(loads) == 3
+    # The two adapters answer differently (otherwise the comparison above proves nothing).
+    rna_conf = mdata.mod["rna"].obs["cellscribe_confidence"].to_numpy()
+    atac_conf = mdata.mod["atac"].obs["cellscribe_confidence"].to_numpy()
+    assert not np.allclose(rna_conf, atac_conf)
+
+
+def test_load_options_cannot_change_a_loaded_model(base_dir):
+    import anndata as ad
+    import scipy.sparse as sp
+
+    import cellscribe as cs
+
+    model = cs.load_model("markers")
+    adata = ad.AnnData(sp.csr_matrix(np.ones((2, 3), dtype=np.float32)))
+    for given in ({"device": "cpu"}, {"adapter": "lora/rna"}, {"tissue": "blood"}, {"model_options": {"a": 1}}):
+        with pytest.raises(ValueError, match=r"cellscribe.load_model\(\)"):
+            cs.tl.annotate(adata, model=model, progress=False, sidecar=False, **given)

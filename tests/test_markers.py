@@ -115,7 +115,7 @@ NK_CELL = ["NKG7", "GNLY", "KLRD1", "PRF1", "KLRF1", "GZMB", "FGFBP2", "CTSW", "
 
 
 def test_backend_registered_as_the_default_model(host):
-    from cellscribe.core.pipeline import DEFAULT_MODEL
+    from cellscribe.core.models import DEFAULT_MODEL
     from cellscribe.plugins.markers import MarkersBackend
 
     backend = host.registry.backend_for(DEFAULT_MODEL)

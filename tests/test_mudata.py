@@ -72,6 +72,30 @@ def test_mudata_default_key_and_h5ad_of_one_modality(rules, multiome_path, tmp_p
     assert missing_mod.exit_code == 1 and "has no modality 'peaks'" in missing_mod.output
 
 
+def test_several_modalities_in_one_command_load_the_model_once(with_plugin, multiome_path, tmp_path):
+    plugin = RulePlugin(rules=PBMC_RULES)
+    with_plugin(plugin, "rules")
+    out = tmp_path / "both.h5mu"
+    args = ["annotate", str(multiome_path), "-o", str(out), "--model", "rules", "--sentence", "top-expressed",
+            "--modality", "rna", "--modality", "atac", "--no-smoothing", "--no-progress"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert plugin.backend.loads == 1
+    assert "rna:" in result.output and "atac:" in result.output
+    mudata.set_options(pull_on_update=False)
+    after = mudata.read_h5mu(out)
+    for mod in ("rna", "atac"):
+        assert after.mod[mod].uns["cellscribe"]["params"]["modality"] == mod
+        assert after.obs[f"{mod}:cellscribe_status"].eq("ok").mean() > 0.5
+        assert (tmp_path / f"both.h5mu.cellscribe.{mod}.jsonl").exists()
+    assert not (tmp_path / "both.h5mu.cellscribe.ckpt").exists()
+
+    with_mod = CliRunner().invoke(main, [*args, "--mod", "rna", "--force"])
+    assert with_mod.exit_code == 2 and "leave it out with several --modality" in with_mod.output
+    bare_adapter = CliRunner().invoke(main, [*args, "--adapter", "lora/rna", "--force"])
+    assert bare_adapter.exit_code == 2 and "MODALITY=PATH" in bare_adapter.output
+
+
 def test_two_modalities_in_one_prompt(rules, multiome_path):
     mudata.set_options(pull_on_update=False)
     mdata = mudata.read_h5mu(multiome_path)
