@@ -139,7 +139,7 @@ def naive_loop(model, tokenizer, texts: list[str], settings: dict, device: str) 
     n_prompt = n_new = 0
     for start in range(0, len(texts), NAIVE_BATCH):
         inputs = tokenizer(texts[start : start + NAIVE_BATCH], return_tensors="pt", padding=True,
-                           add_special_tokens=False).to(device)
+                           add_special_tokens=False, return_token_type_ids=False).to(device)
         with torch.inference_mode():
             out = model.generate(**inputs, **settings)
         new = out[:, inputs["input_ids"].shape[1] :]

@@ -110,8 +110,9 @@ def texts(generations) -> list[str]:
 
 
 def test_tiny_tokenizer_ids_survive_reload_through_auto_tokenizer(tiny_tokenizer, tiny_dir):
+    # transformers >= 5.8 rebuilds a Qwen2Tokenizer from the saved files (the trap the NOTES warn about),
+    # older releases load the fast tokenizer as saved: the ids must survive either way.
     reloaded = transformers.AutoTokenizer.from_pretrained(str(tiny_dir))
-    assert type(reloaded).__name__ == "Qwen2Tokenizer"  # the qwen2 rebuild the NOTES warn about
     text = tiny_tokenizer.apply_chat_template(
         [{"role": "system", "content": REASONING}, {"role": "user", "content": "INS, GCG, SST, Ünïcødé 12345"}],
         tokenize=False,
