@@ -229,6 +229,11 @@ def test_restrict_to_tissue(knowledge):
     names = set(pancreas.cell_types)
     assert {"pancreatic A cell", "pancreatic acinar cell", "macrophage", "endothelial cell"} <= names
     assert "neuron" not in names and "hepatocyte" not in names
+    # Resident types named for another site stay out; their own site keeps them.
+    assert not names & {"splenic red pulp macrophage", "brain microvascular endothelial cell"}
+    assert "splenic red pulp macrophage" in set(knowledge.restrict(tissue="spleen").cell_types)
+    assert "brain microvascular endothelial cell" in set(knowledge.restrict(tissue="brain").cell_types)
+    assert "splenic red pulp macrophage" in set(knowledge.restrict(tissue="immune system").cell_types)
     islet_only = knowledge.restrict(tissue="Pancreas", resident=False)
     assert "pancreatic A cell" in set(islet_only.cell_types)
     assert "macrophage" not in set(islet_only.cell_types)

@@ -89,6 +89,14 @@ UBIQUITOUS_PATTERN = r"^(?:RP[LS](?:P?\d+|A)(?:[AXY]\d*)?(?:L\d*)?(?:P\d+)?|MT-.
 #: with ``tissue=...`` unless ``resident=False``.
 RESIDENT_ORGANS: tuple[str, ...] = ("Immune system", "Blood", "Vasculature", "Connective tissue")
 
+#: Types of the resident organs that belong to one site (their names say where): with ``tissue=...``
+#: they are kept only for these tissues, so pancreas macrophages are not called splenic ones.
+SITE_SPECIFIC_TYPES: dict[str, tuple[str, ...]] = {
+    "splenic red pulp macrophage": ("spleen",),
+    "brain microvascular endothelial cell": ("brain",),
+    "aortic endothelial cell": ("heart", "vasculature"),
+}
+
 #: Common tissue names -> the PanglaoDB organs they cover (other names are matched to organ names
 #: directly, ignoring case and a plural "s": ``"lung"`` is ``"Lungs"``).
 TISSUE_ALIASES: dict[str, tuple[str, ...]] = {
@@ -96,6 +104,7 @@ TISSUE_ALIASES: dict[str, tuple[str, ...]] = {
     "peripheral blood": ("Blood", "Immune system"),
     "pbmc": ("Blood", "Immune system"),
     "bone marrow": ("Bone", "Blood", "Immune system"),
+    "spleen": ("Immune system", "Blood"),
     "islet": ("Pancreas",),
     "intestine": ("GI tract",),
     "gut": ("GI tract",),
@@ -523,7 +532,8 @@ class MarkerKnowledge:
             Keep the types recorded in this tissue (PanglaoDB organ names, ignoring case and a plural
             "s", or a :data:`TISSUE_ALIASES` key such as ``"blood"`` or ``"pbmc"``), plus, with
             ``resident=True``, the types of :data:`RESIDENT_ORGANS` (immune, vascular and connective
-            cells occur in every tissue).
+            cells occur in every tissue) except those of :data:`SITE_SPECIFIC_TYPES` named for another
+            site.
         nearest
             Passed to :meth:`locate`.
 
@@ -571,9 +581,16 @@ class MarkerKnowledge:
                 f"unknown tissue {tissue!r}; use one of {sorted(set(known.values()))} or "
                 f"{sorted(TISSUE_ALIASES)}"
             )
-        if resident:
-            wanted |= {_tissue_key(t) for t in RESIDENT_ORGANS}
-        return np.asarray([any(_tissue_key(t) in wanted for t in ts) for ts in self.tissues], dtype=bool)
+        recorded = np.asarray([any(_tissue_key(t) in wanted for t in ts) for ts in self.tissues], dtype=bool)
+        if not resident:
+            return recorded
+        residents = {_tissue_key(t) for t in RESIDENT_ORGANS}
+        asked = wanted | {key}
+        return recorded | np.asarray([
+            any(_tissue_key(t) in residents for t in ts)
+            and (name not in SITE_SPECIFIC_TYPES or bool(asked & {_tissue_key(x) for x in SITE_SPECIFIC_TYPES[name]}))
+            for name, ts in zip(self.cell_types, self.tissues)
+        ], dtype=bool)
 
 
 # ------------------------------------------------------------------------------------------ loading
