@@ -355,7 +355,6 @@ def _sentences_command() -> click.Command:
         """Write the cell sentences of INPUT to OUTPUT, streaming chunks of cells (bounded memory)."""
         from .core import pipeline
         from .core.io import atomic_output, check_output
-        from .core.models import load_model
 
         plugin_values = _split_plugin_values(kw, plugin_params)
         out = check_output(output, inputs=(input_path,), force=force)
