@@ -247,7 +247,7 @@ def _annotate_command() -> click.Command:
         """
         from .core import pipeline
         from .core.io import atomic_output, check_output
-        from .core.models import load_model
+        from .core.models import LOAD_OPTIONS, load_model
 
         plugin_values = _split_plugin_values(kw, plugin_params)
         limit, dry_run, force = kw.pop("limit"), kw.pop("dry_run"), kw.pop("force")
@@ -288,27 +288,25 @@ def _annotate_command() -> click.Command:
             return
 
         summaries = []
-        load_options = {name: kw.pop(name) for name in (
-            "device", "dtype", "trust_remote_code", "batch_size", "tissue", "model_options")}
+        load_options = {name: kw.pop(name) for name in LOAD_OPTIONS if name != "adapter"}
         # Loaded by the first run, once it has checked its input.
         model = load_model(kw.pop("model"), adapters=adapters, lazy=True, **load_options)
+        checkpoint = Path(kw["checkpoint"] or out.with_name(out.name + ".cellscribe.ckpt"))
+        sidecar = Path(kw["sidecar"] or out.with_name(out.name + ".cellscribe.jsonl"))
+        several = len(modalities) > 1
         for modality in modalities:
-            run_kw = dict(kw, modality=modality)
-            suffix = f".{modality}" if len(modalities) > 1 else ""
-            if kw["sidecar"] is None:
-                run_kw["sidecar"] = str(out.with_name(f"{out.name}.cellscribe{suffix}.jsonl"))
-            elif suffix:
-                sidecar = Path(kw["sidecar"])
-                run_kw["sidecar"] = str(sidecar.with_name(f"{sidecar.stem}{suffix}{sidecar.suffix}"))
-            checkpoint = Path(kw["checkpoint"] or out.with_name(out.name + ".cellscribe.ckpt"))
-            run_kw["checkpoint"] = str(checkpoint / modality if suffix else checkpoint)
+            suffix = f".{modality}" if several else ""
+            run_kw = dict(
+                kw, modality=modality, checkpoint=str(checkpoint / modality if several else checkpoint),
+                sidecar=str(sidecar.with_name(f"{sidecar.stem}{suffix}{sidecar.suffix}")),
+            )
             summaries.append((modality, pipeline.annotate(data, model=model, **run_kw)))
         with atomic_output(out) as tmp:
             _write_data(data, tmp, kw["mod"])
         if kw["checkpoint"] is None:  # the output now holds everything; a user-named folder is left alone
-            shutil.rmtree(out.with_name(out.name + ".cellscribe.ckpt"), ignore_errors=True)
+            shutil.rmtree(checkpoint, ignore_errors=True)
         for modality, summary in summaries:
-            if len(summaries) > 1:
+            if several:
                 click.echo(f"{modality}:")
             _echo_summary(summary, out)
 

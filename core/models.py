@@ -27,8 +27,8 @@ log = logging.getLogger(__name__)
 #: ``model=None`` resolves to this backend name (the offline default model).
 DEFAULT_MODEL = "markers"
 
-#: Load options of :func:`load_model`; with a :class:`Model` they are fixed and ``annotate`` refuses
-#: them (value when not given).
+#: The load options of a run (``tl.annotate``'s names, value when not given); with a :class:`Model`
+#: they are fixed and ``annotate`` refuses them.
 LOAD_OPTIONS: dict[str, Any] = {
     "adapter": None,
     "device": None,
@@ -151,10 +151,7 @@ def load_model(
 
 def check_run_options(model: Model, given: Mapping[str, Any]) -> None:
     """Refuse load options passed to a run of an already loaded ``model`` (they would be ignored)."""
-    clashing = [
-        name for name, default in LOAD_OPTIONS.items()
-        if name in given and given[name] not in (default, {}) and given[name] is not None
-    ]
+    clashing = [name for name, default in LOAD_OPTIONS.items() if given.get(name, default) not in (default, None, {})]
     if clashing:
         listed = ", ".join(f"{name}=" for name in clashing)
         hint = "adapters={modality: path}" if "adapter" in clashing else listed

@@ -730,14 +730,11 @@ def annotate(
     if decode not in DECODE_MODES:
         raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
     run_id = _dt.datetime.now().strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
-    if isinstance(model, Model):
-        check_run_options(model, {
-            "adapter": adapter, "device": device, "dtype": dtype, "trust_remote_code": trust_remote_code,
-            "batch_size": batch_size, "tissue": tissue, "model_options": model_options,
-        })
-        handle = model
-    else:
-        handle = None
+    load_args = {"device": device, "dtype": dtype, "trust_remote_code": trust_remote_code,
+                 "batch_size": batch_size, "tissue": tissue, "model_options": model_options}
+    handle = model if isinstance(model, Model) else None
+    if handle is not None:
+        check_run_options(handle, {"adapter": adapter, **load_args})
     model_name = handle.name if handle else resolve_model_name(model)
 
     plan = plan_run(
@@ -749,11 +746,7 @@ def annotate(
         modality_options=modality_options, chunk_size=chunk_size, build_prompts=False, host=host,
     )
     if handle is None:
-        handle = load_model(
-            model_name, adapters={modality: adapter} if adapter else None, device=device, dtype=dtype,
-            trust_remote_code=trust_remote_code, batch_size=batch_size, tissue=tissue,
-            model_options=model_options, host=host,
-        )
+        handle = load_model(model_name, adapters={modality: adapter} if adapter else None, host=host, **load_args)
     loaded = handle.loaded
     load_options = handle.options
     if hasattr(loaded, "use_modality"):  # the modality's adapter when the model has one, else the base
