@@ -18,7 +18,10 @@ from cellscribe.core import manifests
 from cellscribe.core.manifests import Manifest, find_manifest, list_manifests, load_manifest
 from cellscribe.core.plugins import make_host
 
-pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 GREEDY = {"do_sample": False, "max_new_tokens": 6}
 
@@ -26,15 +29,6 @@ GREEDY = {"do_sample": False, "max_new_tokens": 6}
 @pytest.fixture(autouse=True)
 def no_user_manifests(monkeypatch):
     monkeypatch.delenv(manifests.ENV_MANIFESTS, raising=False)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine two threads contend."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from pathlib import Path
 
@@ -21,13 +20,6 @@ DATA = ROOT / "plugins" / "markers" / "data"
 PANGLAO = ROOT.parent / "shared" / "data" / "knowledge" / "PanglaoDB_markers_27_Mar_2020.tsv"
 
 
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"_script_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def knowledge() -> MarkerKnowledge:
     return load_knowledge()
@@ -44,8 +36,8 @@ def _weight(k: MarkerKnowledge, cell_type: str, gene: str) -> float:
 
 
 @pytest.mark.skipif(not PANGLAO.exists(), reason="shared PanglaoDB table not available")
-def test_vendored_panglao_table_is_what_the_build_script_writes(tmp_path):
-    build = _load_script("build_marker_table")
+def test_vendored_panglao_table_is_what_the_build_script_writes(tmp_path, load_script):
+    build = load_script("build_marker_table")
     table = build.build_table(PANGLAO, get_ontology())
     out = tmp_path / "panglao.tsv.gz"
     build.write_table(table, out)
@@ -75,8 +67,8 @@ def test_panglao_table_content():
     assert all(ontology.name(i) == n for i, n in zip(with_id["cl_id"], with_id["cell_type"]))
 
 
-def test_weight_formula():
-    build = _load_script("build_marker_table")
+def test_weight_formula(load_script):
+    build = load_script("build_marker_table")
     weight = build.marker_weight(
         pd.Series([1.0, 0.0, np.nan, 1.0]),
         pd.Series([0.0, 0.05, np.nan, 0.0]),

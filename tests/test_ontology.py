@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from pathlib import Path
 
@@ -16,13 +15,6 @@ from cellscribe.core.ontology import ABBREVIATIONS, LINEAGES, CellOntology, get_
 ROOT = Path(cellscribe.__file__).parent
 TABLE = ROOT / "core" / "data" / onto.CL_TABLE
 OBO = ROOT.parent / "shared" / "data" / "knowledge" / "cl-simple_2026-03-26.obo"
-
-
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"_script_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +53,8 @@ def test_every_link_points_to_a_current_term(cl):
 
 
 @pytest.mark.skipif(not OBO.exists(), reason="shared Cell Ontology release not available")
-def test_vendored_table_is_what_the_build_script_writes(tmp_path):
-    build = _load_script("build_cl_table")
+def test_vendored_table_is_what_the_build_script_writes(tmp_path, load_script):
+    build = load_script("build_cl_table")
     terms = build.read_terms(OBO)
     out = tmp_path / "cl.tsv.gz"
     build.write_table(terms, out)
@@ -74,8 +66,8 @@ def test_vendored_table_is_what_the_build_script_writes(tmp_path):
     assert obsolete.isdisjoint(t["id"] for t in terms)
 
 
-def test_obo_reader_handles_escapes_qualifiers_and_obsolete_terms(tmp_path):
-    build = _load_script("build_cl_table")
+def test_obo_reader_handles_escapes_qualifiers_and_obsolete_terms(tmp_path, load_script):
+    build = load_script("build_cl_table")
     obo = tmp_path / "mini.obo"
     obo.write_text(
         "format-version: 1.2\n"

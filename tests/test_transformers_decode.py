@@ -25,19 +25,13 @@ from _tiny_models import make_tiny_model, make_tokenizer
 from cellscribe.core.metrics import is_legitimate, puzzle_metrics, split_answer
 from cellscribe.core.plugins import make_host
 
-pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 GREEDY = {"do_sample": False}
 SAMPLED = {"do_sample": True, "temperature": 1.5, "seed": 0}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine two threads contend."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
