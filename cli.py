@@ -116,6 +116,12 @@ def _parse_adapters(values: tuple[str, ...], modalities: list[str]) -> dict[str,
         name, sep, path = value.partition("=")
         if sep and name in modalities:
             adapters[name] = path
+        elif sep and name in get_host().registry.names("modality"):
+            raise click.BadParameter(
+                f"{value!r} is an adapter for modality {name!r}, which is not annotated here; add "
+                f"--modality {name} or drop the adapter",
+                param_hint="--adapter",
+            )
         elif len(modalities) == 1:
             adapters[modalities[0]] = value
         else:

@@ -94,6 +94,8 @@ def test_several_modalities_in_one_command_load_the_model_once(with_plugin, mult
     assert with_mod.exit_code == 2 and "leave it out with several --modality" in with_mod.output
     bare_adapter = CliRunner().invoke(main, [*args, "--adapter", "lora/rna", "--force"])
     assert bare_adapter.exit_code == 2 and "MODALITY=PATH" in bare_adapter.output
+    other = CliRunner().invoke(main, [*args[:-6], "--adapter", "atac=lora/atac", "--force"])
+    assert other.exit_code == 2 and "not annotated here; add --modality atac" in other.output
 
 
 def test_two_modalities_in_one_prompt(rules, multiome_path):
