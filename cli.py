@@ -78,9 +78,30 @@ def _friendly_errors(func):
     return wrapper
 
 
+class _OnceFilter(logging.Filter):
+    """Let through only records that no handler below the root prints already (huggingface_hub, for
+    one, has its own handler: its records would otherwise print twice)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        logger: logging.Logger | None = logging.getLogger(record.name)
+        while logger is not None and logger.parent is not None:
+            if logger.handlers:
+                return False
+            if not logger.propagate:
+                break
+            logger = logger.parent
+        return True
+
+
 def _setup_logging(verbose: int) -> None:
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.addFilter(_OnceFilter())
+        root.addHandler(handler)
+        root.setLevel(level)
     logging.getLogger("cellscribe").setLevel(level)
 
 
@@ -207,7 +228,8 @@ def _annotate_command() -> click.Command:
     @click.option("--mod", default=None, help="MuData modality key.")
     @click.option("--prompt", default="zero-shot", show_default=True, help="Prompt strategy: zero-shot, k-shot, puzzle.")
     @click.option("--model", default=None, help="Backend name, local model directory or hub id (default: markers).")
-    @click.option("--mode", type=click.Choice(["direct", "reasoning"]), default="direct", show_default=True)
+    @click.option("--mode", type=click.Choice(["direct", "reasoning"]), default="direct", show_default=True,
+                  help="direct: answer only; reasoning: the model reasons before it answers.")
     @click.option("--candidate", "candidate", multiple=True, help="An allowed label (repeat the flag).")
     @click.option("--candidates-file", type=click.Path(exists=True, dir_okay=False), help="Allowed labels, one per line.")
     @click.option("--reference", type=click.Path(exists=True, dir_okay=False), help="Labelled reference .h5ad/.h5mu for k-shot.")
@@ -224,7 +246,8 @@ def _annotate_command() -> click.Command:
                   show_default=True, help="Free generation, answers forced to the candidates, or candidate scoring.")
     @click.option("--checkpoint", type=click.Path(file_okay=False), default=None,
                   help="Folder of finished batches (default OUTPUT.cellscribe.ckpt); re-run to resume.")
-    @click.option("--seed", type=int, default=0, show_default=True)
+    @click.option("--seed", type=int, default=0, show_default=True,
+                  help="Seed for k-shot example sampling and puzzle grouping.")
     @click.option("--max-prompt-tokens", type=int, default=None, help="Token budget per prompt.")
     @click.option("--batch-size", type=int, default=None, help="Prompts per model call (default: the backend's).")
     @click.option("--adapter", multiple=True, metavar="[MODALITY=]PATH",
@@ -410,7 +433,7 @@ def puzzles_solve(puzzles_path: str, output: str, model: str, system_role: bool,
     data = puzzles.read_puzzles(puzzles_path)
     if limit is not None:
         data = puzzles.PuzzleFile(data.records[:limit], data.jsonl)
-    with tqdm(total=len(data.records), desc="puzzles", disable=not progress) as bar:
+    with tqdm(total=len(data.records), desc="puzzles", disable=None if progress else True) as bar:
         solved, scores = puzzles.solve_puzzles(
             data, model=model, system_role=system_role, generation=_parse_pairs(generation, "--generation"),
             model_options={**_parse_pairs(model_option, "--model-option"), **({"base_url": base_url} if base_url else {})},

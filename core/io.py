@@ -34,17 +34,27 @@ def check_output(output: str | os.PathLike, *, inputs: tuple[str | os.PathLike, 
     return out
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it, then restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_output(output: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``output``; on success it replaces ``output`` in one rename.
 
-    On any error the temporary file is removed and ``output`` is left as it was.
+    On any error the temporary file is removed and ``output`` is left as it was. The output's
+    permissions follow the umask (``rw-r--r--`` under the usual 022), like a file made with ``open``.
     """
     out = Path(output)
     # Keep the real suffix last: writers such as anndata's choose the format from it.
     fd, tmp = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=f".partial{out.suffix}", dir=out.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    # mkstemp makes the file private (0600); the output gets the mode any other tool would give it.
+    os.chmod(tmp_path, 0o666 & ~_umask())
     try:
         yield tmp_path
         os.replace(tmp_path, out)

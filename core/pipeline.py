@@ -765,7 +765,7 @@ def annotate(
                 f"{', '.join(modes)}. Use a local transformers model for constrained decoding and scoring."
             )
         settings["decode"] = decode
-    with tqdm(total=len(plan.prompts), desc="cellscribe", unit="prompt", disable=not progress) as bar:
+    with tqdm(total=len(plan.prompts), desc="cellscribe", unit="prompt", disable=None if progress else True) as bar:
         generations, resumed = run_batches(
             loaded, plan.prompts, settings=settings, model=model_name,
             batch_prompts=_batch_prompts(loaded, load_options["batch_size"]),

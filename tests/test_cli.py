@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import re
 import sys
 from pathlib import Path
 
@@ -55,6 +56,32 @@ def test_annotate_writes_output_and_never_the_input(runner, rules, pancreas_path
     same = runner.invoke(main, ["annotate", str(src), "-o", str(src), "--model", "rules", "--force"])
     assert same.exit_code != 0 and "never writes to its input" in same.output
     assert _sha(src) == before
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_outputs_follow_the_umask(runner, rules, pancreas_path, tmp_path, umask):
+    import os
+
+    out = tmp_path / "out.h5ad"
+    previous = os.umask(umask)
+    try:
+        result = runner.invoke(main, ["annotate", str(pancreas_path), "-o", str(out), "--model", "rules",
+                                      "--no-progress"])
+    finally:
+        os.umask(previous)
+    assert result.exit_code == 0, result.output
+    expected = 0o666 & ~umask
+    assert out.stat().st_mode & 0o777 == expected
+    assert (tmp_path / "out.h5ad.cellscribe.jsonl").stat().st_mode & 0o777 == expected
+
+
+def test_annotate_help_is_clean(runner):
+    text = runner.invoke(main, ["annotate", "--help"], terminal_width=200).output
+    assert "[default: (" not in text  # no placeholder defaults
+    for flag in ("--mode", "--seed"):
+        line = next(line for line in text.splitlines() if line.strip().startswith(flag))
+        words = re.sub(r"\[[^]]*\]", "", line).split()[2:]  # drop the flag, its metavar and [...]
+        assert len(words) >= 3, f"{flag} has no help: {line!r}"
 
 
 def test_failed_run_leaves_no_output(runner, rules, pancreas_path, tmp_path, monkeypatch):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 import warnings
 
 import numpy as np
@@ -151,11 +150,8 @@ def test_unknown_tissue_and_missing_table_fail_at_load(host):
 # ------------------------------------------------------------------------------------------ real data
 
 
-def test_pbmc68k_lineage_accuracy_and_speed(pbmc68k):
-    start = time.perf_counter()
-    _quiet_annotate(pbmc68k)
-    seconds = time.perf_counter() - start
-    assert seconds < 30  # measured 0.4 s on 2 cores
+def test_pbmc68k_lineage_accuracy(pbmc68k):
+    _quiet_annotate(pbmc68k)  # its speed is printed by benchmarks/markers.py
     truth = [_lineage_group(_term(x)) for x in pbmc68k.obs["bulk_labels"]]
     predicted = [_lineage_group(_term(x)) for x in pbmc68k.obs["cellscribe"].astype(str)]
     accuracy = np.mean([p == t for p, t in zip(predicted, truth)])

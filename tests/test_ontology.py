@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -25,11 +24,9 @@ def cl() -> CellOntology:
 # ------------------------------------------------------------------------------------------ table
 
 
-def test_table_is_small_and_loads_fast():
+def test_table_is_small_and_loads():
     assert TABLE.stat().st_size < 600_000
-    start = time.perf_counter()
     fresh = CellOntology.from_table(TABLE)
-    assert time.perf_counter() - start < 0.3
     assert len(fresh) == 3324
 
 

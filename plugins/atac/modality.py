@@ -79,7 +79,6 @@ def _load(matrix: Any, chunk_size: int, what: str) -> sp.csr_matrix:
     if not _in_memory(matrix):
         message = (f"{what} needs the whole matrix: reading the on-disk (backed) matrix into memory; pass "
                    "smoothing=False (--no-smoothing) to keep it on disk")
-        log.warning(message)
         warnings.warn(message, UserWarning, stacklevel=4)
     return sp.vstack([chunk for _, _, chunk in iter_row_chunks(matrix, chunk_size)], format="csr")
 

@@ -231,7 +231,6 @@ class RnaModality:
                 f"{scaled.source} contains negative values (it looks scaled, e.g. by sc.pp.scale); "
                 f"using {candidate.source} instead. Pass layer= or use_raw= to choose explicitly."
             )
-            log.warning(message)
             warnings.warn(message, UserWarning, stacklevel=3)
             return candidate, summary
         raise ValueError(_scaled_message(scaled.source, adata))
