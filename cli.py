@@ -426,7 +426,7 @@ def puzzles_solve(puzzles_path: str, output: str, model: str, system_role: bool,
     uniqueness when answers are present."""
     from tqdm.auto import tqdm
 
-    from .core import puzzles
+    from .core.run import puzzles
     from .core.io import atomic_output, check_output
 
     out = check_output(output, inputs=(puzzles_path,), force=force)
@@ -453,7 +453,7 @@ def puzzles_solve(puzzles_path: str, output: str, model: str, system_role: bool,
 def adapters_command(as_json: bool) -> None:
     """List the model manifests (shipped in adapters/manifests and in $CELLSCRIBE_MANIFESTS folders):
     the names usable as --model, with their base model, formats and LoRA adapter."""
-    from .core.manifests import list_manifests
+    from .core.domain.manifests import list_manifests
 
     manifests = list_manifests(errors="warn")
     if as_json:

@@ -65,12 +65,12 @@ def grade_command(pairs: Path, truth_col: str, pred_col: str, output: Path, sep:
     """Grade (truth, prediction) pairs on CellReasoner's scale.
 
     Adds grade (1 subtype correct, 0.5 major correct, 0.25 partially correct, 0 incorrect) and
-    grade_name columns to PAIRS and writes OUTPUT. The rules are in cellscribe.core.grading.
+    grade_name columns to PAIRS and writes OUTPUT. The rules are in cellscribe.core.evaluation.grading.
     """
     import numpy as np
     import pandas as pd
 
-    from .core.grading import Grader, compare_grades, grade_name
+    from .core.evaluation.grading import Grader, compare_grades, grade_name
     from .core.io import atomic_output, check_output
 
     check_output(output, inputs=(pairs,), force=force)
@@ -137,7 +137,7 @@ def evaluate_command(inputs: tuple[Path, ...], truth: str, keys: tuple[str, ...]
     writes a Markdown and an HTML report with a confusion heatmap, grade bars, the embedding coloured
     by prediction and confidence, and a reliability diagram.
     """
-    from .core.evaluate import evaluate, write_report
+    from .core.evaluation.evaluate import evaluate, write_report
 
     objects: dict[str, Any] = {}
     for path in inputs:

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .checkpoint import run_batches
+from .run.checkpoint import run_batches
 from .models import Model, check_run_options, load_model, resolve_model_name
 from .plugins import Host, get_host
 from .types import STATUS_OK, STATUS_UNRESOLVED, Annotation, CellSentences, FeatureMatrix, Prompt
@@ -289,7 +289,7 @@ def _multimodal_sentences(
 
 def find_model_manifest(model: str) -> Any:
     """The shipped or user manifest named ``model`` (``"cell-o1"``), or ``None``."""
-    from .manifests import find_manifest
+    from .domain.manifests import find_manifest
 
     return find_manifest(model)
 
@@ -671,7 +671,7 @@ def _write_results(
 def map_to_ontology(labels: pd.Series) -> tuple[pd.Categorical, pd.Categorical]:
     """Cell Ontology id and name of each label (each distinct label looked up once); NaN where a label
     does not map to a term unambiguously (never forced)."""
-    from .ontology import get_ontology
+    from .domain.ontology import get_ontology
 
     onto = get_ontology()
     categories = [str(c) for c in pd.Categorical(labels).categories]

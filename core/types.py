@@ -90,7 +90,7 @@ class FeatureMatrix:
 
         Only one chunk is materialised at a time; backed matrices are read with contiguous row slices.
         """
-        from .matrix import iter_row_chunks
+        from .domain.matrix import iter_row_chunks
 
         for start, stop, chunk in iter_row_chunks(self.X, chunk_size):
             if self.column_transform is not None:
@@ -99,7 +99,7 @@ class FeatureMatrix:
 
     def subset_rows(self, rows: np.ndarray) -> FeatureMatrix:
         """Return a new FeatureMatrix holding only ``rows`` (an integer index), read into memory."""
-        from .matrix import read_rows
+        from .domain.matrix import read_rows
 
         return attrs.evolve(self, X=read_rows(self.X, rows), cell_ids=self.cell_ids[rows])
 
@@ -143,7 +143,7 @@ class CellSentences:
     def texts(self, sep: str = ", ") -> list[str]:
         """Every cell's sentence as text: its genes joined with ``sep``; with :attr:`sections`, one line
         ``"{label}: {genes}"`` per section that has genes (the multi-modality sentence format)."""
-        from .ranking import encode_names, join_ranked
+        from .domain.ranking import encode_names, join_ranked
 
         if not self.sections:
             return join_ranked(encode_names(self.vocabulary, sep), self.indptr, self.indices, sep)

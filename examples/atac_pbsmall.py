@@ -33,7 +33,7 @@ MYELOID = {"monocyte", "macrophage", "dendritic cell"}
 
 def lineages(labels: pd.Series) -> pd.Series:
     """The Cell Ontology lineage of each label (``None`` where the label maps to no term)."""
-    from cellscribe.core.ontology import get_ontology
+    from cellscribe.core.domain.ontology import get_ontology
 
     onto = get_ontology()
     ids = labels.astype(object).map(lambda x: onto.lookup(x) if isinstance(x, str) else None)

@@ -86,7 +86,7 @@ def bare_snapatac2():
 
 def _lineage_accuracy(predicted: pd.Series, truth: pd.Series) -> tuple[float, float]:
     """(accuracy of Cell Ontology lineages, accuracy with monocyte/macrophage/DC merged as myeloid)."""
-    from cellscribe.core.ontology import get_ontology
+    from cellscribe.core.domain.ontology import get_ontology
 
     onto = get_ontology()
     ids = [onto.lookup(str(p)) if isinstance(p, str) else None for p in predicted.astype(object)]

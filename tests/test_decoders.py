@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cellscribe.core.metrics import is_legitimate, puzzle_metrics, split_answer
+from cellscribe.core.evaluation.metrics import is_legitimate, puzzle_metrics, split_answer
 from cellscribe.core.types import Generation, Prompt
 from cellscribe.plugins.prompting import Puzzle, ZeroShot, final_answer, match_label, parse_puzzle_user_msg
 from cellscribe.plugins.prompting.decoders import CellPuzzlesDecoder, CellReasonerDecoder, normalise
@@ -211,7 +211,7 @@ def test_cellpuzzles_generation_error():
 
 
 # ---------------------------------------------------------------------------------------------------
-# metrics (core.metrics, the official Cell-o1 rules) on hand-made outputs
+# metrics (core.evaluation.metrics, the official Cell-o1 rules) on hand-made outputs
 # ---------------------------------------------------------------------------------------------------
 
 

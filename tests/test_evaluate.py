@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from cellscribe.core.evaluate import (
+from cellscribe.core.evaluation.evaluate import (
     UNRESOLVED,
     confusion_table,
     evaluate,
@@ -21,7 +21,7 @@ from cellscribe.core.evaluate import (
     reliability_table,
     write_report,
 )
-from cellscribe.core.metrics import puzzle_metrics
+from cellscribe.core.evaluation.metrics import puzzle_metrics
 
 from _eval_backend import MarkerPlugin
 from _rule_backend import RulePlugin

@@ -10,7 +10,7 @@ import pytest
 import scipy.sparse as sp
 
 import cellscribe
-from cellscribe.core.ontology import get_ontology
+from cellscribe.core.domain.ontology import get_ontology
 from cellscribe.plugins.markers import knowledge as kn
 from cellscribe.plugins.markers.knowledge import MarkerKnowledge, load_knowledge, read_marker_table
 

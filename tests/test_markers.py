@@ -17,8 +17,8 @@ import pytest
 
 import cellscribe
 from cellscribe import Example, Generation, Prompt, hookimpl
-from cellscribe.core.metrics import is_legitimate, puzzle_metrics, split_answer
-from cellscribe.core.ontology import get_ontology
+from cellscribe.core.evaluation.metrics import is_legitimate, puzzle_metrics, split_answer
+from cellscribe.core.domain.ontology import get_ontology
 
 GROUPS = {"T cell": "T/NK", "NK cell": "T/NK", "B cell": "B", "monocyte": "myeloid", "macrophage": "myeloid",
           "dendritic cell": "myeloid", "HSPC": "progenitor"}

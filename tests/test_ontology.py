@@ -8,11 +8,11 @@ import pandas as pd
 import pytest
 
 import cellscribe
-from cellscribe.core import ontology as onto
-from cellscribe.core.ontology import ABBREVIATIONS, LINEAGES, CellOntology, get_ontology, normalise_label
+from cellscribe.core.domain import ontology as onto
+from cellscribe.core.domain.ontology import ABBREVIATIONS, LINEAGES, CellOntology, get_ontology, normalise_label
 
 ROOT = Path(cellscribe.__file__).parent
-TABLE = ROOT / "core" / "data" / onto.CL_TABLE
+TABLE = ROOT / "core" / "domain" / "data" / onto.CL_TABLE
 OBO = ROOT.parent / "shared" / "data" / "knowledge" / "cl-simple_2026-03-26.obo"
 
 

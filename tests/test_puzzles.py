@@ -9,7 +9,7 @@ from _rule_backend import RulePlugin
 from click.testing import CliRunner
 
 from cellscribe.cli import main
-from cellscribe.core import puzzles
+from cellscribe.core.run import puzzles
 
 LUNG_RULES = {
     "TPSAB1": "mast cell", "CCL4": "CD8-positive, alpha-beta T cell", "SFTPC": "pulmonary alveolar type 2 cell",

@@ -1,4 +1,4 @@
-"""The ``rna`` modality (matrix choice, scaled data, gene identifiers, duplicates) and core.genes."""
+"""The ``rna`` modality (matrix choice, scaled data, gene identifiers, duplicates) and core.domain.genes."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 import scipy.sparse as sp
 from anndata.tests.helpers import assert_equal
 
-from cellscribe.core import genes
+from cellscribe.core.domain import genes
 
 ROOT = Path(__file__).resolve().parents[1]
 GTF = ROOT.parent / "shared" / "data" / "genome" / "hg38_ensembl101_genes.gtf.gz"
@@ -350,7 +350,7 @@ def test_input_is_not_modified(rna, pbmc):
 
 
 # -------------------------------------------------------------------------------------------------
-# core.genes
+# core.domain.genes
 # -------------------------------------------------------------------------------------------------
 
 
@@ -381,7 +381,7 @@ def test_map_ensembl_ids_keeps_unknown_ids():
 
 
 def test_gene_table_is_small_and_cached():
-    path = ROOT / "core" / "data" / genes.GENE_TABLE
+    path = ROOT / "core" / "domain" / "data" / genes.GENE_TABLE
     assert path.stat().st_size < 1_000_000
     table = genes.ensembl_symbol_table()
     assert table is genes.ensembl_symbol_table()
@@ -400,7 +400,7 @@ def test_gene_table_is_rebuilt_identically_from_the_gtf(tmp_path):
     spec.loader.exec_module(module)
     out = tmp_path / "table.tsv.gz"
     module.main(["--gtf", str(GTF), "--out", str(out)])
-    assert out.read_bytes() == (ROOT / "core" / "data" / genes.GENE_TABLE).read_bytes()
+    assert out.read_bytes() == (ROOT / "core" / "domain" / "data" / genes.GENE_TABLE).read_bytes()
     with gzip.open(out, "rt") as fh:
         assert fh.readline() == "gene_id\tgene_name\n"
 

@@ -32,8 +32,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from cellscribe.core.genes import choose_gene_symbols, merge_duplicate_symbols
-from cellscribe.core.matrix import DEFAULT_CHUNK, iter_row_chunks, summarize
+from cellscribe.core.domain.genes import choose_gene_symbols, merge_duplicate_symbols
+from cellscribe.core.domain.matrix import DEFAULT_CHUNK, iter_row_chunks, summarize
 from cellscribe.core.types import FeatureMatrix
 
 from ._options import as_bool, as_int

@@ -67,7 +67,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from cellscribe.core.ontology import get_ontology
+from cellscribe.core.domain.ontology import get_ontology
 from cellscribe.core.types import Generation, Prompt
 
 from . import reasoning as text

@@ -19,7 +19,7 @@
        the note. Without a vocabulary the cleaned answer is the label. An empty answer is unresolved.
 
 ``cellpuzzles`` (one answer per cell of a puzzle)
-    The answer is read with :mod:`cellscribe.core.metrics` (``is_legitimate``, ``split_answer``), the
+    The answer is read with :mod:`cellscribe.core.evaluation.metrics` (``is_legitimate``, ``split_answer``), the
     one implementation of the Cell-o1 rules. When ``<answer>...</answer>`` holds exactly one label per
     cell, the labels are taken by position and matched to the prompt's candidates (exactly, then
     case-insensitively, then normalised); a label that is no candidate leaves its cell unresolved. This
@@ -40,7 +40,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from cellscribe.core.metrics import is_legitimate, split_answer
+from cellscribe.core.evaluation.metrics import is_legitimate, split_answer
 from cellscribe.core.types import STATUS_OK, Annotation, Generation, Prompt
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"

@@ -1,6 +1,6 @@
 """The transformers backend: load a causal LM with its tokenizer and answer prompts.
 
-A hub id, a local folder and a manifest name (:mod:`cellscribe.core.manifests`, ``model="cell-o1"``)
+A hub id, a local folder and a manifest name (:mod:`cellscribe.core.domain.manifests`, ``model="cell-o1"``)
 go through the same code path (``from_pretrained``). Prompts are rendered with the model's chat
 template and tokenised in one call, without extra special tokens (the template already holds them).
 
@@ -81,7 +81,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import numpy as np
 
-from cellscribe.core.manifests import Manifest, find_manifest, list_manifests
+from cellscribe.core.domain.manifests import Manifest, find_manifest, list_manifests
 from cellscribe.core.types import Generation, Prompt
 
 from ._layout import SCORED_REASONING, TokenLayout, layout_for, tokenize_layout
@@ -331,7 +331,7 @@ class TransformersModel:
     spec, revision
         What was loaded (the manifest name when loaded by one).
     manifest
-        The :class:`~cellscribe.core.manifests.Manifest` it was loaded from, or ``None``; its
+        The :class:`~cellscribe.core.domain.manifests.Manifest` it was loaded from, or ``None``; its
         ``annotate_defaults()`` are the prompt, sentence and generation settings it expects.
     device
         Where inputs are sent (the model's first parameter's device when a ``device_map`` was given).
