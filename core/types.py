@@ -22,6 +22,8 @@ from typing import Any, Literal
 import attrs
 import numpy as np
 
+from .answers import FREE, AnswerFormat
+
 __all__ = [
     "FeatureMatrix",
     "CellSentences",
@@ -289,6 +291,11 @@ class Prompt:
         Prompt strategy name (``"zero-shot"``, ``"k-shot"``, ``"puzzle"``).
     decoder
         Name of the decoder that reads this prompt's output.
+    answer
+        The answer format the prompt asks for (:data:`cellscribe.core.answers.FREE`, one free-text
+        label after optional ``<think>`` reasoning, or :data:`~cellscribe.core.answers.TAGGED`,
+        ``<think>...</think>\n<answer>a | b</answer>``); decoders read, and backends write, the output
+        with it.
     candidates
         Allowed labels, if any (puzzle candidates, user candidates, k-shot reference labels).
     examples
@@ -313,6 +320,7 @@ class Prompt:
     sentences: tuple[str, ...] = attrs.field(converter=_tuple_of_str, factory=tuple)
     strategy: str = ""
     decoder: str = ""
+    answer: AnswerFormat = FREE
     candidates: tuple[str, ...] = attrs.field(converter=_tuple_of_str, factory=tuple)
     examples: tuple[Example, ...] = attrs.field(converter=tuple, factory=tuple)
     context: str = ""

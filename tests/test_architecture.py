@@ -154,3 +154,43 @@ def test_heavy_libraries_load_lazily():
     env = {**os.environ, "CELLSCRIBE_LOAD_PLUGINS": ""}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == "", f"imported at start-up: {out.stdout}"
+
+
+ANSWER_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+
+
+def _code_strings(path: Path) -> list[tuple[int, str]]:
+    """String constants of a module that are not docstrings."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)
+    }
+    return [
+        (node.lineno, node.value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+    ]
+
+
+def test_the_answer_grammar_has_one_owner():
+    """Only core/answers.py spells the answer tags in code. Prose that names a tag (published prompt
+    texts, descriptions: several words beside the tags) is not grammar."""
+    for path in [*(ROOT / "core").rglob("*.py"), *(ROOT / "plugins").rglob("*.py")]:
+        if path == ROOT / "core" / "answers.py":
+            continue
+        for line, text in _code_strings(path):
+            words = text
+            for tag in ANSWER_TAGS:
+                words = words.replace(tag, " ")
+            if any(tag in text for tag in ANSWER_TAGS) and len(words.split()) < 4:
+                pytest.fail(f"{path.relative_to(ROOT)}:{line} spells an answer tag ({text!r}); use cellscribe.core.answers")
+
+
+def test_no_component_is_chosen_by_comparing_its_name():
+    for path in [*(ROOT / "core").rglob("*.py"), *(ROOT / "plugins").rglob("*.py")]:
+        source = path.read_text(encoding="utf-8")
+        for needle in ('.decoder == "', ".decoder == '", '.strategy == "'):
+            assert needle not in source, f"{path.relative_to(ROOT)} compares a component's name ({needle}...)"

@@ -17,6 +17,7 @@ import pytest
 
 import cellscribe
 from cellscribe import Example, Generation, Prompt, hookimpl
+from cellscribe.core.answers import TAGGED
 from cellscribe.core.evaluation.metrics import is_legitimate, puzzle_metrics, split_answer
 from cellscribe.core.domain.ontology import get_ontology
 
@@ -100,6 +101,7 @@ def _puzzle(cells, candidates, prefix="p"):
         sentences=tuple(sentences),
         strategy="puzzle",
         decoder="cellpuzzles",
+        answer=TAGGED,
         candidates=tuple(sorted(candidates)),
     )
 

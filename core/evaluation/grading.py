@@ -100,6 +100,7 @@ import attrs
 import numpy as np
 import pandas as pd
 
+from ..answers import FREE, TAG_NAMES
 from ..domain.ontology import ABBREVIATIONS, CellOntology, get_ontology, normalise_label
 
 log = logging.getLogger(__name__)
@@ -479,10 +480,11 @@ _MALIGNANT_ORIGIN: tuple[tuple[re.Pattern[str], str], ...] = tuple(
 
 # ------------------------------------------------------------------------------------ text
 
-_TAG = re.compile(r"</?\s*(?:think|answer)\w*\s*>", re.IGNORECASE)
-_OPENING_TAG = re.compile(r"<\s*(?:think|answer)\w*\s*>", re.IGNORECASE)
-_CLOSING_TAG = re.compile(r"</\s*(?:think|answer)\w*\s*>", re.IGNORECASE)
-_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.IGNORECASE | re.DOTALL)
+# The answer format's tags, read tolerantly: any case, inner spaces, misspelt endings ("</thinks>").
+_TAG_NAME = "(?:" + "|".join(TAG_NAMES) + r")\w*"
+_TAG = re.compile(rf"</?\s*{_TAG_NAME}\s*>", re.IGNORECASE)
+_OPENING_TAG = re.compile(rf"<\s*{_TAG_NAME}\s*>", re.IGNORECASE)
+_CLOSING_TAG = re.compile(rf"</\s*{_TAG_NAME}\s*>", re.IGNORECASE)
 _CONCLUSION = re.compile(
     r"(?:(?:final|most\s+(?:likely|probable)|best|correct)\s+(?:answer|annotation|cell\s*type|identity|label|"
     r"classification|choice)|the\s+answer|annotation|cell\s+type|identity)"
@@ -548,7 +550,7 @@ def decode_prediction(text: Any) -> str | None:
     text = str(text).strip()
     if not text:
         return None
-    answers = _ANSWER.findall(text)
+    answers = FREE.answer_tags(text)
     closing = list(_CLOSING_TAG.finditer(text))
     if answers and answers[-1].strip():
         text = answers[-1]

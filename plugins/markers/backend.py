@@ -68,6 +68,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from cellscribe.core.domain.ontology import get_ontology
+from cellscribe.core.answers import opens_think
 from cellscribe.core.types import Generation, Prompt
 
 from . import reasoning as text
@@ -366,7 +367,7 @@ class MarkersModel:
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i in chunk:
             p = prompts[i]
-            if p.decoder == "cellpuzzles":
+            if p.answer.tagged:
                 groups[("puzzle",)].append(i)
             elif p.examples:
                 # Examples are identified by cell, label and sentence length (cut sentences differ).
@@ -476,7 +477,7 @@ class MarkersModel:
                 lines.append(text.type_line(options.display[option], scores[i, option], found, extra=extra))
             lines.append(text.conclusion_line([(options.display[o], scores[i, o]) for o in compared[i]]))
             label = options.names[best[i]]
-            inside = "<think>" in prompt.response_prefix
+            inside = opens_think(prompt.response_prefix)
             out.append(
                 Generation(
                     text=text.cellreasoner_text("\n".join(lines), label, inside_think=inside),
