@@ -31,6 +31,7 @@ ANNOTATE_FLAGS = {
     "candidates": "--candidate/--candidates-file",
     "reference": "--reference",
     "reference_key": "--reference-key",
+    "reference_modality": "--reference-modality",
     "k": "-k",
     "groupby": "--groupby",
     "n_representatives": "--n-representatives",
@@ -212,6 +213,8 @@ def _annotate_command() -> click.Command:
     @click.option("--candidates-file", type=click.Path(exists=True, dir_okay=False), help="Allowed labels, one per line.")
     @click.option("--reference", type=click.Path(exists=True, dir_okay=False), help="Labelled reference .h5ad/.h5mu for k-shot.")
     @click.option("--reference-key", default=None, help="Label column of the reference (or of INPUT).")
+    @click.option("--reference-modality", default=None,
+                  help="Modality of --reference when not the annotated one (rna for scATAC cells; default: the same).")
     @click.option("-k", "k", type=int, default=3, show_default=True, help="Examples per label (k-shot).")
     @click.option("--groupby", default=None, help="obs column of clusters: annotate per cluster.")
     @click.option("--n-representatives", type=int, default=None, help="Cells per cluster with --groupby.")

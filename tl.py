@@ -23,6 +23,7 @@ def annotate(
     candidates: Sequence[str] | None = None,
     reference: Any = None,
     reference_key: str | None = None,
+    reference_modality: str | None = None,
     k: int = 3,
     groupby: str | None = None,
     n_representatives: int | None = None,
@@ -84,6 +85,12 @@ def annotate(
     reference, reference_key
         Labelled examples for ``k-shot``: an AnnData (or MuData) and its label column. With
         ``reference=None`` and a ``reference_key``, the labelled cells of ``data`` itself are used.
+    reference_modality
+        The modality of ``reference`` when it differs from ``modality``: an scRNA-seq reference for
+        scATAC cells is ``reference_modality="rna"`` (examples are expression sentences, queries gene
+        activity sentences; the reference keeps only the genes both can show). Default: the query's
+        modality; a reference of peaks for a query of gene symbols, or the reverse, is refused with an
+        error asking for it. Recorded with the gene counts in ``uns[key_added]["params"]``.
     k
         Examples per label in ``k-shot`` prompts.
     groupby
