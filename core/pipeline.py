@@ -29,7 +29,7 @@ import scipy.sparse as sp
 from .checkpoint import run_batches
 from .models import Model, check_run_options, load_model, resolve_model_name
 from .plugins import Host, get_host
-from .types import STATUS_OK, STATUS_UNRESOLVED, Annotation, CellSentences, FeatureMatrix, Prompt
+from .types import STATUS_OK, STATUS_UNRESOLVED, Annotation, Assay, CellSentences, FeatureMatrix, Prompt
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +211,7 @@ class RunPlan:
     vocabulary: list[str] | None
     prompt_strategy: Any
     prompt_args: dict[str, Any]
+    assay: Assay | None = None
 
     def make_prompts(self, count_tokens: Callable[[str], int] | None = None) -> list[Prompt]:
         """Build the prompts of the prompted units (``count_tokens`` from the model's tokenizer)."""
@@ -248,14 +249,14 @@ def _multimodal_sentences(
     chunk_size: int,
     sentence_opts: Mapping[str, Any],
     modality_options: Mapping[str, Any] | None,
-) -> tuple[Any, FeatureMatrix, CellSentences, dict]:
+) -> tuple[Any, FeatureMatrix, CellSentences, dict, Assay]:
     """Sentences of several modalities (``"rna+atac"``) of the cells present in all of them.
 
     Each modality is prepared from its own MuData modality (``mod="rna+peaks"`` names them, else the
     modalities' usual keys) and ranked by the same sentence strategy; cells are those in every modality,
     in the MuData's order. Returns the MuData (results go to its ``obs``), the first modality's features,
     the combined sentences (one section per modality, labelled by the modality's ``sentence_label`` or
-    its upper-cased name) and the per-modality strategy state.
+    its upper-cased name), the per-modality strategy state and the union of the modalities' assays.
     """
     names = modality.split("+")
     if not is_mudata(data):
@@ -285,7 +286,8 @@ def _multimodal_sentences(
             host=host, chunk_size=chunk_size, options=sentence_opts,
         )
         parts.append((getattr(component, "sentence_label", name.upper()), sentences_i))
-    return data, prepared[0][2], CellSentences.combine(parts), state
+    assay = Assay.from_features(*(features_i for _, _, features_i in prepared))
+    return data, prepared[0][2], CellSentences.combine(parts), state, assay
 
 
 # -------------------------------------------------------------------------------------------------
@@ -499,7 +501,8 @@ def plan_run(
     backend_c = reg.backend_for(model_name)
     # A backend may ask for its own sentence settings when the user kept the defaults.
     sentence_opts = dict(sentence_options or {})
-    prefs = getattr(backend_c, "sentence_preferences", None)
+    prefs = dict(getattr(backend_c, "sentence_preferences", None) or {})
+    prefs.update(prefs.pop("modalities", {}).get(modality, {}))  # a modality's own preferences win
     if sentence == "auto" and n_genes is None and prefs:
         sentence = prefs.get("sentence", sentence)
         n_genes = prefs.get("n_genes", n_genes)
@@ -513,7 +516,7 @@ def plan_run(
                 "annotate one modality with k-shot, or use zero-shot/puzzle prompts"
             )
         t0 = time.perf_counter()
-        adata, features, sentences, state = _multimodal_sentences(
+        adata, features, sentences, state, assay = _multimodal_sentences(
             data, modality, mod, host=host, sentence=sentence, n_genes=n_genes, layer=layer,
             use_raw=use_raw, chunk_size=chunk_size, sentence_opts=sentence_opts,
             modality_options=modality_options,
@@ -540,6 +543,7 @@ def plan_run(
                 f"modality {modality!r} returned {features.n_cells} rows for {adata.n_obs} cells; "
                 "a modality must keep every cell"
             )
+        assay = Assay.from_features(features)
         # A strategy that learns from the data (data-hvg) learns on the reference when there is one; the
         # query then reuses what it learned (the shared ``state``), so both speak the same gene list.
         state: dict = {}
@@ -635,6 +639,7 @@ def plan_run(
         "max_prompt_tokens": max_prompt_tokens,
         "prompt_options": dict(prompt_options or {}),
         "modality_options": {k_: str(v) for k_, v in dict(modality_options or {}).items()},
+        "assay": assay.summary(),
         "plugins": {
             "modality": ",".join(reg.entries["modality"][m].plugin for m in modality.split("+")),
             "sentence": reg.entries["sentence"][sentences.strategy].plugin
@@ -645,7 +650,7 @@ def plan_run(
     }
     plan = RunPlan(
         adata, mod, features, sentences, unit_rows, groups, representatives, [], params, vocabulary,
-        prompt_c, prompt_args,
+        prompt_c, prompt_args, assay,
     )
     if build_prompts:
         plan.make_prompts(count_tokens)
@@ -901,7 +906,13 @@ def annotate(
     load_options = handle.options
     if hasattr(loaded, "use_modality"):  # the modality's adapter when the model has one, else the base
         loaded.use_modality(modality)
+    # Models that weigh genes against knowledge score within what this data set can show.
+    observability = loaded.use_assay(plan.assay) if hasattr(loaded, "use_assay") else None
     plan.make_prompts(getattr(loaded, "count_tokens", None))
+    if hasattr(loaded, "survey"):  # a model may look at the whole run first (a tissue context)
+        context = loaded.survey(plan.prompts)
+        if context:
+            observability = {**dict(observability or {}), "context": context}
 
     t1 = time.perf_counter()
     from tqdm.auto import tqdm
@@ -917,7 +928,7 @@ def annotate(
         settings["decode"] = decode
     with tqdm(total=len(plan.prompts), desc="cellscribe", unit="prompt", disable=not progress) as bar:
         generations, resumed = run_batches(
-            loaded, plan.prompts, settings=settings, model=model_name,
+            loaded, plan.prompts, settings=settings, model=f"{model_name}|assay:{plan.assay.digest}",
             batch_prompts=_batch_prompts(loaded, load_options["batch_size"]),
             folder=checkpoint, progress=bar.update,
         )
@@ -974,6 +985,8 @@ def annotate(
     }
     if "clusters" in summary:
         entry["clusters"] = _h5_safe(summary["clusters"])
+    if observability:
+        entry["observability"] = _h5_safe(dict(observability))
     adata.uns[key_added] = entry
     if plan.mod is not None:
         _mirror_to_mudata(data, plan.mod, list(frame.columns), key_added, entry)

@@ -574,7 +574,14 @@ def test_cli_annotates_a_fragment_file(tmp_path, labels):
         ])
         assert result.exit_code == 0, result.output
         written = ad.read_h5ad(out)
-        assert written.n_obs == 150 and written.obs["cellscribe"].notna().all()
+        assert written.n_obs == 150
+        # Without smoothing a cell of ~170 fragments often shows too few markers for a call: it is kept,
+        # unresolved, and the note says why (never a guess).
+        status = written.obs["cellscribe_status"].astype(str)
+        assert (status == "ok").mean() >= 0.5
+        assert written.obs["cellscribe"].notna().to_numpy().tolist() == (status == "ok").tolist()
+        notes = written.obs.loc[status == "unresolved", "cellscribe_note"].astype(str)
+        assert notes.str.startswith("too little information for a call").all()
         assert written.obs["low_coverage"].sum() == int((written.obs["n_fragment"] < 100).sum())
         assert written.uns["cellscribe"]["params"]["modality_options"]["smoothing"] == "False"
     finally:

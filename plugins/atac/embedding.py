@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 __all__ = ["DEFAULT_NEIGHBORS", "default_components", "lsi", "knn_operator"]
 
 #: Neighbours averaged per cell (the cell itself included), as in scanpy's ``pp.neighbors``.
-DEFAULT_NEIGHBORS = 15
+DEFAULT_NEIGHBORS = 30
 #: Most features (peaks or genome tiles) the LSI keeps: the most often accessible ones.
 DEFAULT_LSI_FEATURES = 50_000
 # Similarities held at once in the neighbour search (a block of cells x all cells, float32: 128 MiB).
