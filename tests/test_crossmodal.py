@@ -230,7 +230,7 @@ def test_transfer_labels_pbsmall(atac_host, pbsmall, rna, truth):
     _assert_untouched(rna, before)
     obs = adata.obs
     accuracy, table = _accuracy(obs["transfer"], truth)
-    # Measured: 0.913 (138 ok and right, 8 wrong: B cells called T; 4 pruned, 3 of them wrong calls).
+    # Measured: 0.913 (B 38/50, the others called T or pruned; T 50/50; monocytes 49/50; 3-4 pruned).
     assert accuracy >= 0.88, table
     assert table.loc["T cell", "T cell"] >= 48 and table.loc["monocyte", "monocyte"] >= 47 and table.loc["B cell", "B cell"] >= 33
     assert list(obs["transfer"].cat.categories) == ["B", "M", "T"]
@@ -256,8 +256,8 @@ def test_transfer_labels_with_log_normalised_activity(atac_host, pbsmall, rna, t
     )
     assert "transfer" not in pbsmall.obs  # copy=True leaves the input alone
     accuracy, table = _accuracy(labelled.obs["transfer"], truth)
-    # Measured: 0.953 (B 47/50, T 46/50, monocytes 50/50; nothing pruned).
-    assert accuracy >= 0.92, table
+    # Measured: 0.93-0.95 (B 47/50, T 45-46/50, monocytes 48-50/50; at most 1 pruned).
+    assert accuracy >= 0.9, table
     assert labelled.uns["transfer"]["params"]["modality_options"]["normalization"] == "depth"
 
 
