@@ -16,9 +16,14 @@ Three inputs, one output:
 Then, for every input: optional neighbour smoothing over an LSI embedding (:mod:`.embedding`; on by
 default), and a normalisation (:mod:`.activity`; ``"enrichment"`` by default) chosen so that the genes a
 cell type opens more than others rank first. Measured on PBSmall (150 PBMC, ~170 fragments per cell;
-``benchmarks/atac.py``) with the ``markers`` model: the defaults give 58% of the cells the right Cell
-Ontology lineage (91% when monocytes called macrophages count as myeloid), against 32% (48%) without
-smoothing and 22% (36%) without smoothing and with depth-normalised activity.
+``benchmarks/atac.py``, Nov 2026, 15 neighbours) with the ``markers`` model: the defaults gave 58% of the
+cells the right Cell Ontology lineage (91% when monocytes called macrophages count as myeloid), against
+32% (48%) without smoothing and 22% (36%) without smoothing and with depth-normalised activity.
+
+The FeatureMatrix says which genes the data measure (``measured``): for peaks, the genes some peak
+overlaps (the output columns); for gene activity, the genes with a count in any cell. Models score within
+them (:class:`~cellscribe.core.types.Assay`); ``benchmarks/atac_real.py`` measures the result on real
+labelled peak matrices.
 """
 
 from __future__ import annotations
