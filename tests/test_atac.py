@@ -434,11 +434,11 @@ def test_annotation_of_another_genome_is_refused_or_flagged(tmp_path):
     gtf = _rewrite_gtf(tmp_path, "other.gtf", lambda f: ["scaffold_9", *f[1:]])
     with pytest.raises(ValueError, match="another genome"):
         atac.FragmentsReader().read(FRAGMENTS, gtf=gtf, chrom_sizes=SIZES)
-    # Genes on a chromosome the fragments never touch: nothing to rebuild, but an empty result is said.
+    # Genes only on a chromosome the fragments never touch: refused with the share, before counting
+    # (tests/test_atac_trust.py covers the genome-build check and the warning for small empty overlaps).
     gtf = _rewrite_gtf(tmp_path, "chr21.gtf", lambda f: ["chr21", *f[1:]])
-    with pytest.warns(UserWarning, match="no fragment fell into any gene region"):
-        adata = atac.FragmentsReader().read(FRAGMENTS, gtf=gtf, chrom_sizes=SIZES)
-    assert adata.n_obs == 150 and adata.X.nnz == 0
+    with pytest.raises(ValueError, match=r"only 0\.0% of the 29399 fragments lie on a chromosome"):
+        atac.FragmentsReader().read(FRAGMENTS, gtf=gtf, chrom_sizes=SIZES)
 
 
 def test_rust_panic_becomes_value_error():
