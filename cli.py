@@ -184,6 +184,7 @@ class _LazyGroup(click.Group):
 
             self.add_command(_annotate_command())
             self.add_command(_sentences_command())
+            self.add_command(_activity_command())
             self.add_command(grade_command, name="grade")
             self.add_command(evaluate_command, name="evaluate")
 
@@ -378,6 +379,51 @@ def _sentences_command() -> click.Command:
 
     sentences.params.extend(plugin_params)
     return sentences
+
+
+def _activity_command() -> click.Command:
+    plugin_params = _plugin_options("activity")
+
+    @click.command(name="activity")
+    @click.argument("input_path", metavar="INPUT", type=click.Path(exists=True, dir_okay=False))
+    @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+                  help="Output .h5ad (cells x genes; never INPUT).")
+    @click.option("--modality", default="atac", show_default=True, help="Modality plugin that makes the genes.")
+    @click.option("--mod", default=None, help="MuData modality key.")
+    @click.option("--layer", default=None, help="Layer to read instead of X.")
+    @click.option("--use-raw/--no-use-raw", default=None, help="Read .raw instead of X.")
+    @click.option("--modality-option", multiple=True, metavar="KEY=VALUE", help="Modality/reader option (repeat).")
+    @click.option("--chunk-size", type=int, default=10_000, show_default=True, help="Cells per chunk.")
+    @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
+    @_friendly_errors
+    def activity(input_path: str, output: str, force: bool, **kw: Any) -> None:
+        """Write the gene activity cellscribe ranks for the cells of INPUT (peaks, fragments or a MuData)
+        to OUTPUT, to inspect in scanpy or muon.
+
+        X holds the smoothed, normalised activity the sentences are made of, layers['counts'] the
+        aggregated counts, var['n_peaks'] the peaks per gene (cellscribe.tl.gene_activity). OUTPUT is
+        written atomically (temporary file, then rename).
+        """
+        from . import tl
+        from .core import pipeline
+        from .core.io import atomic_output, check_output
+
+        if not output.lower().endswith(".h5ad"):
+            raise click.UsageError("the gene activity is one AnnData: write it to a .h5ad file")
+        plugin_values = _split_plugin_values(kw, plugin_params)
+        options = {**_parse_pairs(kw.pop("modality_option"), "--modality-option"), **plugin_values}
+        out = check_output(output, inputs=(input_path,), force=force)
+        data = pipeline.read_input(input_path, **options)
+        result = tl.gene_activity(data, **kw, **options)
+        with atomic_output(out) as tmp:
+            result.write_h5ad(tmp)
+        click.echo(f"wrote the gene activity of {result.n_obs} cells x {result.n_vars} genes to {out}")
+        click.echo(f"  X: what the cell sentences rank, from {result.uns['gene_activity']['source']}")
+        click.echo("  layers['counts']: the same genes before smoothing and normalisation; var['n_peaks']: "
+                   "input features per gene")
+
+    activity.params.extend(plugin_params)
+    return activity
 
 
 @main.group(name="puzzles")

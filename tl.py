@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .core.models import Model
 
-__all__ = ["annotate", "sentences", "transfer_labels"]
+__all__ = ["annotate", "gene_activity", "sentences", "transfer_labels"]
 
 
 def annotate(
@@ -216,6 +216,150 @@ def sentences(
     series = pipeline.sentences_frame(cs)
     series.attrs["state"] = state
     return series
+
+
+def gene_activity(
+    data: Any,
+    *,
+    modality: str = "atac",
+    mod: str | None = None,
+    layer: str | None = None,
+    use_raw: bool | None = None,
+    chunk_size: int = 10_000,
+    **options: Any,
+) -> Any:
+    """The gene activity cellscribe ranks, as a new cells x genes AnnData to inspect in scanpy or muon.
+
+    The same ``prepare`` of the ``modality`` component that the sentence strategy reads makes it (for
+    ATAC: peaks aggregated over gene body + promoter, or fragments counted in them; kNN-smoothed and
+    enrichment-normalised by default), read chunk by chunk. ``data`` is never modified (so there is no
+    ``copy=``); for a MuData, add the result as a modality::
+
+        mdata.mod["gene_activity"] = cs.tl.gene_activity(mdata, gtf="genes.gtf.gz")
+        mdata.update()
+
+    Parameters
+    ----------
+    data
+        An AnnData of peaks (or of gene activity, such as the fragments reader's), or a MuData whose
+        modality ``mod`` is used.
+    modality
+        The modality component (``"atac"``).
+    mod
+        MuData modality key (default: the modality's usual keys, ``"atac"``, ``"peaks"``).
+    layer, use_raw
+        Read ``layers[layer]`` or ``raw.X`` instead of ``X``.
+    chunk_size
+        Cells read at a time.
+    options
+        The modality's options, as for ``modality_options`` of :func:`annotate`: for ATAC ``gtf``
+        (needed for peaks), ``promoter``, ``downstream``, ``gene_body``, ``features``, ``smoothing``,
+        ``n_neighbors``, ``use_rep``, ``normalization``. A peak matrix is first checked against the
+        annotation's genome build (a ``ValueError`` with the measured share refuses another build).
+
+    Returns
+    -------
+    A new AnnData, one row per cell of the input (same order; ``obs`` and ``obsm`` copied) and one column
+    per gene:
+
+    ``X``
+        The activity the sentence strategy ranks (float32 CSR): smoothed and normalised as set.
+    ``layers["counts"]``
+        The aggregated activity before smoothing and normalisation (peak counts summed per gene).
+    ``var["n_peaks"]``
+        Input features summed into the gene: the peaks that overlap its region (for an input that is
+        already gene activity, the columns merged into the symbol: 1, more for duplicated symbols).
+    ``var["n_cells"]``
+        Cells with any count for the gene (in ``layers["counts"]``).
+    ``var["measured"]``
+        When the modality says which genes the data can show at all (gene-activity input: those with
+        any count); a gene that is not measured never enters a sentence.
+    ``uns["gene_activity"]``
+        ``"modality"``, ``"mod"``, ``"X"`` and ``"counts"`` (what each matrix holds), ``"source"`` and
+        ``"counts_source"`` (what was read and how it became genes), ``"params"`` (the options,
+        ``layer``, ``use_raw``), ``"seconds"`` and, when the input came from the fragments reader,
+        ``"input"`` (its own record).
+    """
+    import time
+
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+    import scipy.sparse as sp
+
+    from .core import pipeline
+    from .core.plugins import get_host
+
+    started = time.perf_counter()
+    component = get_host().registry.get("modality", modality)
+    adata, key = pipeline.select_modality_data(data, component, mod)
+    read = dict(layer=layer, use_raw=use_raw, chunk_size=chunk_size)
+    features = component.prepare(adata, **read, **options)
+    activity = _read_rows(features, chunk_size)
+    raw = component.prepare(adata, **read, **{**options, "smoothing": False, "normalization": "none"})
+    counts = _read_rows(raw, chunk_size) @ _columns(raw.feature_names, features.feature_names)
+
+    # What each gene sums: prepare applied to one "cell" per input feature (an identity matrix).
+    var = adata.raw.var if use_raw else adata.var
+    identity = ad.AnnData(
+        X=sp.identity(var.shape[0], dtype=np.float32, format="csr"), var=var.copy(),
+        obs=pd.DataFrame(index=[str(i) for i in range(var.shape[0])]), uns=dict(adata.uns),
+    )
+    mapping = component.prepare(identity, chunk_size=chunk_size, **{**options, "smoothing": False,
+                                                                      "normalization": "none"})
+    to_genes = _read_rows(mapping, chunk_size) @ _columns(mapping.feature_names, features.feature_names)
+
+    result = ad.AnnData(
+        X=activity.astype(np.float32),
+        obs=adata.obs.copy(),
+        var=pd.DataFrame(
+            {"n_peaks": np.diff(sp.csc_matrix(to_genes).indptr).astype(np.int64),
+             "n_cells": np.diff(sp.csc_matrix(counts).indptr).astype(np.int64)},
+            index=pd.Index(features.feature_names.astype(str)),
+        ),
+        obsm={k: v.copy() for k, v in adata.obsm.items()},
+        layers={"counts": sp.csr_matrix(counts, dtype=np.float32)},
+    )
+    if features.measured is not None:
+        result.var["measured"] = np.asarray(features.measured, dtype=bool)
+    params = {"layer": layer, "use_raw": use_raw, "chunk_size": chunk_size, **options}
+    record = {
+        "modality": modality,
+        "mod": key or "",
+        "X": f"the {features.value_kind} the sentence strategy ranks",
+        "source": features.source,
+        "counts": "the aggregated activity before smoothing and normalisation",
+        "counts_source": raw.source,
+        "params": {k: v if isinstance(v, (str, int, float, bool)) else str(v)
+                   for k, v in params.items() if v is not None},
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    if isinstance(adata.uns.get("gene_activity"), Mapping):
+        record["input"] = dict(adata.uns["gene_activity"])
+    result.uns["gene_activity"] = record
+    return result
+
+
+def _read_rows(features: Any, chunk_size: int) -> Any:
+    """All rows of a FeatureMatrix as one CSR matrix, read chunk by chunk."""
+    import scipy.sparse as sp
+
+    chunks = [chunk for _, _, chunk in features.iter_chunks(chunk_size)]
+    if not chunks:
+        return sp.csr_matrix((0, features.n_features), dtype="float32")
+    return sp.csr_matrix(sp.vstack(chunks, format="csr"), dtype="float32")
+
+
+def _columns(names: Any, target: Any) -> Any:
+    """The 0/1 matrix that takes columns named ``names`` to columns named ``target`` (missing: empty)."""
+    import numpy as np
+    import pandas as pd
+    import scipy.sparse as sp
+
+    position = pd.Index(np.asarray(target, dtype=object)).get_indexer(np.asarray(names, dtype=object))
+    keep = np.flatnonzero(position >= 0)
+    return sp.csr_matrix((np.ones(len(keep), dtype=np.float32), (keep, position[keep])),
+                         shape=(len(names), len(target)))
 
 
 def transfer_labels(

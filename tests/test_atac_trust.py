@@ -1,5 +1,5 @@
-"""What a user needs to trust the ATAC modality, on real data: peak names in every spelling, and a gene
-annotation of another genome build refused with the measured share.
+"""What a user needs to trust the ATAC modality, on real data: peak names in every spelling, a gene
+annotation of another genome build refused with the measured share, and the gene activity exported.
 
 Real data: the Schep 2017 (hg19, ``chr-start-end``) and Buenrostro 2018 (hg19, ``chr_start_end``) peak
 matrices and the hg19/hg38 gene annotations of the shared data folder (skipped when it is absent), the
@@ -273,3 +273,99 @@ def test_fragments_with_the_right_annotation_record_the_check():
     check = adata.uns["gene_activity"]["build_check"]
     assert check["chromosome_share"] == 1.0 and check["agreeing_share"] > 0.95
     assert check["tss_share"] > 10 * check["background_share"]
+
+
+# -------------------------------------------------------------------------------------------------
+# Gene activity export
+# -------------------------------------------------------------------------------------------------
+
+
+@needs_shared
+def test_gene_activity_is_the_matrix_the_sentences_rank(atac_host, schep, tmp_path):
+    before = schep.copy()
+    result = cs.tl.gene_activity(schep, gtf=str(HG19))
+    assert (schep.X != before.X).nnz == 0 and list(schep.obs.columns) == ["cell_type"] and "gene_activity" not in schep.uns
+
+    modality = atac.AtacModality()
+    ranked = modality.prepare(schep, gtf=str(HG19))
+    counts = modality.prepare(schep, gtf=str(HG19), **RAW)
+    assert result.shape == (600, ranked.n_features) and list(result.var_names) == list(ranked.feature_names)
+    assert list(result.obs_names) == list(schep.obs_names) and (result.obs["cell_type"] == schep.obs["cell_type"]).all()
+    assert sp.issparse(result.X) and result.X.dtype == np.float32
+    assert abs(result.X - _matrix(ranked)).max() < 1e-6
+    assert (result.layers["counts"] != _matrix(counts)).nnz == 0
+
+    # n_peaks: the peaks whose region overlap join reaches the gene.
+    peaks, _ = atac.peak_coordinates(schep.var, schep.var_names)
+    to_genes, names = atac.peaks_to_genes(peaks, atac.read_gene_annotation(HG19))
+    per_gene = pd.Series(np.diff(sp.csc_matrix(to_genes).indptr), index=names)
+    single = per_gene[~per_gene.index.duplicated(keep=False)]
+    assert (result.var.loc[single.index, "n_peaks"] == single).all()
+    assert result.var["n_peaks"].min() >= 1 and result.var["n_peaks"].max() > 10  # long genes gather peaks
+    assert (result.var["n_cells"] == np.diff(sp.csc_matrix(result.layers["counts"]).indptr)).all()
+    record = result.uns["gene_activity"]
+    assert record["modality"] == "atac" and record["params"]["gtf"] == str(HG19)
+    assert "smoothing" in record["source"] and "none normalisation" in record["counts_source"]
+
+    # It is an ordinary AnnData: written and read back unchanged.
+    result.write_h5ad(tmp_path / "activity.h5ad")
+    back = ad.read_h5ad(tmp_path / "activity.h5ad")
+    assert (back.X != result.X).nnz == 0 and back.uns["gene_activity"]["source"] == record["source"]
+
+
+def test_gene_activity_of_a_mudata_becomes_one_of_its_modalities(atac_host, tmp_path):
+    import mudata
+
+    if not HG38.exists():
+        pytest.skip("the shared hg38 annotation is not available")
+    with mudata.set_options(pull_on_update=False), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        mdata = mudata.read_h5mu(MULTIOME)
+        peaks = mdata.mod["atac"].X.copy()
+        mdata.mod["gene_activity"] = cs.tl.gene_activity(mdata, gtf=str(HG38), n_neighbors=10)
+        mdata.update()
+    activity = mdata.mod["gene_activity"]
+    assert activity.n_obs == 1000 and list(activity.obs_names) == list(mdata.mod["atac"].obs_names)
+    assert {"CD14", "MS4A1", "LYZ"} <= set(activity.var_names) and activity.uns["gene_activity"]["mod"] == "atac"
+    assert (mdata.mod["atac"].X != peaks).nnz == 0 and mdata.mod["atac"].n_vars == 174
+    with mudata.set_options(pull_on_update=False):
+        mdata.write(tmp_path / "with_activity.h5mu")
+    assert mudata.read_h5mu(tmp_path / "with_activity.h5mu").mod["gene_activity"].shape == activity.shape
+    with pytest.raises(TypeError, match="no modality 'peaks'"):
+        cs.tl.gene_activity(mdata, mod="peaks", gtf=str(HG38))
+
+
+def test_gene_activity_from_fragments_keeps_the_reader_record(atac_host):
+    adata = atac.FragmentsReader().read(FRAGMENTS, gtf=HG19_CHR5_CHR11, chrom_sizes=SIZES)
+    result = cs.tl.gene_activity(adata, smoothing=False)
+    assert result.n_obs == 150 and (result.layers["counts"] != adata.X).nnz == 0
+    assert (result.var["n_peaks"] == 1).all() and "build_check" in result.uns["gene_activity"]["input"]
+
+
+@needs_shared
+def test_cli_activity_writes_atomically_and_refuses_to_overwrite_or_a_wrong_build(atac_host, tmp_path):
+    from click.testing import CliRunner
+
+    from cellscribe import cli
+
+    built = {name: cli.main.commands.pop(name) for name in ("activity",) if name in cli.main.commands}
+    try:
+        out = tmp_path / "activity.h5ad"
+        args = ["activity", str(SCHEP), "-o", str(out), "--gtf", str(HG19), "--no-smoothing"]
+        result = CliRunner().invoke(cli.main, args)
+        assert result.exit_code == 0, result.output
+        assert "wrote the gene activity of 600 cells x" in result.output
+        written = ad.read_h5ad(out)
+        assert written.layers["counts"].nnz > 0 and written.uns["gene_activity"]["params"]["smoothing"] is False
+
+        again = CliRunner().invoke(cli.main, args)
+        assert again.exit_code != 0 and "already exists; pass --force" in again.output
+        assert CliRunner().invoke(cli.main, [*args, "--force"]).exit_code == 0
+
+        wrong = tmp_path / "wrong.h5ad"
+        refused = CliRunner().invoke(cli.main, ["activity", str(SCHEP), "-o", str(wrong), "--gtf", str(HG38)])
+        assert refused.exit_code != 0 and "only 7.7% of the peaks" in refused.output
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["activity.h5ad"]  # nothing half-written
+    finally:
+        cli.main.commands.pop("activity", None)
+        cli.main.commands.update(built)
