@@ -31,6 +31,7 @@ ANNOTATE_FLAGS = {
     "candidates": "--candidate/--candidates-file",
     "reference": "--reference",
     "reference_key": "--reference-key",
+    "reference_modality": "--reference-modality",
     "k": "-k",
     "groupby": "--groupby",
     "n_representatives": "--n-representatives",
@@ -187,26 +188,52 @@ def _write_data(data: Any, output: Path, mod: str | None) -> None:
         data.write_h5ad(output)
 
 
+def _grade_command() -> click.Command:
+    from .cli_eval import grade_command
+
+    return grade_command
+
+
+def _evaluate_command() -> click.Command:
+    from .cli_eval import evaluate_command
+
+    return evaluate_command
+
+
+#: Commands built when first used (they load the plugins, whose options they carry): name -> (builder,
+#: the line ``cellscribe --help`` shows without building it).
+_LAZY_COMMANDS: dict[str, tuple[Any, str]] = {
+    "annotate": (lambda: _annotate_command(), "Annotate the cells of INPUT and write the result to OUTPUT."),
+    "sentences": (lambda: _sentences_command(), "Write the cell sentences of INPUT to OUTPUT, streaming..."),
+    "activity": (lambda: _activity_command(), "Write the gene activity cellscribe ranks for the cells of..."),
+    "grade": (_grade_command, "Grade (truth, prediction) pairs on CellReasoner's scale."),
+    "evaluate": (_evaluate_command, "Measure annotated files against the true labels in obs[TRUTH]."),
+}
+
+
 class _LazyGroup(click.Group):
-    """Builds the plugin-extended commands on first use, so ``--help`` and ``--version`` stay fast."""
+    """Builds each plugin-extended command when it is first used, so ``cellscribe --help`` and
+    ``--version`` load no plugin and import only click."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        self._ensure()
-        return super().list_commands(ctx)
+        return sorted({*self.commands, *_LAZY_COMMANDS})
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        self._ensure()
+        if name not in self.commands and name in _LAZY_COMMANDS:
+            self.add_command(_LAZY_COMMANDS[name][0](), name=name)
         return super().get_command(ctx, name)
 
-    def _ensure(self) -> None:
-        if "annotate" not in self.commands:
-            from .cli_eval import evaluate_command, grade_command
-
-            self.add_command(_annotate_command())
-            self.add_command(_sentences_command())
-            self.add_command(grade_command, name="grade")
-            self.add_command(evaluate_command, name="evaluate")
-
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        limit = formatter.width - 6 - max(len(name) for name in self.list_commands(ctx))
+        rows = []
+        for name in self.list_commands(ctx):
+            command = self.commands.get(name)
+            if command is None:
+                rows.append((name, _LAZY_COMMANDS[name][1]))
+            elif not command.hidden:
+                rows.append((name, command.get_short_help_str(limit)))
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
 
 
 @click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -234,6 +261,8 @@ def _annotate_command() -> click.Command:
     @click.option("--candidates-file", type=click.Path(exists=True, dir_okay=False), help="Allowed labels, one per line.")
     @click.option("--reference", type=click.Path(exists=True, dir_okay=False), help="Labelled reference .h5ad/.h5mu for k-shot.")
     @click.option("--reference-key", default=None, help="Label column of the reference (or of INPUT).")
+    @click.option("--reference-modality", default=None,
+                  help="Modality of --reference when not the annotated one (rna for scATAC cells; default: the same).")
     @click.option("-k", "k", type=int, default=3, show_default=True, help="Examples per label (k-shot).")
     @click.option("--groupby", default=None, help="obs column of clusters: annotate per cluster.")
     @click.option("--n-representatives", type=int, default=None, help="Cells per cluster with --groupby.")
@@ -398,6 +427,51 @@ def _sentences_command() -> click.Command:
 
     sentences.params.extend(plugin_params)
     return sentences
+
+
+def _activity_command() -> click.Command:
+    plugin_params = _plugin_options("activity")
+
+    @click.command(name="activity")
+    @click.argument("input_path", metavar="INPUT", type=click.Path(exists=True, dir_okay=False))
+    @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+                  help="Output .h5ad (cells x genes; never INPUT).")
+    @click.option("--modality", default="atac", show_default=True, help="Modality plugin that makes the genes.")
+    @click.option("--mod", default=None, help="MuData modality key.")
+    @click.option("--layer", default=None, help="Layer to read instead of X.")
+    @click.option("--use-raw/--no-use-raw", default=None, help="Read .raw instead of X.")
+    @click.option("--modality-option", multiple=True, metavar="KEY=VALUE", help="Modality/reader option (repeat).")
+    @click.option("--chunk-size", type=int, default=10_000, show_default=True, help="Cells per chunk.")
+    @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
+    @_friendly_errors
+    def activity(input_path: str, output: str, force: bool, **kw: Any) -> None:
+        """Write the gene activity cellscribe ranks for the cells of INPUT (peaks, fragments or a MuData)
+        to OUTPUT, to inspect in scanpy or muon.
+
+        X holds the smoothed, normalised activity the sentences are made of, layers['counts'] the
+        aggregated counts, var['n_peaks'] the peaks per gene (cellscribe.tl.gene_activity). OUTPUT is
+        written atomically (temporary file, then rename).
+        """
+        from . import tl
+        from .core import pipeline
+        from .core.io import atomic_output, check_output
+
+        if not output.lower().endswith(".h5ad"):
+            raise click.UsageError("the gene activity is one AnnData: write it to a .h5ad file")
+        plugin_values = _split_plugin_values(kw, plugin_params)
+        options = {**_parse_pairs(kw.pop("modality_option"), "--modality-option"), **plugin_values}
+        out = check_output(output, inputs=(input_path,), force=force)
+        data = pipeline.read_input(input_path, **options)
+        result = tl.gene_activity(data, **kw, **options)
+        with atomic_output(out) as tmp:
+            result.write_h5ad(tmp)
+        click.echo(f"wrote the gene activity of {result.n_obs} cells x {result.n_vars} genes to {out}")
+        click.echo(f"  X: what the cell sentences rank, from {result.uns['gene_activity']['source']}")
+        click.echo("  layers['counts']: the same genes before smoothing and normalisation; var['n_peaks']: "
+                   "input features per gene")
+
+    activity.params.extend(plugin_params)
+    return activity
 
 
 @main.group(name="puzzles")

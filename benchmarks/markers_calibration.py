@@ -397,10 +397,11 @@ def compare_params(datasets, settings: list[str]) -> list[dict]:
     from cellscribe.plugins.markers.knowledge import load_knowledge
     from cellscribe.plugins.markers.scoring import MarkerScorer, ScoringParams
 
-    sentences = {}
+    sentences, assays = {}, {}
     for ds in datasets:
         plan = _quiet(plan_run, ds.adata, model="markers")
         sentences[ds.name] = [p.sentences[0] for p in plan.prompts]
+        assays[ds.name] = plan.assay
     knowledge = load_knowledge()
     rows = []
     for setting in ["", *settings]:
@@ -412,6 +413,7 @@ def compare_params(datasets, settings: list[str]) -> list[dict]:
         model = MarkersModel(MarkerScorer(knowledge, ScoringParams(**changes)))
         row = {"params": setting or "(defaults)"}
         for ds in datasets:
+            model.use_assay(assays[ds.name])
             scores = model.score_sentences(sentences[ds.name])
             terms = _terms_of(scores.columns[np.argmax(scores.to_numpy(), axis=1)], model.scorer)
             metrics = grade_all(terms, ds.truth)

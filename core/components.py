@@ -114,7 +114,9 @@ class LoadedModel(Protocol):
     ``count_tokens(text)`` counts tokens with the model's tokenizer (``None`` if it has none).
     ``info()`` returns what identifies the model (recorded in the run parameters).
     Optional: ``render(prompt) -> str`` (the exact model input), ``use_modality(modality)`` (switch to
-    the modality's adapter), ``decode_modes`` (the ``decode=`` values it supports; default
+    the modality's adapter), ``use_assay(assay) -> dict | None`` (answer within the genes the run's
+    data measure, :class:`~cellscribe.core.types.Assay`; the returned report of what of the model's
+    knowledge they show is recorded in ``uns[key]["observability"]``), ``decode_modes`` (the ``decode=`` values it supports; default
     ``("generate",)``), ``prompts_per_call`` (how many prompts the pipeline should send per call and
     checkpoint), ``max_concurrency`` (requests a serving backend keeps in flight).
     """
@@ -135,8 +137,9 @@ class Backend(Protocol):
     returns a :class:`LoadedModel`; ``adapters`` maps modality -> adapter path; ``hook`` is the plugin
     manager's hook relay (to call ``cellscribe_load_adapter`` or ``cellscribe_marker_knowledge``);
     ``tissue`` is the user's tissue hint or ``None``; other ``options`` come from ``model_options``.
-    Optional ``sentence_preferences``: ``{"sentence": name, "n_genes": int, "options": {...}}`` used
-    when the user kept the default sentence settings.
+    Optional ``sentence_preferences``: ``{"sentence": name, "n_genes": int, "options": {...},
+    "modalities": {modality: {...}}}`` used when the user kept the default sentence settings; a
+    modality's entry in ``"modalities"`` overrides the others for runs of that modality.
     """
 
     name: str

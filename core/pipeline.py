@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import platform
+import re
 import time
 import uuid
 from collections import Counter
@@ -28,7 +29,7 @@ import scipy.sparse as sp
 from .run.checkpoint import run_batches
 from .models import Model, check_run_options, load_model, resolve_model_name
 from .plugins import Host, get_host
-from .types import STATUS_OK, STATUS_UNRESOLVED, Annotation, CellSentences, FeatureMatrix, Prompt
+from .types import STATUS_OK, STATUS_UNRESOLVED, Annotation, Assay, CellSentences, FeatureMatrix, Prompt
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +211,7 @@ class RunPlan:
     vocabulary: list[str] | None
     prompt_strategy: Any
     prompt_args: dict[str, Any]
+    assay: Assay | None = None
 
     def make_prompts(self, count_tokens: Callable[[str], int] | None = None) -> list[Prompt]:
         """Build the prompts of the prompted units (``count_tokens`` from the model's tokenizer)."""
@@ -247,14 +249,14 @@ def _multimodal_sentences(
     chunk_size: int,
     sentence_opts: Mapping[str, Any],
     modality_options: Mapping[str, Any] | None,
-) -> tuple[Any, FeatureMatrix, CellSentences, dict]:
+) -> tuple[Any, FeatureMatrix, CellSentences, dict, Assay]:
     """Sentences of several modalities (``"rna+atac"``) of the cells present in all of them.
 
     Each modality is prepared from its own MuData modality (``mod="rna+peaks"`` names them, else the
     modalities' usual keys) and ranked by the same sentence strategy; cells are those in every modality,
     in the MuData's order. Returns the MuData (results go to its ``obs``), the first modality's features,
     the combined sentences (one section per modality, labelled by the modality's ``sentence_label`` or
-    its upper-cased name) and the per-modality strategy state.
+    its upper-cased name), the per-modality strategy state and the union of the modalities' assays.
     """
     names = modality.split("+")
     if not is_mudata(data):
@@ -284,7 +286,148 @@ def _multimodal_sentences(
             host=host, chunk_size=chunk_size, options=sentence_opts,
         )
         parts.append((getattr(component, "sentence_label", name.upper()), sentences_i))
-    return data, prepared[0][2], CellSentences.combine(parts), state
+    assay = Assay.from_features(*(features_i for _, _, features_i in prepared))
+    return data, prepared[0][2], CellSentences.combine(parts), state, assay
+
+
+# -------------------------------------------------------------------------------------------------
+# References (k-shot examples, label transfer), of the query's modality or of another one
+# -------------------------------------------------------------------------------------------------
+
+#: A feature name that is a genomic interval (``chr1:100-600``, ``chr1-100-600``, ``1_100_600``).
+_INTERVAL = re.compile(r"^(chr)?[0-9A-Za-z_.]+[:_-][0-9]+[-_][0-9]+$", re.IGNORECASE)
+#: Feature names looked at to tell intervals (peaks) from gene symbols.
+_SAMPLED_NAMES = 1000
+
+
+def _names_are_intervals(adata: Any) -> bool:
+    """Whether most of the first feature names of ``adata`` are genomic intervals (peaks)."""
+    names = adata.var_names[:_SAMPLED_NAMES].astype(str)
+    return len(names) > 0 and float(np.mean([bool(_INTERVAL.match(n)) for n in names])) > 0.5
+
+
+def _reference_modality_guess(
+    reference: Any, adata: Any, modality: str, reference_modality: str | None, mod: str | None, host: Host
+) -> tuple[Any, Any, str]:
+    """The reference's AnnData, its modality component and name.
+
+    ``reference_modality=None`` means the query's modality, unless the reference obviously is another
+    one: peaks (genomic-interval features) on one side and gene symbols on the other stop with an error
+    naming the fix; a MuData without the query modality's keys is read from the first registered
+    modality whose usual key it has.
+    """
+    reg = host.registry
+    others = [m for m in reg.names("modality") if m != modality]
+    if reference_modality is None and is_mudata(reference):
+        component = reg.get("modality", modality)
+        keys = [mod] if mod is not None else list(getattr(component, "mudata_keys", ()))
+        if not any(k in reference.mod for k in keys):
+            found = next((m for m in others if any(k in reference.mod for k in
+                                                  getattr(reg.get("modality", m), "mudata_keys", ()))), None)
+            if found is not None:
+                log.info("reference: a MuData without %s data; reading its %s modality", modality, found)
+                reference_modality = found
+    name = reference_modality or modality
+    component = reg.get("modality", name)
+    same = name == modality
+    ref_adata, _ = select_modality_data(reference, component, mod if same and is_mudata(reference) else None)
+    if reference_modality is None and not is_mudata(reference):
+        query_peaks, ref_peaks = _names_are_intervals(adata), _names_are_intervals(ref_adata)
+        if query_peaks != ref_peaks:
+            sides = ("peaks", "gene symbols")
+            raise ValueError(
+                f"the reference's features are {sides[not ref_peaks]} ({', '.join(ref_adata.var_names[:3])}) "
+                f"but the query's are {sides[not query_peaks]} ({', '.join(adata.var_names[:3])}): "
+                f"another modality. Pass reference_modality= (one of {', '.join(map(repr, others))}; "
+                f"{modality!r} if it is the same assay)"
+            )
+    return ref_adata, component, name
+
+
+def measured_mask(features: FeatureMatrix, chunk_size: int = 10_000) -> np.ndarray:
+    """Boolean mask of the features a data set can show: those its modality measures
+    (``FeatureMatrix.measured`` when set) that are non-zero in at least one cell (one chunked pass)."""
+    seen = np.zeros(features.n_features, dtype=bool)
+    for _, _, chunk in features.iter_chunks(chunk_size):
+        seen[chunk.indices[chunk.data != 0]] = True
+    measured = getattr(features, "measured", None)
+    return seen if measured is None else seen & np.asarray(measured, dtype=bool)
+
+
+def restrict_features(features: FeatureMatrix, keep: np.ndarray) -> FeatureMatrix:
+    """``features`` with only the columns ``keep`` (a boolean mask), through its column transform
+    (nothing is read or copied)."""
+    keep = np.asarray(keep, dtype=bool)
+    columns = np.flatnonzero(keep)
+    source = features.column_transform if features.column_transform is not None else features.X
+    dtype = getattr(source, "dtype", np.float32)
+    select = sp.csr_matrix(
+        (np.ones(len(columns), dtype=dtype), (columns, np.arange(len(columns)))),
+        shape=(features.n_features, len(columns)),
+    )
+    if features.column_transform is not None:
+        select = sp.csr_matrix(features.column_transform @ select)
+    changes: dict[str, Any] = {"column_transform": select, "feature_names": features.feature_names[keep]}
+    if getattr(features, "measured", None) is not None:
+        changes["measured"] = np.asarray(features.measured, dtype=bool)[keep]
+    return attrs.evolve(features, **changes)
+
+
+def prepare_reference(
+    reference: Any,
+    reference_key: str,
+    adata: Any,
+    features: FeatureMatrix,
+    *,
+    modality: str,
+    reference_modality: str | None,
+    mod: str | None,
+    layer: str | None,
+    use_raw: bool | None,
+    chunk_size: int,
+    modality_options: Mapping[str, Any] | None,
+    host: Host,
+) -> tuple[Any, pd.Series, FeatureMatrix, str, dict[str, int] | None]:
+    """A labelled reference prepared for a query whose features are ``features``.
+
+    The reference is prepared by its own modality component (``reference_modality``, default the
+    query's; see :func:`_reference_modality_guess`). Of the query's modality, it is read as the query is
+    (``layer``, ``use_raw``, ``modality_options``). Of another modality (an scRNA-seq reference for
+    scATAC cells) it is read with that modality's defaults plus ``modality_options`` (each component
+    ignores the others' options), and its features are restricted to the genes both sides can show
+    (:func:`measured_mask` of each): an example gene the query can never show must not make a label
+    win or lose.
+
+    :return: ``(reference AnnData, its labels, its features, the reference modality, gene counts)``;
+        the counts (``query``, ``reference``, ``shared`` measured genes) only across modalities.
+    :raises KeyError: without the label column. :raises ValueError: no gene measured on both sides.
+    """
+    ref_adata, component, name = _reference_modality_guess(reference, adata, modality, reference_modality, mod, host)
+    labels = _labels(ref_adata.obs, reference_key, "the reference")
+    if name == modality:
+        ref_features = component.prepare(
+            ref_adata, layer=layer, use_raw=use_raw, chunk_size=chunk_size, **dict(modality_options or {})
+        )
+        return ref_adata, labels, ref_features, name, None
+    started = time.perf_counter()
+    ref_features = component.prepare(ref_adata, chunk_size=chunk_size, **dict(modality_options or {}))
+    query_genes = pd.Index(features.feature_names[measured_mask(features, chunk_size)].astype(str))
+    ref_measured = measured_mask(ref_features, chunk_size)
+    keep = ref_measured & pd.Index(ref_features.feature_names.astype(str)).isin(query_genes)
+    counts = {"query": len(query_genes), "reference": int(ref_measured.sum()), "shared": int(keep.sum())}
+    if counts["shared"] == 0:
+        raise ValueError(
+            f"no gene is measured both in the query ({modality}, {counts['query']} genes, e.g. "
+            f"{', '.join(query_genes[:3])}) and in the {name} reference ({counts['reference']} genes, e.g. "
+            f"{', '.join(ref_features.feature_names[ref_measured][:3].astype(str))}); check that both use "
+            "gene symbols of the same species"
+        )
+    log.info(
+        "%s reference for %s cells: %d of its %d measured genes are measured in the query (%d genes) "
+        "and kept (%.2f s)", name, modality, counts["shared"], counts["reference"], counts["query"],
+        time.perf_counter() - started,
+    )
+    return ref_adata, labels, restrict_features(ref_features, keep), name, counts
 
 
 def find_model_manifest(model: str) -> Any:
@@ -314,6 +457,7 @@ def plan_run(
     candidates: Sequence[str] | None = None,
     reference: Any = None,
     reference_key: str | None = None,
+    reference_modality: str | None = None,
     k: int = 3,
     groupby: str | None = None,
     n_representatives: int | None = None,
@@ -357,7 +501,8 @@ def plan_run(
     backend_c = reg.backend_for(model_name)
     # A backend may ask for its own sentence settings when the user kept the defaults.
     sentence_opts = dict(sentence_options or {})
-    prefs = getattr(backend_c, "sentence_preferences", None)
+    prefs = dict(getattr(backend_c, "sentence_preferences", None) or {})
+    prefs.update(prefs.pop("modalities", {}).get(modality, {}))  # a modality's own preferences win
     if sentence == "auto" and n_genes is None and prefs:
         sentence = prefs.get("sentence", sentence)
         n_genes = prefs.get("n_genes", n_genes)
@@ -365,19 +510,19 @@ def plan_run(
         log.info("model %s asks for %s sentences (n_genes=%s)", model_name, sentence, n_genes)
 
     if "+" in modality:
-        if reference is not None or reference_key is not None:
+        if reference is not None or reference_key is not None or reference_modality is not None:
             raise ValueError(
                 f"modality={modality!r} combines modalities; k-shot references are per modality: "
                 "annotate one modality with k-shot, or use zero-shot/puzzle prompts"
             )
         t0 = time.perf_counter()
-        adata, features, sentences, state = _multimodal_sentences(
+        adata, features, sentences, state, assay = _multimodal_sentences(
             data, modality, mod, host=host, sentence=sentence, n_genes=n_genes, layer=layer,
             use_raw=use_raw, chunk_size=chunk_size, sentence_opts=sentence_opts,
             modality_options=modality_options,
         )
         mod = None
-        ref_sentences = ref_labels = ref_source = None
+        ref_sentences = ref_labels = ref_source = ref_genes = None
         log.info("%d cells with %s sentences in %.2f s", len(sentences), modality, time.perf_counter() - t0)
         if groupby is not None and groupby not in adata.obs.columns:
             raise KeyError(f"groupby={groupby!r} is not an obs column; available: {list(adata.obs.columns)}")
@@ -398,19 +543,24 @@ def plan_run(
                 f"modality {modality!r} returned {features.n_cells} rows for {adata.n_obs} cells; "
                 "a modality must keep every cell"
             )
+        assay = Assay.from_features(features)
         # A strategy that learns from the data (data-hvg) learns on the reference when there is one; the
         # query then reuses what it learned (the shared ``state``), so both speak the same gene list.
         state: dict = {}
-        ref_sentences = ref_labels = ref_source = None
+        ref_sentences = ref_labels = ref_source = ref_genes = None
+        if reference is None and reference_modality not in (None, modality):
+            raise ValueError(
+                f"reference_modality={reference_modality!r} needs reference= (a labelled data set of that "
+                f"modality); without it the query's own labelled cells, of modality {modality!r}, are used"
+            )
         if reference is not None or reference_key is not None:
             if reference_key is None:
                 raise ValueError("reference= needs reference_key= (the obs column with its labels)")
             if reference is not None:
-                ref_adata, _ = select_modality_data(reference, modality_c, mod if is_mudata(reference) else None)
-                labels = _labels(ref_adata.obs, reference_key, "the reference")
-                ref_features = modality_c.prepare(
-                    ref_adata, layer=layer, use_raw=use_raw, chunk_size=chunk_size,
-                    **dict(modality_options or {}),
+                ref_adata, labels, ref_features, reference_modality, ref_genes = prepare_reference(
+                    reference, reference_key, adata, features, modality=modality,
+                    reference_modality=reference_modality, mod=mod, layer=layer, use_raw=use_raw,
+                    chunk_size=chunk_size, modality_options=modality_options, host=host,
                 )
                 ref_sentences = build_sentences(
                     ref_features, sentence, n_genes=n_genes, state=state, host=host,
@@ -480,6 +630,8 @@ def plan_run(
         "candidates": list(candidates) if candidates else None,
         "reference": ref_source,
         "reference_key": reference_key,
+        "reference_modality": reference_modality or (modality if ref_source is not None else None),
+        "reference_genes": ref_genes,
         "n_reference_cells": len(ref_labels) if ref_labels else None,
         "k": k if ref_labels else None,
         "groupby": groupby,
@@ -487,6 +639,7 @@ def plan_run(
         "max_prompt_tokens": max_prompt_tokens,
         "prompt_options": dict(prompt_options or {}),
         "modality_options": {k_: str(v) for k_, v in dict(modality_options or {}).items()},
+        "assay": assay.summary(),
         "plugins": {
             "modality": ",".join(reg.entries["modality"][m].plugin for m in modality.split("+")),
             "sentence": reg.entries["sentence"][sentences.strategy].plugin
@@ -497,7 +650,7 @@ def plan_run(
     }
     plan = RunPlan(
         adata, mod, features, sentences, unit_rows, groups, representatives, [], params, vocabulary,
-        prompt_c, prompt_args,
+        prompt_c, prompt_args, assay,
     )
     if build_prompts:
         plan.make_prompts(count_tokens)
@@ -697,6 +850,7 @@ def annotate(
     candidates: Sequence[str] | None = None,
     reference: Any = None,
     reference_key: str | None = None,
+    reference_modality: str | None = None,
     k: int = 3,
     groupby: str | None = None,
     n_representatives: int | None = None,
@@ -739,7 +893,8 @@ def annotate(
 
     plan = plan_run(
         data, modality=modality, mod=mod, prompt=prompt, model=model_name, mode=mode,
-        candidates=candidates, reference=reference, reference_key=reference_key, k=k,
+        candidates=candidates, reference=reference, reference_key=reference_key,
+        reference_modality=reference_modality, k=k,
         groupby=groupby, n_representatives=n_representatives, layer=layer, use_raw=use_raw,
         sentence=sentence, n_genes=n_genes, seed=seed, max_prompt_tokens=max_prompt_tokens,
         prompt_options=prompt_options, sentence_options=sentence_options,
@@ -751,7 +906,13 @@ def annotate(
     load_options = handle.options
     if hasattr(loaded, "use_modality"):  # the modality's adapter when the model has one, else the base
         loaded.use_modality(modality)
+    # Models that weigh genes against knowledge score within what this data set can show.
+    observability = loaded.use_assay(plan.assay) if hasattr(loaded, "use_assay") else None
     plan.make_prompts(getattr(loaded, "count_tokens", None))
+    if hasattr(loaded, "survey"):  # a model may look at the whole run first (a tissue context)
+        context = loaded.survey(plan.prompts)
+        if context:
+            observability = {**dict(observability or {}), "context": context}
 
     t1 = time.perf_counter()
     from tqdm.auto import tqdm
@@ -767,7 +928,7 @@ def annotate(
         settings["decode"] = decode
     with tqdm(total=len(plan.prompts), desc="cellscribe", unit="prompt", disable=None if progress else True) as bar:
         generations, resumed = run_batches(
-            loaded, plan.prompts, settings=settings, model=model_name,
+            loaded, plan.prompts, settings=settings, model=f"{model_name}|assay:{plan.assay.digest}",
             batch_prompts=_batch_prompts(loaded, load_options["batch_size"]),
             folder=checkpoint, progress=bar.update,
         )
@@ -824,6 +985,8 @@ def annotate(
     }
     if "clusters" in summary:
         entry["clusters"] = _h5_safe(summary["clusters"])
+    if observability:
+        entry["observability"] = _h5_safe(dict(observability))
     adata.uns[key_added] = entry
     if plan.mod is not None:
         _mirror_to_mudata(data, plan.mod, list(frame.columns), key_added, entry)

@@ -26,6 +26,7 @@ from .answers import FREE, AnswerFormat
 
 __all__ = [
     "FeatureMatrix",
+    "Assay",
     "CellSentences",
     "Example",
     "Prompt",
@@ -69,6 +70,12 @@ class FeatureMatrix:
     source
         Human-readable description of where the values came from (``"X"``, ``"layers['counts']"``,
         ``"raw.X"``), recorded in the run parameters.
+    modality
+        The modality that made the matrix.
+    measured
+        Optional boolean mask over the output columns: the features this data set can show at all. A
+        peak matrix measures only the genes some peak overlaps; ``None`` (the default, as for RNA) means
+        every column is measured. See :class:`Assay`.
     """
 
     X: Any
@@ -78,6 +85,15 @@ class FeatureMatrix:
     value_kind: str = "counts"
     source: str = "X"
     modality: str = "rna"
+    measured: np.ndarray | None = attrs.field(
+        default=None, converter=lambda v: None if v is None else np.asarray(v, dtype=bool)
+    )
+
+    @property
+    def measured_names(self) -> np.ndarray:
+        """The symbols of the features the assay measures in this data set (all of them when
+        :attr:`measured` is ``None``)."""
+        return self.feature_names if self.measured is None else self.feature_names[self.measured]
 
     @property
     def n_cells(self) -> int:
@@ -104,6 +120,61 @@ class FeatureMatrix:
         from .domain.matrix import read_rows
 
         return attrs.evolve(self, X=read_rows(self.X, rows), cell_ids=self.cell_ids[rows])
+
+
+@attrs.frozen(eq=False)
+class Assay:
+    """What the measurement behind a run's cell sentences can see: its modality and the genes it measures.
+
+    A sentence can only ever contain measured genes. A peak matrix of 5,000 peaks measures the ~5,000
+    genes some peak overlaps, and a marker gene without a peak is neither present nor absent: it is not
+    observed. Models that weigh genes against knowledge (the ``markers`` model) must score within this
+    universe; the pipeline gives it to them before any prompt (``LoadedModel.use_assay``) and records
+    :meth:`summary` in ``uns[key]["params"]["assay"]``.
+
+    Attributes
+    ----------
+    modality
+        The modality name (``"rna"``, ``"atac"``, ``"rna+atac"``).
+    genes
+        The measured gene symbols (unique, in feature order).
+    value_kind
+        What the sentence values are (``"counts"``, ``"activity"``).
+    description
+        Where the features came from (the FeatureMatrix ``source``).
+    """
+
+    modality: str
+    genes: np.ndarray = attrs.field(converter=lambda v: np.asarray(v, dtype=object))
+    value_kind: str = ""
+    description: str = ""
+
+    @classmethod
+    def from_features(cls, *features: FeatureMatrix) -> Assay:
+        """The assay of one FeatureMatrix, or the union of several modalities' (``"rna+atac"``)."""
+        if not features:
+            raise ValueError("an assay needs at least one FeatureMatrix")
+        genes = dict.fromkeys(str(g) for f in features for g in f.measured_names)
+        return cls(
+            modality="+".join(f.modality for f in features),
+            genes=list(genes),
+            value_kind="+".join(dict.fromkeys(f.value_kind for f in features)),
+            description="; ".join(f.source for f in features),
+        )
+
+    @property
+    def digest(self) -> str:
+        """A short hash of the modality and the measured genes (part of a checkpoint's identity)."""
+        import hashlib
+
+        h = hashlib.sha256(self.modality.encode())
+        h.update("\x1f".join(self.genes.tolist()).encode())
+        return h.hexdigest()[:16]
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-able description for the run parameters."""
+        return {"modality": self.modality, "n_measured_genes": int(len(self.genes)),
+                "value_kind": self.value_kind, "digest": self.digest}
 
 
 @attrs.frozen(eq=False)
@@ -358,8 +429,10 @@ class Generation:
 
     ``text`` excludes the prompt (and the ``response_prefix``). ``label_scores`` is an optional
     ``{label: probability}`` per unit that backends able to score candidates provide; ``confidence``
-    one value per unit when the backend has one. ``error`` is set when the call failed (the prompt's
-    units become ``unresolved``; the run goes on).
+    one value per unit when the backend has one. ``notes`` is an optional remark per unit that decoders
+    add to the unit's ``note`` (how much of the model's knowledge the data could show, why it doubts or
+    abstains). ``error`` is set when the call failed (the prompt's units become ``unresolved``; the run
+    goes on).
     """
 
     text: str
@@ -368,6 +441,7 @@ class Generation:
     n_prompt_tokens: int | None = None
     n_output_tokens: int | None = None
     error: str | None = None
+    notes: tuple[str, ...] | None = None
 
 
 @attrs.frozen

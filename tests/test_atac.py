@@ -442,11 +442,11 @@ def test_annotation_of_another_genome_is_refused_or_flagged(tmp_path):
     gtf = _rewrite_gtf(tmp_path, "other.gtf", lambda f: ["scaffold_9", *f[1:]])
     with pytest.raises(ValueError, match="another genome"):
         atac.FragmentsReader().read(FRAGMENTS, gtf=gtf, chrom_sizes=SIZES)
-    # Genes on a chromosome the fragments never touch: nothing to rebuild, but an empty result is said.
+    # Genes only on a chromosome the fragments never touch: refused with the share, before counting
+    # (tests/test_atac_trust.py covers the genome-build check and the warning for small empty overlaps).
     gtf = _rewrite_gtf(tmp_path, "chr21.gtf", lambda f: ["chr21", *f[1:]])
-    with pytest.warns(UserWarning, match="no fragment fell into any gene region"):
-        adata = atac.FragmentsReader().read(FRAGMENTS, gtf=gtf, chrom_sizes=SIZES)
-    assert adata.n_obs == 150 and adata.X.nnz == 0
+    with pytest.raises(ValueError, match=r"only 0\.0% of the 29399 fragments lie on a chromosome"):
+        atac.FragmentsReader().read(FRAGMENTS, gtf=gtf, chrom_sizes=SIZES)
 
 
 @needs_snapatac2
@@ -586,7 +586,14 @@ def test_cli_annotates_a_fragment_file(tmp_path, labels):
         ])
         assert result.exit_code == 0, result.output
         written = ad.read_h5ad(out)
-        assert written.n_obs == 150 and written.obs["cellscribe"].notna().all()
+        assert written.n_obs == 150
+        # Without smoothing a cell of ~170 fragments often shows too few markers for a call: it is kept,
+        # unresolved, and the note says why (never a guess).
+        status = written.obs["cellscribe_status"].astype(str)
+        assert (status == "ok").mean() >= 0.5
+        assert written.obs["cellscribe"].notna().to_numpy().tolist() == (status == "ok").tolist()
+        notes = written.obs.loc[status == "unresolved", "cellscribe_note"].astype(str)
+        assert notes.str.startswith("too little information for a call").all()
         assert written.obs["low_coverage"].sum() == int((written.obs["n_fragment"] < 100).sum())
         assert written.uns["cellscribe"]["params"]["modality_options"]["smoothing"] == "False"
     finally:

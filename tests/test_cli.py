@@ -147,3 +147,13 @@ def test_adapters_command_lists_shipped_manifests(runner, host):
     for name in ("cellreasoner-7b", "cellreasoner-32b", "cell-o1"):
         assert f"{name}:" in result.output
     assert "base ncbi/Cell-o1" in result.output
+
+
+def test_main_help_lists_every_command_without_building_it():
+    from cellscribe import cli
+
+    for name, (build, line) in cli._LAZY_COMMANDS.items():
+        full = " ".join((build().help or "").split())
+        assert full.startswith(line.removesuffix("...")), f"cellscribe --help misdescribes {name}"
+    text = CliRunner().invoke(main, ["--help"]).output
+    assert all(name in text for name in cli._LAZY_COMMANDS)

@@ -105,8 +105,8 @@ def test_knowledge_shapes(knowledge):
     assert len(set(knowledge.cell_types)) == n_types
     assert list(knowledge.genes) == sorted(knowledge.genes) and len(set(knowledge.genes)) == n_genes
     assert np.all(np.diff(knowledge.weights.indptr) > 0)  # every type has markers
-    assert knowledge.version == "panglaodb_human_v1+canonical_markers_v1"
-    assert "189 cell types" in repr(knowledge)
+    assert knowledge.version == "panglaodb_human_v1+canonical_markers_v2"
+    assert "196 cell types" in repr(knowledge)  # 189 + the 7 progenitor types of canonical v2
 
 
 def test_matrix_matches_rows(knowledge):
@@ -155,7 +155,7 @@ def test_canonical_rows_override_and_complement_panglao():
     assert _weight(both, "natural killer cell", "XCL1") == pytest.approx(xcl1)
     # canonical types PanglaoDB lacks are added
     assert panglao_only.locate(["CD4-positive, alpha-beta T cell"], nearest=False)[0] == -1
-    assert len(both.cell_types) == len(panglao_only.cell_types) + 11
+    assert len(both.cell_types) == len(panglao_only.cell_types) + 18  # 11 (v1) + 7 progenitor types (v2)
 
 
 def test_ubiquitous_set(knowledge):
@@ -306,7 +306,7 @@ def test_extra_tables_combine_after_builtin_layers(tmp_path, knowledge):
     assert _weight(k, "natural killer cell", "MYGENE") == pytest.approx(0.9)
     assert _weight(k, "natural killer cell", "CD3E") == -1.0  # canonical row kept
     assert _weight(k, "my odd cell", "FOO1") == 1.0 and _weight(k, "my odd cell", "FOO2") == -0.5
-    assert k.version == "panglaodb_human_v1+canonical_markers_v1+user:mine.csv+user"
+    assert k.version == "panglaodb_human_v1+canonical_markers_v2+user:mine.csv+user"
 
 
 def test_combine_layers_keeps_first_name_and_joins_by_name():

@@ -137,7 +137,7 @@ def test_loaded_model_protocol(model):
     assert model.count_tokens("CD3E, CD3D") is None
     info = model.info()
     assert info["backend"] == "markers"
-    assert info["knowledge"] == "panglaodb_human_v1+canonical_markers_v1"
+    assert info["knowledge"] == "panglaodb_human_v1+canonical_markers_v2"
     assert info["n_cell_types"] > 150 and info["calibration"] == "calibration_v1"
 
 

@@ -54,6 +54,7 @@ def _from_json(d: Mapping[str, Any]) -> Generation:
         n_prompt_tokens=d.get("n_prompt_tokens"),
         n_output_tokens=d.get("n_output_tokens"),
         error=d.get("error"),
+        notes=tuple(d["notes"]) if d.get("notes") is not None else None,
     )
 
 

@@ -7,8 +7,9 @@ Registers
 - reader ``fragments`` (:class:`.fragments.FragmentsReader`): ``.tsv.gz`` fragment files to gene
   activity with snapatac2;
 - command-line options ``--gtf``, ``--chrom-sizes``, ``--whitelist``, ``--min-fragments``,
-  ``--promoter`` and ``--smoothing/--no-smoothing`` on ``cellscribe annotate`` and ``cellscribe
-  sentences``; their values reach the reader and the modality as keyword options.
+  ``--promoter`` and ``--smoothing/--no-smoothing`` on ``cellscribe annotate``, ``cellscribe
+  sentences`` and ``cellscribe activity``; their values reach the reader and the modality as keyword
+  options.
 
 Modules: :mod:`.annotation` (GTF/GFF, gene regions), :mod:`.overlap` (peaks to genes),
 :mod:`.embedding` (LSI, kNN smoothing operator), :mod:`.activity` (lazy activity matrix, normalisation),
@@ -62,7 +63,7 @@ __all__ = [
     "write_transcript_gtf",
 ]
 
-_COMMANDS = ("annotate", "sentences")
+_COMMANDS = ("annotate", "sentences", "activity")
 
 
 @hookimpl

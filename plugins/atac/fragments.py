@@ -16,6 +16,9 @@ and handles their traps (see the project's NOTES):
   ``gene_name``; when the annotation gives no gene, or panics, or names chromosomes differently from the
   fragments (``1`` vs ``chr1``), transcript records are rebuilt from it (gene records, ``gene_id`` for a
   missing name, the fragments' chromosome names) into a temporary GTF, with a ``UserWarning``;
+- an annotation of another genome or build is refused before counting, with the measured shares
+  (:func:`~.build.check_build` on a sample of the fragments: on which chromosomes they lie, and whether
+  they gather at the annotation's transcription start sites);
 - everything stays in memory (``file=None``): snapatac2's own ``.h5ad`` files use a Blosc filter that
   plain anndata cannot read. The result is an ordinary AnnData.
 
@@ -41,6 +44,7 @@ import scipy.sparse as sp
 
 from ._options import as_bool, as_int
 from .annotation import builtin_genome, chrom_key, read_gene_annotation, resolve_annotation, write_transcript_gtf
+from .build import MAX_POSITIONS, BuildCheck, check_build
 from .embedding import lsi
 
 log = logging.getLogger(__name__)
@@ -352,13 +356,17 @@ class FragmentsReader:
         - ``obs["n_fragment"]``, ``obs["frac_dup"]``, ``obs["frac_mito"]``: snapatac2's QC (0 for cells
           without fragments); ``obs["has_fragments"]``, ``obs["low_coverage"]``: booleans;
         - ``obsm["X_lsi"]``: LSI of genome tiles (zeros for cells without fragments);
-        - ``uns["gene_activity"]``: how it was made (file, annotation, region settings, versions).
+        - ``uns["gene_activity"]``: how it was made (file, annotation, region settings, versions) and
+          ``["build_check"]``, the measured agreement of the fragments with the annotation
+          (:meth:`~.build.BuildCheck.to_dict`).
 
         Raises
         ------
         ValueError
             Missing annotation or chromosome sizes, chromosomes absent from the sizes, a snapatac2 panic
-            (re-raised with its message), an annotation without usable records, no fragment read.
+            (re-raised with its message), an annotation without usable records, an annotation of another
+            genome or build (almost no fragment on its chromosomes, or fragments not gathering at its TSSs:
+            :func:`~.build.check_build`, before any counting), no fragment read.
         FileNotFoundError
             ``path``, ``gtf``, ``chrom_sizes`` or ``whitelist`` not found.
         """
@@ -401,6 +409,7 @@ class FragmentsReader:
                 + (" for the whitelisted barcodes (check that they are spelled as in the file, e.g. with "
                    "the '-1' suffix)" if barcodes else "")
             )
+        build = _check_build(data, annotation)
         imported = time.perf_counter()
         settings = {
             "upstream": promoter, "downstream": downstream, "include_gene_body": gene_body,
@@ -445,6 +454,7 @@ class FragmentsReader:
             "min_fragments": min_fragments,
             "tile_size": tile_size,
             "snapatac2": str(snap.__version__),
+            "build_check": build.to_dict(),
         }
         n_empty = int((~obs["has_fragments"]).sum())
         n_low = int(obs["low_coverage"].sum())
@@ -455,6 +465,41 @@ class FragmentsReader:
             counted - imported, time.perf_counter() - counted,
         )
         return adata
+
+
+def fragment_positions(data: Any, max_fragments: int = MAX_POSITIONS, seed: int = 0) -> pd.DataFrame:
+    """``chrom``, ``start``, ``end`` of (a fixed random sample of at most ``max_fragments``) fragments
+    of a snapatac2 in-memory AnnData after import.
+
+    snapatac2 keeps each fragment as an entry of ``obsm["fragment_paired"]`` (or ``"fragment_single"``)
+    at its start on the concatenated chromosomes (``uns["reference_sequences"]``, in order), with its
+    length as the value.
+    """
+    key = "fragment_paired" if "fragment_paired" in data.obsm else "fragment_single"
+    fragments = sp.csr_matrix(data.obsm[key])
+    picked = np.arange(fragments.nnz)
+    if fragments.nnz > max_fragments:
+        picked = np.sort(np.random.default_rng(seed).choice(fragments.nnz, max_fragments, replace=False))
+    position = fragments.indices[picked].astype(np.int64)
+    length = np.maximum(np.abs(fragments.data[picked]).astype(np.int64), 1)
+    references = data.uns["reference_sequences"]
+    sizes = np.asarray(references["reference_seq_length"], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    chrom = np.searchsorted(offsets, position, side="right") - 1
+    names = np.asarray(references["reference_seq_name"], dtype=object).astype(str)
+    start = position - offsets[chrom]
+    return pd.DataFrame({"chrom": names[chrom].astype(object), "start": start, "end": start + length})
+
+
+def _check_build(data: Any, annotation: str) -> BuildCheck:
+    """Refuse an annotation whose chromosomes or genome build are not the fragments' (before counting)."""
+    started = time.perf_counter()
+    positions = fragment_positions(data)
+    genes = read_gene_annotation(annotation)
+    found = check_build(positions["chrom"], positions["start"], positions["end"], genes, what="fragments",
+                        annotation=annotation, option="gtf=PATH (--gtf PATH)")
+    log.info("genome build check on %d fragments in %.2f s", len(positions), time.perf_counter() - started)
+    return found
 
 
 def _gene_matrix(data: Any, annotation: str, settings: dict[str, Any]) -> tuple[Any, str | None]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 from typing import Any
 
 import numpy as np
@@ -24,12 +25,18 @@ from .annotation import chrom_key, gene_regions
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PEAK_NAME", "parse_peak_names", "peak_coordinates", "overlap_pairs", "peaks_to_genes"]
+__all__ = ["PEAK_NAME", "PEAK_FORMS", "parse_peak_names", "peak_coordinates", "overlap_pairs", "peaks_to_genes"]
 
 #: A peak name: chromosome, then start and end, separated by ``:``/``-``/``_`` (``chr1:100-600``,
 #: ``chr1-100-600``, ``chr1_100_600``). The chromosome is everything before the two numbers, so
 #: ``chr1_KI270706v1_random:10-20`` works too.
 PEAK_NAME = re.compile(r"^(?P<chrom>.+)[:_-](?P<start>\d+)[_-](?P<end>\d+)$")
+#: The spellings of :data:`PEAK_NAME`, for messages.
+PEAK_FORMS = "chr:start-end, chr-start-end or chr_start_end (chr1:100-600, chr1-100-600, chr1_100_600)"
+#: Names that look like peaks written another way (``chr1:100..600``, ``chr1:1,000-2,000``).
+_LOOKS_LIKE_A_PEAK = r"(?i)^chr[^:_\-\s]*[:_\-]\d"
+#: Between this share and a half of the names are intervals: a mix, refused.
+MIXED_SHARE = 0.01
 
 # var columns that hold peak coordinates (compared case-insensitively): GRanges/Signac, BED, pyranges.
 _CHROM_COLUMNS = ("chrom", "chr", "chromosome", "seqnames", "seqname", "chrom_name")
@@ -66,10 +73,14 @@ def peak_coordinates(var: pd.DataFrame, var_names: Any) -> tuple[pd.DataFrame, s
     """Peak coordinates from ``var`` columns (chrom/start/end) or else from the names, or ``None``.
 
     Columns win when all three exist (``chrom``/``chr``/``seqnames``, ``start``, ``end``, any case).
-    Names count as peaks when more than half of them parse. Rows that cannot be placed keep NaN starts
-    (they map to no gene).
+    Names count as peaks when more than half of them are intervals (:data:`PEAK_NAME` with
+    ``start < end``); the others keep NaN starts (they map to no gene) and a ``UserWarning`` names a
+    few. Names that are not peaks at all (gene symbols) give ``None``.
 
     :return: ``(coordinates, source)`` with ``source`` ``"var columns ..."`` or ``"var_names"``.
+    :raises ValueError: the names are neither peaks nor something else: between 1% and half of them
+        are intervals (a mix, such as genes and peaks in one matrix), or most look like peaks in
+        another spelling (``chr1:100..600``). The message names the expected forms.
     """
     chrom, start, end = (_column(var, c) for c in (_CHROM_COLUMNS, _START_COLUMNS, _END_COLUMNS))
     if chrom is not None and start is not None and end is not None:
@@ -81,10 +92,37 @@ def peak_coordinates(var: pd.DataFrame, var_names: Any) -> tuple[pd.DataFrame, s
             }
         )
         return coords, f"var columns {chrom!r}, {start!r}, {end!r}"
-    coords = parse_peak_names(var_names)
-    if len(coords) and coords["start"].notna().mean() > 0.5:
+    names = pd.Series(np.asarray(var_names, dtype=object), dtype=object).astype(str)
+    coords = parse_peak_names(names)
+    if not len(coords):
+        return None
+    with np.errstate(invalid="ignore"):
+        peak = (coords["end"] > coords["start"]).to_numpy()  # "IGHV7-4-1" parses, but is no interval
+    share = float(peak.mean())
+    if share > 0.5:
+        coords.loc[~peak, ["start", "end"]] = np.nan
+        if not peak.all():
+            message = (
+                f"{int((~peak).sum())} of {len(peak)} peak names are not intervals written {PEAK_FORMS} "
+                f"(e.g. {_examples(names[~peak])}); they map to no gene"
+            )
+            log.warning(message)
+            warnings.warn(message, UserWarning, stacklevel=3)
         return coords, "var_names"
+    odd = names.str.contains(_LOOKS_LIKE_A_PEAK, regex=True).to_numpy() & ~peak
+    if share >= MIXED_SHARE or odd.mean() > 0.5:
+        raise ValueError(
+            f"the feature names are not peaks in a form cellscribe reads: {100 * share:.0f}% of {len(peak)} are "
+            f"intervals{f' (e.g. {_examples(names[peak], 2)})' if peak.any() else ''} and the rest are not "
+            f"(e.g. {_examples(names[~peak])}); name peaks {PEAK_FORMS} or give var columns chrom, start, end "
+            "(a matrix of genes and peaks together: keep the peaks, e.g. adata[:, adata.var['feature_types'] "
+            "== 'Peaks'])"
+        )
     return None
+
+
+def _examples(names: pd.Series, n: int = 3) -> str:
+    return ", ".join(repr(str(x)) for x in names.iloc[:n])
 
 
 def _expand_bins(chrom: np.ndarray, start: np.ndarray, end: np.ndarray, bin_size: int, stride: int):
@@ -153,6 +191,7 @@ def peaks_to_genes(
     upstream: int = 2000,
     downstream: int = 0,
     gene_body: bool = True,
+    check_build: bool = True,
 ) -> tuple[sp.csr_matrix, np.ndarray]:
     """The peaks x genes 0/1 matrix: 1 where a peak overlaps a gene's regulatory region.
 
@@ -160,9 +199,17 @@ def peaks_to_genes(
         :func:`peak_coordinates`).
     :param genes: a :func:`~.annotation.read_gene_annotation` table.
     :param upstream, downstream, gene_body: the region of each gene (:func:`~.annotation.gene_regions`).
+    :param check_build: first check that the annotation belongs to the peaks' genome build
+        (:func:`~.build.check_build`: chromosome names, and peaks gathering at its TSSs).
     :return: ``(matrix, gene_names)``: a CSR float32 matrix (peaks x genes that overlap at least one
         peak) and those genes' names, in annotation order. A peak overlapping two genes counts for both.
+    :raises ValueError: ``check_build`` and the annotation names other chromosomes or belongs to another
+        genome build (the message gives the measured shares and the fix).
     """
+    if check_build:
+        from .build import check_build as check  # build.py uses this module's join
+
+        check(peaks["chrom"].to_numpy(dtype=object), peaks["start"].to_numpy(), peaks["end"].to_numpy(), genes)
     r_start, r_end = gene_regions(genes, upstream=upstream, downstream=downstream, gene_body=gene_body)
     pq, pr = overlap_pairs(
         (peaks["chrom"].to_numpy(dtype=object), peaks["start"].to_numpy(), peaks["end"].to_numpy()),

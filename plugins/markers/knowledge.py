@@ -5,7 +5,7 @@ Two vendored layers (see ``data/PROVENANCE.md``), combined by :func:`load_knowle
 1. ``panglaodb_human_v1.tsv.gz``: the human rows of PanglaoDB (27 Mar 2020), 178 cell types named after
    their Cell Ontology terms, each marker weighted from PanglaoDB's sensitivity, specificity, canonical
    flag and ubiquitousness (built by ``scripts/build_marker_table.py``);
-2. ``canonical_markers_v1.tsv``: a small hand-written layer of textbook markers, each row with its
+2. ``canonical_markers_v2.tsv``: a small hand-written layer of textbook markers, each row with its
    citation, for the distinctions PanglaoDB cannot make (CD4 vs CD8 T cells, naive vs memory, NK vs T,
    classical vs non-classical monocytes, ...). Negative weights mark genes expected to be *absent*.
 
@@ -48,6 +48,7 @@ __all__ = [
     "HOUSEKEEPING_GENES",
     "UBIQUITOUS_PATTERN",
     "RESIDENT_ORGANS",
+    "TISSUE_RESIDENTS",
     "TISSUE_ALIASES",
     "MarkerKnowledge",
     "load_knowledge",
@@ -59,7 +60,7 @@ __all__ = [
 #: The vendored PanglaoDB layer (``data/``), version 1.
 PANGLAO_TABLE = "panglaodb_human_v1.tsv.gz"
 #: The vendored hand-written layer (``data/``), version 1.
-CANONICAL_TABLE = "canonical_markers_v1.tsv"
+CANONICAL_TABLE = "canonical_markers_v2.tsv"
 #: ``source`` of every PanglaoDB row.
 PANGLAO_SOURCE = "PanglaoDB 27 Mar 2020"
 
@@ -89,6 +90,16 @@ UBIQUITOUS_PATTERN = r"^(?:RP[LS](?:P?\d+|A)(?:[AXY]\d*)?(?:L\d*)?(?:P\d+)?|MT-.
 #: with ``tissue=...`` unless ``resident=False``.
 RESIDENT_ORGANS: tuple[str, ...] = ("Immune system", "Blood", "Vasculature", "Connective tissue")
 
+#: Tissues whose resident cells are not those of :data:`RESIDENT_ORGANS`: blood holds hematopoietic
+#: cells only (no vessel wall, no connective tissue), so with ``tissue="blood"`` an endothelial cell,
+#: a pericyte or an adipocyte is not an answer. Other tissues keep all resident organs.
+TISSUE_RESIDENTS: dict[str, tuple[str, ...]] = {
+    "blood": ("Immune system", "Blood"),
+    "peripheral blood": ("Immune system", "Blood"),
+    "pbmc": ("Immune system", "Blood"),
+    "cord blood": ("Immune system", "Blood"),
+}
+
 #: Types of the resident organs that belong to one site (their names say where): with ``tissue=...``
 #: they are kept only for these tissues, so pancreas macrophages are not called splenic ones.
 SITE_SPECIFIC_TYPES: dict[str, tuple[str, ...]] = {
@@ -103,6 +114,7 @@ TISSUE_ALIASES: dict[str, tuple[str, ...]] = {
     "blood": ("Blood", "Immune system"),
     "peripheral blood": ("Blood", "Immune system"),
     "pbmc": ("Blood", "Immune system"),
+    "cord blood": ("Blood", "Immune system"),
     "bone marrow": ("Bone", "Blood", "Immune system"),
     "spleen": ("Immune system", "Blood"),
     "islet": ("Pancreas",),
@@ -368,7 +380,7 @@ class MarkerKnowledge:
     rows
         The long table the matrix was built from: ``cell_type, cl_id, gene, weight, tissue, source``.
     version
-        Which tables it was built from (``"panglaodb_human_v1+canonical_markers_v1"``).
+        Which tables it was built from (``"panglaodb_human_v1+canonical_markers_v2"``).
     """
 
     cell_types: np.ndarray
@@ -532,7 +544,8 @@ class MarkerKnowledge:
             Keep the types recorded in this tissue (PanglaoDB organ names, ignoring case and a plural
             "s", or a :data:`TISSUE_ALIASES` key such as ``"blood"`` or ``"pbmc"``), plus, with
             ``resident=True``, the types of :data:`RESIDENT_ORGANS` (immune, vascular and connective
-            cells occur in every tissue) except those of :data:`SITE_SPECIFIC_TYPES` named for another
+            cells occur in every tissue; blood, PBMC and cord blood keep only immune and blood cells,
+            :data:`TISSUE_RESIDENTS`) except those of :data:`SITE_SPECIFIC_TYPES` named for another
             site.
         nearest
             Passed to :meth:`locate`.
@@ -582,15 +595,21 @@ class MarkerKnowledge:
                 f"{sorted(TISSUE_ALIASES)}"
             )
         recorded = np.asarray([any(_tissue_key(t) in wanted for t in ts) for ts in self.tissues], dtype=bool)
-        if not resident:
-            return recorded
-        residents = {_tissue_key(t) for t in RESIDENT_ORGANS}
         asked = wanted | {key}
-        return recorded | np.asarray([
-            any(_tissue_key(t) in residents for t in ts)
-            and (name not in SITE_SPECIFIC_TYPES or bool(asked & {_tissue_key(x) for x in SITE_SPECIFIC_TYPES[name]}))
+        # A type named for one site (splenic red pulp macrophage) belongs to that site, or to a request
+        # for an organ it is recorded in by name (tissue="immune system"), not to another tissue.
+        on_site = np.asarray([
+            name not in SITE_SPECIFIC_TYPES
+            or bool(asked & {_tissue_key(x) for x in SITE_SPECIFIC_TYPES[name]})
+            or key in {_tissue_key(t) for t in ts}
             for name, ts in zip(self.cell_types, self.tissues)
         ], dtype=bool)
+        if not resident:
+            return recorded & on_site
+        overrides = {_tissue_key(name): organs for name, organs in TISSUE_RESIDENTS.items()}
+        residents = {_tissue_key(t) for t in overrides.get(key, RESIDENT_ORGANS)}
+        resident_here = np.asarray([any(_tissue_key(t) in residents for t in ts) for ts in self.tissues], dtype=bool)
+        return (recorded | resident_here) & on_site
 
 
 # ------------------------------------------------------------------------------------------ loading

@@ -8,7 +8,8 @@ that mean exceeds the largest mean of any other label::
     signature(l, g) = max(0, mean_l(g) - max_{l' != l} mean_l'(g))
 
 so a gene frequent and high in one label's examples and rare in all the others' weighs most; genes
-every label shares weigh nothing. Each label keeps its :data:`SIGNATURE_GENES` heaviest genes. A
+every label shares weigh nothing, and so do genes the query data do not measure (an RNA reference for
+a peak matrix: see :meth:`MarkerScorer.within`). Each label keeps its :data:`SIGNATURE_GENES` heaviest genes. A
 signature is scored like a marker list (same rank weights and normalisation), and where the label also
 names a cell type of the knowledge the two scores are averaged (see
 :meth:`~.backend.MarkersModel`).
@@ -65,6 +66,8 @@ def label_signatures(scorer: MarkerScorer, examples: Sequence[Example], labels: 
     signature = np.zeros_like(means)
     present = counts > 0
     signature[present] = np.maximum(means[present] - _mean_of_others(means[present]), 0.0)
+    # Genes the query data cannot show never make a label (examples may come from another assay).
+    signature[:, ~scorer.measured_columns(vocabulary)] = 0.0
     positive = _keep_heaviest(signature, SIGNATURE_GENES)
     return Signatures(labels, vocabulary, positive, scorer.norms_of(positive), counts.astype(np.int64))
 

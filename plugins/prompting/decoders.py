@@ -28,9 +28,10 @@
     scores 0 under the official metrics, which are computed from the raw text and stay unchanged. A
     missing answer tag or a wrong number of labels leaves every cell unresolved.
 
-Both decoders never raise on model output, copy ``generation.confidence`` per unit when given, keep
-the whole output in ``Annotation.raw`` and the think text in ``Annotation.reasoning``, and make every
-unit unresolved (note = the error) when ``generation.error`` is set.
+Both decoders never raise on model output, copy ``generation.confidence`` per unit when given, add
+``generation.notes`` (the model's own remark per unit) to each unit's note, keep the whole output in
+``Annotation.raw`` and the think text in ``Annotation.reasoning``, and make every unit unresolved (note
+= the error) when ``generation.error`` is set.
 """
 
 from __future__ import annotations
@@ -55,6 +56,12 @@ _TRAILING = " \t.;:,!。"
 _NORMALISE = re.compile(r"[^\w+]+")
 #: Longest answer text looked at (a runaway generation is cut to its end, where the answer is).
 _MAX_ANSWER_CHARS = 20_000
+#: Answers that say the model cannot tell (compared after :func:`normalise`).
+ABSTENTIONS = frozenset({
+    "unresolved", "unknown", "undetermined", "indeterminate", "uncertain", "unclassified", "unassigned",
+    "none", "n a", "not determined", "cannot be determined", "cannot determine", "can not be determined",
+    "insufficient information", "not enough information", "too little information",
+})
 
 
 def _as_text(value: Any) -> str:
@@ -168,6 +175,17 @@ def _confidence(generation: Generation, i: int, n: int) -> float | None:
         return None
 
 
+def _unit_note(generation: Generation, i: int, n: int) -> str:
+    notes = generation.notes
+    if notes is None or len(notes) != n:
+        return ""
+    return str(notes[i] or "")
+
+
+def _join(*notes: str) -> str:
+    return "; ".join(n for n in notes if n)
+
+
 def _failed(units: Sequence[str], text: str, error: str) -> list[Annotation]:
     """Every unit unresolved because the model call itself failed."""
     return [Annotation.unresolved(u, raw=text, note=f"generation failed: {error}") for u in units]
@@ -205,6 +223,9 @@ class CellReasonerDecoder:
                 note = "; ".join(filter(None, ["reasoning was not closed with </think>", note]))
             else:
                 note = "reasoning was not closed with </think> (output cut off? raise max_new_tokens)"
+        elif normalise(answer) in ABSTENTIONS and answer not in vocab:
+            # The model's own reason (generation.notes), when it gave one, says it better.
+            note = "" if generation.notes else f"the model abstained (answer {answer!r})"
         elif vocab:
             label, note = match_label(answer, vocab)
         elif answer:
@@ -213,12 +234,13 @@ class CellReasonerDecoder:
             note = "empty answer"
         out = []
         for i, unit in enumerate(units):
+            unit_note = _join(note, _unit_note(generation, i, len(units)))
             if label is None:
-                out.append(Annotation.unresolved(unit, raw=text, note=note, reasoning=reasoning))
+                out.append(Annotation.unresolved(unit, raw=text, note=unit_note, reasoning=reasoning))
             else:
                 out.append(
                     Annotation(
-                        unit, label, STATUS_OK, _confidence(generation, i, len(units)), reasoning, text, note
+                        unit, label, STATUS_OK, _confidence(generation, i, len(units)), reasoning, text, unit_note
                     )
                 )
         return out
@@ -261,7 +283,7 @@ class CellPuzzlesDecoder:
                 label, how = match_label(given, candidates, loose=False)
             else:
                 label, how = (given or None), ("" if given else "empty answer")
-            note = "; ".join(filter(None, [format_note, how]))
+            note = _join(format_note, how, _unit_note(generation, i, len(units)))
             if label is None:
                 out.append(Annotation.unresolved(unit, raw=text, note=note, reasoning=reasoning))
             else:

@@ -1,0 +1,203 @@
+"""Benchmark: scATAC annotation on real labelled peak matrices and fragments (issue 12's figures).
+
+Runs ``cellscribe.tl.annotate(modality="atac")`` with the default ``markers`` model, as a new user would,
+on the real labelled scATAC data of ``../shared/data/atac`` (see its PROVENANCE.md), with and without a
+tissue, and prints:
+
+``schep``
+    Schep et al. 2017 (600 cells, 5,036 peaks, hg19): lineage accuracy of the 300 blood and
+    lymphoblastoid cells (Monocyte -> myeloid: monocyte, macrophage, dendritic cell, granulocyte or mast
+    cell; Erythroblast -> erythroid; LCL 1, LCL 2 Rep1/Rep2 (GM12878) -> B; LMPP -> hematopoietic stem
+    or progenitor), per population, and what the cell lines (K562, HL60, ESCs, fibroblasts) and the two
+    AML patients get.
+``buenrostro``
+    Buenrostro et al. 2018 (533 FACS-sorted bone-marrow progenitors, 35,983 peaks): the share of cells
+    called a hematopoietic stem or progenitor cell type (Cell Ontology lineage "HSPC") and the 7-gate x
+    label confusion (reported, not tuned).
+``pbsmall``
+    ArchR's PBSmall (150 PBMC from fragments, chr5/chr11): lineage accuracy (B -> B, T -> T or NK,
+    monocyte -> myeloid), in a fresh process with the default settings.
+
+For every run: the share of cells given a label from the nervous system, the endocrine pancreas or the
+gut (Cell Ontology lineages neuron, glial cell, pancreatic endocrine, or a knowledge type recorded only
+in the brain, pancreas or GI tract), unresolved cells, what of the knowledge the data could show
+(``uns["cellscribe"]["observability"]``) and the wall time. A label counts as right only when its
+lineage is expected and it is not such a foreign label (a microglial cell is a macrophage, but not a
+blood one).
+
+Usage::
+
+    .venv/bin/python benchmarks/atac_real.py                       # all three data sets
+    .venv/bin/python benchmarks/atac_real.py --data schep,pbsmall
+    .venv/bin/python benchmarks/atac_real.py --option n_neighbors=30 --sentence-genes 500
+
+Results: see benchmarks/README.md ("scATAC on real data").
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+GTF19 = SHARED / "genome" / "hg19_archr_genes.gtf.gz"
+SIZES19 = SHARED / "genome" / "hg19.chrom.sizes"
+
+MYELOID = {"monocyte", "macrophage", "dendritic cell", "granulocyte", "mast cell"}
+FOREIGN_LINEAGES = {"neuron", "glial cell", "pancreatic endocrine"}
+FOREIGN_ORGANS = {"brain", "pancreas", "gi tract"}
+SCHEP_EXPECTED = {
+    "Monocyte": MYELOID,
+    "Erythroblast": {"erythroid"},
+    "LCL 1": {"B cell"},
+    "LCL 2 Rep1": {"B cell"},
+    "LCL 2 Rep2": {"B cell"},
+    "LMPP": {"HSPC"},
+}
+PBSMALL_EXPECTED = {"B cell": {"B cell"}, "T cell": {"T cell", "NK cell"}, "monocyte": MYELOID}
+
+
+def _lineage_table(labels: pd.Series) -> pd.DataFrame:
+    """Per label: its Cell Ontology lineage and whether it is foreign to blood (see module docstring)."""
+    from cellscribe.core.domain.ontology import get_ontology
+    from cellscribe.plugins.markers.knowledge import load_knowledge
+
+    onto = get_ontology()
+    knowledge = load_knowledge()
+    organs = {str(n): {str(t).lower() for t in ts} for n, ts in zip(knowledge.cell_types, knowledge.tissues)}
+    rows = {}
+    for label in pd.unique(labels.dropna().astype(str)):
+        term = onto.lookup(label)
+        lineage = onto.lineage(term) if term else None
+        where = organs.get(label, set())
+        foreign = lineage in FOREIGN_LINEAGES or bool(where and where <= FOREIGN_ORGANS)
+        rows[label] = {"lineage": lineage, "foreign": foreign}
+    return pd.DataFrame.from_dict(rows, orient="index", columns=["lineage", "foreign"])
+
+
+def judge(predicted: pd.Series, truth: pd.Series, expected: dict[str, set[str]]) -> pd.DataFrame:
+    """Per cell: truth, label, lineage, foreign, and right (lineage expected and not foreign; NaN where
+    the truth has no expectation)."""
+    table = _lineage_table(predicted)
+    labels = predicted.astype(object)
+    lineage = labels.map(lambda x: table.loc[x, "lineage"] if isinstance(x, str) else None)
+    foreign = labels.map(lambda x: bool(table.loc[x, "foreign"]) if isinstance(x, str) else False)
+    truth = truth.astype(str)
+    right = [
+        (lin in expected[t] and not f) if t in expected else np.nan
+        for t, lin, f in zip(truth, lineage, foreign)
+    ]
+    return pd.DataFrame(
+        {"truth": truth.to_numpy(), "label": labels.to_numpy(), "lineage": lineage.to_numpy(),
+         "foreign": foreign.to_numpy(), "right": right}
+    )
+
+
+def annotate(adata, *, tissue, options, sentence_genes):
+    import cellscribe as cs
+
+    started = time.perf_counter()
+    cs.tl.annotate(
+        adata, modality="atac", tissue=tissue, progress=False, sidecar=False,
+        modality_options={"gtf": str(GTF19), **options}, n_genes=sentence_genes,
+    )
+    return time.perf_counter() - started
+
+
+def report(name: str, adata, judged: pd.DataFrame, seconds: float, *, show_other: bool = True) -> dict:
+    entry = adata.uns["cellscribe"]
+    status = adata.obs["cellscribe_status"].astype(str)
+    known = judged["right"].notna()
+    accuracy = float(judged.loc[known, "right"].astype(bool).mean()) if known.any() else float("nan")
+    foreign = float(judged["foreign"].mean())
+    obs = dict(entry.get("observability", {}))
+    print(f"\n== {name}: lineage accuracy {accuracy:.3f} ({int(known.sum())} cells); foreign labels "
+          f"{foreign:.1%}; unresolved {float((status == 'unresolved').mean()):.1%}; {seconds:.1f} s")
+    if obs:
+        print(f"   observability: {obs.get('n_measured_genes')} measured genes, "
+              f"{obs.get('marker_weight_observable')} of the marker weight, "
+              f"{obs.get('n_cell_types_callable')} of {obs.get('n_cell_types')} types callable")
+    per = judged.groupby("truth").agg(
+        cells=("right", "size"), right=("right", lambda r: float(r.mean()) if r.notna().any() else np.nan),
+        top=("label", lambda x: ", ".join(f"{k} {v}" for k, v in x.fillna("(unresolved)").value_counts().head(3).items())),
+    )
+    if not show_other:
+        per = per[per["right"].notna()]
+    print(per.to_string())
+    return {"data": name, "accuracy": accuracy, "foreign": foreign, "seconds": seconds}
+
+
+def run_schep(tissues, options, genes) -> list[dict]:
+    import anndata as ad
+
+    out = []
+    for tissue in tissues:
+        adata = ad.read_h5ad(SHARED / "atac" / "schep2017_blood_celllines_600cells.h5ad")
+        seconds = annotate(adata, tissue=tissue, options=options, sentence_genes=genes)
+        judged = judge(adata.obs["cellscribe"], adata.obs["cell_type"], SCHEP_EXPECTED)
+        out.append(report(f"Schep 2017, tissue={tissue}", adata, judged, seconds))
+    return out
+
+
+def run_buenrostro(tissues, options, genes) -> list[dict]:
+    import anndata as ad
+
+    out = []
+    for tissue in tissues:
+        adata = ad.read_h5ad(SHARED / "atac" / "buenrostro2018_bm0828_facs_533cells.h5ad")
+        seconds = annotate(adata, tissue=tissue, options=options, sentence_genes=genes)
+        gates = adata.obs["cell_type"].astype(str)
+        judged = judge(adata.obs["cellscribe"], gates, {g: {"HSPC"} for g in gates.unique()})
+        out.append(report(f"Buenrostro 2018, tissue={tissue}", adata, judged, seconds))
+        confusion = pd.crosstab(adata.obs["cellscribe"].astype(object).fillna("(unresolved)"), gates)
+        print(confusion.loc[confusion.sum(axis=1).sort_values(ascending=False).index].to_string())
+    return out
+
+
+def run_pbsmall(tissues, options, genes) -> list[dict]:
+    from cellscribe.core.pipeline import read_input
+
+    truth = pd.read_csv(SHARED / "atac" / "PBSmall_labels.tsv", sep="\t", index_col=0)["cell_type"]
+    out = []
+    for tissue in tissues:
+        adata = read_input(SHARED / "atac" / "PBSmall_fragments.tsv.gz", gtf=GTF19, chrom_sizes=SIZES19)
+        seconds = annotate(adata, tissue=tissue, options=options, sentence_genes=genes)
+        judged = judge(adata.obs["cellscribe"], truth.reindex(adata.obs_names), PBSMALL_EXPECTED)
+        out.append(report(f"PBSmall, tissue={tissue}", adata, judged, seconds))
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default="schep,buenrostro,pbsmall")
+    parser.add_argument("--option", action="append", default=[], help="atac modality option KEY=VALUE")
+    parser.add_argument("--sentence-genes", type=int, default=None, help="n_genes (default: the model's)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.ERROR)
+    warnings.filterwarnings("ignore")
+    options = {}
+    for item in args.option:
+        key, value = item.split("=", 1)
+        options[key] = value
+    runs = {
+        "schep": (run_schep, [None, "blood"]),
+        "buenrostro": (run_buenrostro, [None, "bone marrow"]),
+        "pbsmall": (run_pbsmall, [None, "blood"]),
+    }
+    summary = []
+    for name in args.data.split(","):
+        function, tissues = runs[name]
+        summary += function(tissues, options, args.sentence_genes)
+    print("\n" + pd.DataFrame(summary).to_string(index=False))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,159 @@
+"""scATAC annotation on real labelled peak matrices and fragments (issue: right on real data, not fixtures).
+
+Data (tests/data/atac, PROVENANCE.md there): Schep et al. 2017 (600 cells, 5,036 peaks), 280 of
+Buenrostro et al. 2018's FACS-sorted bone-marrow progenitors (35,983 peaks) and ArchR's PBSmall
+fragments. The floors are measured values rounded down (benchmarks/atac_real.py prints them for the
+full shared files); what a real user must be able to rely on is asserted exactly: every cell kept, no
+label from the brain, the endocrine pancreas or the gut with a tissue given, no cell type called on
+genes the data do not measure, and the observability written to ``uns``.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+import cellscribe as cs
+from cellscribe.core.pipeline import plan_run, read_input
+
+DATA = Path(__file__).parent / "data" / "atac"
+GTF = DATA / "hg19_genes.gtf.gz"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import atac_real  # noqa: E402  (the benchmark's lineage rules: one definition for tests and figures)
+
+
+@pytest.fixture(scope="module")
+def schep():
+    return ad.read_h5ad(DATA / "schep2017_blood_celllines_600cells.h5ad")
+
+
+@pytest.fixture(scope="module")
+def buenrostro():
+    return ad.read_h5ad(DATA / "buenrostro2018_bm0828_facs_280cells.h5ad")
+
+
+def _annotate(adata, **kwargs):
+    out = adata.copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cs.tl.annotate(out, modality="atac", progress=False, sidecar=False,
+                       modality_options={"gtf": str(GTF)}, **kwargs)
+    return out
+
+
+def _accuracy(judged: pd.DataFrame) -> float:
+    known = judged["right"].notna()
+    return float(judged.loc[known, "right"].astype(bool).mean())
+
+
+@pytest.fixture(scope="module")
+def schep_blood(schep):
+    return _annotate(schep, tissue="blood")
+
+
+def test_schep_blood_lineages_every_cell_kept_no_foreign_label(schep, schep_blood):
+    result = schep_blood
+    assert result.n_obs == schep.n_obs and result.obs_names.tolist() == schep.obs_names.tolist()
+    judged = atac_real.judge(result.obs["cellscribe"], result.obs["cell_type"], atac_real.SCHEP_EXPECTED)
+    assert _accuracy(judged) >= 0.68  # 0.71 measured; 0.40 before the measured-gene scoring
+    assert not judged["foreign"].any()
+    per = judged.groupby("truth")["right"].mean()
+    assert per[["LCL 1", "LCL 2 Rep1", "LCL 2 Rep2"]].mean() >= 0.7  # GM12878 -> B lineage
+    assert per["Monocyte"] >= 0.7
+    # The erythroleukemia line reads as erythroid, the myeloid leukemia line as myeloid.
+    labels = result.obs["cellscribe"].astype(object)
+    lineages = atac_real._lineage_table(labels)["lineage"]
+    k562 = labels[result.obs["cell_type"] == "K562 Erythroleukemia"].map(lineages)
+    assert (k562 == "erythroid").mean() >= 0.8
+    hl60 = labels[result.obs["cell_type"] == "HL60 Leukemia"].map(lineages)
+    assert hl60.isin(atac_real.MYELOID).mean() >= 0.4
+
+
+def test_schep_observability_in_uns_and_notes(schep_blood):
+    entry = schep_blood.uns["cellscribe"]
+    observed = entry["observability"]
+    assert observed["modality"] == "atac"
+    assert 4000 < observed["n_measured_genes"] < 6000  # 5,036 peaks reach ~5,000 genes
+    assert 0.05 < observed["marker_weight_observable"] < 0.25  # most marker knowledge is unseen
+    assert observed["n_cell_types_callable"] < observed["n_cell_types"]
+    assert entry["params"]["assay"]["n_measured_genes"] >= observed["n_measured_genes"]
+    notes = schep_blood.obs["cellscribe_note"].astype(str)
+    ok = schep_blood.obs["cellscribe_status"] == "ok"
+    assert notes[ok].str.contains("are measured in these data").mean() > 0.9  # per cell: how much was seen
+
+
+def test_no_type_is_called_on_genes_the_peaks_cannot_show(schep, schep_blood):
+    """Every label has at least MIN_OBSERVABLE_MARKERS markers among the genes some peak overlaps."""
+    from cellscribe.plugins.markers.backend import _builtin_scorer
+    from cellscribe.plugins.markers.scoring import MIN_OBSERVABLE_MARKERS
+
+    plan = plan_run(schep, modality="atac", model="markers", modality_options={"gtf": str(GTF)})
+    scorer = _builtin_scorer().within(plan.assay.genes)
+    called = set(schep_blood.obs["cellscribe"].dropna().astype(str))
+    rows = {str(n): i for i, n in enumerate(scorer.cell_types)}
+    assert called and all(scorer.n_observable[rows[label]] >= MIN_OBSERVABLE_MARKERS for label in called)
+    # The reasoning never lists an unmeasured marker as missing (it is not observed, not absent).
+    measured = {g.upper() for g in plan.assay.genes}
+    reasoning = " ".join(schep_blood.obs["cellscribe_reasoning"].astype(str).head(50))
+    for missing in ("MS4A1", "CD79A", "CD14", "GATA1", "CD34"):  # no peak in this 5,036-peak set
+        assert missing not in measured and f"no {missing}" not in reasoning
+
+
+def test_schep_without_tissue_infers_a_context_and_says_so(schep):
+    result = _annotate(schep)
+    context = result.uns["cellscribe"]["observability"]["context"]
+    assert context["inferred"] and "Immune system" in list(context["organs"])
+    judged = atac_real.judge(result.obs["cellscribe"], result.obs["cell_type"], atac_real.SCHEP_EXPECTED)
+    assert _accuracy(judged) >= 0.4  # 0.44 measured (0.09 before): reported, below the goal
+
+
+def test_buenrostro_bone_marrow_no_foreign_label(buenrostro):
+    result = _annotate(buenrostro, tissue="bone marrow")
+    gates = result.obs["cell_type"].astype(str)
+    judged = atac_real.judge(result.obs["cellscribe"], gates, {g: {"HSPC"} for g in gates.unique()})
+    assert not judged["foreign"].any()
+    assert result.n_obs == buenrostro.n_obs
+    called = result.obs["cellscribe"].dropna().astype(str)
+    assert called.isin(["hematopoietic stem cell", "hematopoietic multipotent progenitor cell"]).sum() >= 10
+    assert _accuracy(judged) >= 0.10  # measured on this 280-cell subset; far below the 0.85 goal
+
+
+def test_pbsmall_fragments_default_settings():
+    adata = read_input(DATA / "PBSmall_fragments.tsv.gz", gtf=DATA / "hg19_chr5_chr11_genes.gtf.gz",
+                       chrom_sizes=DATA / "hg19.chrom.sizes")
+    truth = pd.read_csv(DATA / "PBSmall_labels.tsv", sep="\t", index_col=0)["cell_type"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cs.tl.annotate(adata, modality="atac", progress=False, sidecar=False)
+    judged = atac_real.judge(adata.obs["cellscribe"], truth.reindex(adata.obs_names), atac_real.PBSMALL_EXPECTED)
+    assert _accuracy(judged) >= 0.85  # 0.90 measured (0.767 before)
+    assert not judged["foreign"].any()
+    # Fragments of chr5 and chr11 only: the assay measures those genes, not the annotation's 23,179.
+    observed = adata.uns["cellscribe"]["observability"]
+    assert observed["n_measured_genes"] < 2500
+    assert observed["context"]["inferred"] and list(observed["context"]["organs"]) == ["Immune system"]
+
+
+def test_too_little_information_is_unresolved_with_the_reason(schep):
+    """A cell whose measurable markers do not support any type is kept, unresolved, with the reason."""
+    sparse = schep[:40].copy()
+    sparse.X = sparse.X.tocsr()
+    rng = np.random.default_rng(0)
+    sparse.X.data[rng.random(sparse.X.nnz) < 0.97] = 0  # 3% of the counts: a few peaks per cell
+    sparse.X.eliminate_zeros()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cs.tl.annotate(sparse, modality="atac", tissue="blood", progress=False, sidecar=False,
+                       modality_options={"gtf": str(GTF), "smoothing": False})
+    assert sparse.n_obs == 40
+    status = sparse.obs["cellscribe_status"].astype(str)
+    assert (status == "unresolved").any()
+    notes = sparse.obs.loc[status == "unresolved", "cellscribe_note"].astype(str)
+    assert notes.str.contains("too little information|no expressed gene").all()
+    assert sparse.obs.loc[status == "unresolved", "cellscribe"].isna().all()
