@@ -135,7 +135,7 @@ class Backend(Protocol):
     ``handles(spec)`` says whether a ``model=`` string is for this backend (a local directory with a
     ``config.json``, a hub id, ``"openai:gpt-x"``). ``load(spec, *, adapters, hook, **options)``
     returns a :class:`LoadedModel`; ``adapters`` maps modality -> adapter path; ``hook`` is the plugin
-    manager's hook relay (to call ``cellscribe_load_adapter`` or ``cellscribe_marker_knowledge``);
+    manager's hook relay (to call ``cellscribe_load_adapter``, or hooks its plugin added);
     ``tissue`` is the user's tissue hint or ``None``; other ``options`` come from ``model_options``.
     Optional ``sentence_preferences``: ``{"sentence": name, "n_genes": int, "options": {...},
     "modalities": {modality: {...}}}`` used when the user kept the default sentence settings; a

@@ -76,14 +76,43 @@ def test_every_builtin_plugin_is_an_entry_point(host):
 
 
 def test_hookspecs_are_documented():
-    specs = [f for n, f in vars(hookspecs).items() if n.startswith("cellscribe_") and callable(f)]
-    assert len(specs) >= 9
+    import importlib
+
+    modules = [hookspecs] + [
+        importlib.import_module(f"cellscribe.plugins.{p.name}.hookspecs") for p in PLUGIN_DIRS
+        if (p / "hookspecs.py").exists()
+    ]
+    specs = [f for m in modules for n, f in vars(m).items() if n.startswith("cellscribe_") and callable(f)]
+    assert len(specs) >= 10
     for spec in specs:
         doc = inspect.getdoc(spec)
         assert doc and len(doc) > 80, f"{spec.__name__} needs a real docstring"
         assert ":param" in doc or ":return" in doc
         sig = inspect.signature(spec)
         assert all(p.annotation is not inspect.Parameter.empty for p in sig.parameters.values())
+
+
+def test_a_plugin_adds_its_own_hooks(host):
+    """markers owns cellscribe_marker_knowledge (cellscribe_addhooks); core declares no hook only one
+    plugin uses."""
+    from cellscribe.plugins.markers import hookspecs as marker_specs
+
+    assert not hasattr(hookspecs, "cellscribe_marker_knowledge")
+    assert host.hook.cellscribe_marker_knowledge.spec.namespace is marker_specs
+
+    class Knows:
+        @hookimpl
+        def cellscribe_marker_knowledge(self, tissue):
+            return None
+
+    with_markers = plugins.make_host(extra=[("knows", Knows())])
+    assert "hook:cellscribe_marker_knowledge" in {i.name: i for i in with_markers.plugins()}["knows"].provides
+    os.environ["CELLSCRIBE_DISABLE_PLUGINS"] = "markers"
+    try:  # without the plugin that owns the hook, implementing it is an unknown hook
+        with pytest.raises(pluggy.PluginValidationError, match="unknown hook"):
+            plugins.make_host(extra=[("knows", Knows())])
+    finally:
+        del os.environ["CELLSCRIBE_DISABLE_PLUGINS"]
 
 
 def test_misspelled_hook_is_caught():
