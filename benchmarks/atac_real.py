@@ -162,7 +162,7 @@ def run_buenrostro(tissues, options, genes) -> list[dict]:
 
 
 def run_pbsmall(tissues, options, genes) -> list[dict]:
-    from cellscribe.core.pipeline import read_input
+    from cellscribe.core.run import read_input
 
     truth = pd.read_csv(SHARED / "atac" / "PBSmall_labels.tsv", sep="\t", index_col=0)["cell_type"]
     out = []

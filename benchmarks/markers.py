@@ -27,7 +27,7 @@ def main() -> None:
     import scanpy as sc
 
     import cellscribe as cs
-    from cellscribe.core import pipeline
+    from cellscribe.core import run
     from cellscribe.core.plugins import get_host
 
     import importlib.resources
@@ -55,7 +55,7 @@ def main() -> None:
 
     host = get_host()
     t0 = time.perf_counter()
-    plan = pipeline.plan_run(adata, model="markers", prompt=args.prompt, host=host, **extra)
+    plan = run.plan_run(adata, model="markers", prompt=args.prompt, host=host, **extra)
     t_plan = time.perf_counter() - t0
     loaded = host.registry.get("backend", "markers").load("markers", hook=host.hook)
     t0 = time.perf_counter()

@@ -253,7 +253,7 @@ def _quiet(fn: Callable, *args, **kwargs):
 def zero_shot(datasets, *, model_cache) -> tuple[list[dict], dict]:
     """Zero-shot accuracy through ``cellscribe.tl.annotate`` and the scores behind it."""
     import cellscribe
-    from cellscribe.core.pipeline import plan_run
+    from cellscribe.core.run import plan_run
     from cellscribe.core.plugins import get_host
 
     rows, runs = [], {}
@@ -339,7 +339,7 @@ def kshot_task(datasets) -> list[dict]:
 def puzzle_task(datasets, *, n_genes: int = 50) -> list[dict]:
     """Benchmark puzzles (one cell of each of n labels, one donor) answered by the model."""
     from cellscribe.core.evaluation.metrics import puzzle_metrics
-    from cellscribe.core.pipeline import plan_run
+    from cellscribe.core.run import plan_run
     from cellscribe.core.plugins import get_host
     from cellscribe.plugins.prompting.puzzle import Puzzle, benchmark_record, plan_benchmark_puzzles
 
@@ -392,7 +392,7 @@ def compare_params(datasets, settings: list[str]) -> list[dict]:
     defaults first), from the same sentences and the same choice rule as the backend's."""
     import attrs
 
-    from cellscribe.core.pipeline import plan_run
+    from cellscribe.core.run import plan_run
     from cellscribe.plugins.markers.backend import MarkersModel
     from cellscribe.plugins.markers.knowledge import load_knowledge
     from cellscribe.plugins.markers.scoring import MarkerScorer, ScoringParams

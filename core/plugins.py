@@ -27,7 +27,7 @@ import attrs
 import pluggy
 
 from . import hookspecs
-from .components import KINDS
+from .components import KINDS, with_defaults
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,8 @@ class Registry:
                 f"{kind} {name!r} is registered twice: by plugin {existing.plugin!r} and by {plugin!r}; "
                 f"block one with {ENV_DISABLE}={plugin}"
             )
-        self.entries[kind][name] = Entry(kind, name, component, plugin)
+        # The registry hands out the component with its protocol's optional members filled in.
+        self.entries[kind][name] = Entry(kind, name, with_defaults(component, protocol), plugin)
 
     def get(self, kind: str, name: str) -> Any:
         """The component ``name`` of ``kind``; a clear error listing the choices otherwise."""

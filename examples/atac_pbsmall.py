@@ -70,7 +70,7 @@ def main() -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     import cellscribe
-    from cellscribe.core.pipeline import read_input
+    from cellscribe.core.run import read_input
 
     if args.data is None:  # bundled with the repository: chr5 and chr11 of the annotation
         bundled = HERE.parent / "tests" / "data" / "atac"

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import attrs
 import pluggy
 import pytest
 
@@ -159,17 +160,67 @@ def test_disable_env_blocks_a_builtin(monkeypatch):
         host.registry.get("modality", "rna")
 
 
-def test_every_annotate_keyword_has_a_cli_flag():
+def test_run_parameters_are_declared_once_and_everything_is_made_from_them():
+    """core/spec.py declares each run parameter (default, check, doc, flag); tl.annotate's signature
+    and docstring, the CLI's flags and help, and the load options are derived from it."""
     from click.testing import CliRunner
 
     from cellscribe import cli, tl
+    from cellscribe.core import models, spec
 
-    keywords = [p for p in inspect.signature(tl.annotate).parameters if p not in cli.NOT_FLAGS]
-    assert sorted(keywords) == sorted(cli.ANNOTATE_FLAGS)
+    declared = [a for _, a in spec.parameters()]
+    names = [a.name for a in declared]
+    assert list(inspect.signature(tl.annotate).parameters) == ["data", *names, "copy"]
+    for a in declared:
+        assert f"\n    {a.name}\n" in tl.annotate.__doc__, f"tl.annotate's docstring lacks {a.name}"
+        assert inspect.signature(tl.annotate).parameters[a.name].default == a.default
     help_text = CliRunner().invoke(cli.main, ["annotate", "--help"], terminal_width=200).output
-    for keyword, flags in cli.ANNOTATE_FLAGS.items():
-        for flag in flags.split("/"):
-            assert flag in help_text, f"tl.annotate({keyword}=...) has no CLI flag {flag}"
+    for a in declared:
+        flag = a.metadata["flag"]
+        for name in flag.decls[0].split("/"):
+            assert name in help_text, f"tl.annotate({a.name}=...) has no CLI flag {name}"
+        assert " ".join(flag.help.split()[:4]) in " ".join(help_text.split()), f"{flag.decls[0]} lost its help"
+    assert list(models.LOAD_OPTIONS) == [a.name for a in attrs.fields(spec.ModelSpec) if a.name != "model"]
+    assert set(cli._run.NOT_FLAGS) == {"data", "copy"}
+
+
+def test_run_modules_do_not_repeat_the_run_parameters():
+    """No function outside core/spec.py spells out the run's keyword list again (a tool that shares a
+    few, such as tl.transfer_labels's data keywords, is not a run)."""
+    from cellscribe.core import spec
+
+    names = {a.name for _, a in spec.parameters()}
+    for path in [*ROOT.glob("*.py"), *(ROOT / "core").rglob("*.py"), *(ROOT / "cli").rglob("*.py")]:
+        if path.name == "spec.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                args = {a.arg for a in node.args.args + node.args.kwonlyargs}
+                assert len(args & names) <= 11, f"{path.name}:{node.lineno} {node.name}() lists run parameters"
+
+
+def test_core_has_at_most_12_modules_at_its_top_level():
+    modules = sorted(p.name for p in (ROOT / "core").glob("*.py"))
+    assert len(modules) <= 12, modules
+    folders = sorted(p.name for p in (ROOT / "core").iterdir() if (p / "__init__.py").exists())
+    assert folders == ["domain", "evaluation", "run"]
+
+
+def test_capabilities_are_declared_not_probed():
+    """Optional members are declared, with defaults, on the component protocols (core/components.py);
+    nothing else asks a component whether it has one."""
+    import re
+
+    from cellscribe.core import components
+
+    optional = {name for protocol in components._REQUIRED for name in components.optional_members(protocol)}
+    assert {"mudata_keys", "decode_modes", "use_assay", "sentence_preferences", "needs_labels"} <= optional
+    probe = re.compile(r"(?:getattr|hasattr)\([^)]*[\"']({})[\"']".format("|".join(sorted(optional))))
+    for path in [*ROOT.glob("*.py"), *(ROOT / "core").rglob("*.py"), *(ROOT / "cli").rglob("*.py")]:
+        if path.name == "components.py":
+            continue
+        found = probe.search(path.read_text(encoding="utf-8"))
+        assert found is None, f"{path.relative_to(ROOT)} probes {found.group(1)!r}: read the attribute"
 
 
 def test_heavy_libraries_load_lazily():

@@ -116,7 +116,7 @@ def test_plugin_registers_modality_reader_and_options(atac_host):
 
 
 def test_fragment_files_are_routed_to_the_fragments_reader(atac_host, monkeypatch):
-    from cellscribe.core.pipeline import read_input
+    from cellscribe.core.run import read_input
 
     seen = {}
     monkeypatch.setattr(atac.FragmentsReader, "read", lambda self, path, **kw: seen.update(path=path, **kw))
@@ -595,7 +595,7 @@ def test_cli_annotates_a_fragment_file(tmp_path, labels):
         notes = written.obs.loc[status == "unresolved", "cellscribe_note"].astype(str)
         assert notes.str.startswith("too little information for a call").all()
         assert written.obs["low_coverage"].sum() == int((written.obs["n_fragment"] < 100).sum())
-        assert written.uns["cellscribe"]["params"]["modality_options"]["smoothing"] == "False"
+        assert written.uns["cellscribe"]["params"]["modality_options"]["smoothing"] == False  # noqa: E712 (recorded as given, read back as numpy bool)
     finally:
         plugins.set_host(previous)
         for name in ("annotate", "sentences"):

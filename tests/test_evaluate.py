@@ -198,7 +198,7 @@ def test_write_report(pbmc, tmp_path):
 
 
 def test_grade_command(tmp_path):
-    from cellscribe.cli_eval import grade_command
+    from cellscribe.cli._eval import grade_command
 
     pairs = tmp_path / "pairs.csv"
     pd.DataFrame(
@@ -222,7 +222,7 @@ def test_grade_command(tmp_path):
 
 
 def test_evaluate_command_writes_a_report(pbmc, tmp_path):
-    from cellscribe.cli_eval import evaluate_command
+    from cellscribe.cli._eval import evaluate_command
 
     path = tmp_path / "pbmc.h5ad"
     pbmc.write_h5ad(path)

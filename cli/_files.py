@@ -1,5 +1,5 @@
-"""Writing result files safely: never over the input, never half-written, never over an existing file
-unless asked."""
+"""Writing the command line's result files safely: never over the input, never half-written, never over
+an existing file unless asked, with the permissions the umask gives."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 
 class OutputExistsError(FileExistsError):
@@ -61,3 +62,27 @@ def atomic_output(output: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def write_data(data: Any, output: Path, mod: str | None) -> None:
+    """Write an AnnData (``.h5ad``) or MuData (``.h5mu``; ``.h5ad`` with ``mod``: that modality) to
+    ``output``."""
+    import click
+
+    from ..core.run import is_mudata
+
+    if is_mudata(data):
+        import mudata
+
+        if output.name.lower().endswith(".h5ad"):
+            if mod is None:
+                raise click.UsageError("writing a MuData to .h5ad needs --mod (which modality to write)")
+            data.mod[mod].write_h5ad(output)
+        else:
+            # mudata 0.3 would otherwise re-derive obs on write and drop the pulled result columns.
+            with mudata.set_options(pull_on_update=False):
+                data.write(output)
+    else:
+        if output.name.lower().endswith(".h5mu"):
+            raise click.UsageError("the input is an AnnData: write it to a .h5ad file")
+        data.write_h5ad(output)
