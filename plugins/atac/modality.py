@@ -98,6 +98,10 @@ class AtacModality:
         "body + promoter) or a gene activity matrix; kNN-smoothed on LSI, enrichment-normalised."
     )
     mudata_keys: tuple[str, ...] = ("atac", "peaks", "ATAC")
+    #: Options for label transfer (``cellscribe.tl.transfer_labels``): correlation wants log-normalised
+    #: activity, which keeps genes below a cell's average (0.95 of PBSmall right against 0.91 with the
+    #: enrichment the sentences rank).
+    transfer_options = {"normalization": "depth"}
 
     def prepare(
         self,
@@ -115,6 +119,7 @@ class AtacModality:
         n_components: int | None = None,
         use_rep: str | None = None,
         normalization: str = "enrichment",
+        check_build: bool = True,
         chunk_size: int = DEFAULT_CHUNK,
         **options: Any,
     ) -> FeatureMatrix:
@@ -150,6 +155,10 @@ class AtacModality:
             (the fragments reader writes it), else an LSI of the input matrix (peaks, or genes).
         normalization
             ``"enrichment"`` (default), ``"depth"`` or ``"none"``; see :mod:`.activity`.
+        check_build
+            Refuse peaks whose gene annotation is of another genome build (:mod:`.build`; the error
+            gives the measured share). ``False`` skips the check, for peak sets without promoter peaks
+            or synthetic data.
         chunk_size
             Cells per chunk when reading and computing rows.
         options
@@ -183,6 +192,7 @@ class AtacModality:
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {', '.join(NORMALIZATIONS)}, got {normalization!r}")
         smoothing = as_bool(smoothing, "smoothing")
+        check_build = as_bool(check_build, "check_build")
         gene_body = as_bool(gene_body, "gene_body")
         promoter = as_int(promoter, "promoter", 0)
         downstream = as_int(downstream, "downstream", 0)
@@ -208,7 +218,9 @@ class AtacModality:
             )
         if coords is not None:
             peaks, coord_source = coords
-            to_genes, names, how = self._peak_genes(adata, peaks, gtf, promoter, downstream, gene_body)
+            to_genes, names, how = self._peak_genes(
+                adata, peaks, gtf, promoter, downstream, gene_body, check_build
+            )
             what = f"{source}: {len(peaks)} peaks ({coord_source}) -> {len(names)} genes ({how})"
         else:
             symbols = choose_gene_symbols(var, var_names)
@@ -245,7 +257,8 @@ class AtacModality:
 
     @staticmethod
     def _peak_genes(
-        adata: Any, peaks: pd.DataFrame, gtf: str | None, promoter: int, downstream: int, gene_body: bool
+        adata: Any, peaks: pd.DataFrame, gtf: str | None, promoter: int, downstream: int, gene_body: bool,
+        check_build: bool = True,
     ) -> tuple[sp.csr_matrix, np.ndarray, str]:
         """The peaks x gene-symbols 0/1 matrix and its genes, from a GTF or from Cell Ranger's peak
         annotation, with a note saying which."""
@@ -259,7 +272,9 @@ class AtacModality:
             to_genes, names = _from_peak_annotation(table, adata.var_names)
             return to_genes, names, "uns['atac']['peak_annotation']"
         genes = read_gene_annotation(resolve_annotation(gtf))
-        to_genes, names = peaks_to_genes(peaks, genes, upstream=promoter, downstream=downstream, gene_body=gene_body)
+        to_genes, names = peaks_to_genes(
+            peaks, genes, upstream=promoter, downstream=downstream, gene_body=gene_body, check_build=check_build
+        )
         if to_genes.nnz == 0:
             warnings.warn(
                 f"no peak overlaps a gene region of {gtf!r}: every cell's gene activity is empty. Check that "
