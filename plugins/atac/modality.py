@@ -53,6 +53,10 @@ log = logging.getLogger(__name__)
 __all__ = ["AtacModality", "FEATURE_KINDS"]
 
 FEATURE_KINDS = ("auto", "peaks", "genes")
+#: Cells with counts per smoothing neighbour at least: small runs smooth over fewer neighbours (10 cells:
+#: 3), so that neighbourhoods stay local (PBSmall's 10 first cells: 0 of 10 answered with 10
+#: neighbours, 10 of 10 with 3).
+MIN_CELLS_PER_NEIGHBOR = 3
 #: ``obsm`` key of an LSI embedding used for smoothing when present (the fragments reader writes it;
 #: muon's ``atac.tl.lsi`` too).
 LSI_KEY = "X_lsi"
@@ -314,8 +318,14 @@ class AtacModality:
             origin = f"LSI of the input ({embedding.shape[1]} components)"
         if embedding.shape[0] != counts.shape[0]:
             raise ValueError(f"obsm[{rep!r}] has {embedding.shape[0]} rows for {counts.shape[0]} cells")
-        operator = knn_operator(embedding, n_neighbors=n_neighbors, active=active)
-        note = f"kNN smoothing ({n_neighbors} neighbours on {origin})"
+        # A neighbourhood must stay a small part of the data: averaging 30 of 10 cells would make every
+        # cell the same average cell, and enrichment over that average would leave nothing to rank.
+        k = max(1, min(n_neighbors, int(active.sum()) // MIN_CELLS_PER_NEIGHBOR))
+        operator = knn_operator(embedding, n_neighbors=k, active=active)
+        note = f"kNN smoothing ({k} neighbours on {origin})"
+        if k < n_neighbors:
+            note += f"; {n_neighbors} asked, {int(active.sum())} cells with counts allow {k}"
+            log.info("atac: %s", note)
         return ActivityMatrix(counts, neighbors=operator, normalization="none"), note
 
 
