@@ -231,7 +231,7 @@ def transfer_labels(data: Any, reference: Any, *, copy: bool = False, **options:
     ``tune_threshold`` of the best, and SingleR's pruning of outlying calls. The default is scATAC cells
     (gene activity) against a labelled scRNA-seq reference (expression); any pair of modalities that
     give genes works, the same one included. Fast (no model) and classical: a baseline, and a label
-    source when the reference matches the data. Details: :mod:`cellscribe.core.transfer`.
+    source when the reference matches the data. Details: :mod:`cellscribe.core.run.transfer`.
 
     Parameters
     ----------

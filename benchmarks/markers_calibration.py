@@ -4,7 +4,7 @@ Usage::
 
     .venv/bin/python benchmarks/markers_calibration.py                 # report, shipped calibration
     .venv/bin/python benchmarks/markers_calibration.py --fit           # also fit and print parameters
-    .venv/bin/python benchmarks/markers_calibration.py --fit --write   # store them (calibration_v1.json)
+    .venv/bin/python benchmarks/markers_calibration.py --fit --write   # store them (calibration_v2.json)
     .venv/bin/python benchmarks/markers_calibration.py --tasks zero-shot,puzzle
     .venv/bin/python benchmarks/markers_calibration.py --tasks none --params norm_power=0.4
 
@@ -271,6 +271,9 @@ def zero_shot(datasets, *, model_cache) -> tuple[list[dict], dict]:
             correct = np.array([grade(p, t)[0] for p, t in zip(terms, ds.truth)])
             confidence = adata.obs["cellscribe_confidence"].to_numpy(dtype=float)
             plan = _quiet(plan_run, ds.adata, model="markers")
+            # The scores the run answered from: within the data's genes and the inferred tissue context.
+            model.use_assay(plan.assay)
+            model.survey(plan.prompts)
             scores = model.score_sentences([p.sentences[0] for p in plan.prompts]).to_numpy()
             key = ds.name + (f"+{tissue}" if tissue else "")
             if tissue is None:

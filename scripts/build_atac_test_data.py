@@ -1,7 +1,7 @@
 """Build the ATAC test data in tests/data/atac/ from the project's shared data folder.
 
-Copies the PBSmall fragment file, its labels, the hg19 chromosome sizes and the Schep 2017 peak matrix
-unchanged, writes the gene annotation restricted to what the fragments cover (the ``gene`` and
+Copies the PBSmall fragment file, its labels, its unpaired scRNA companion, the hg19 chromosome sizes
+and the Schep 2017 peak matrix unchanged, writes the gene annotation restricted to what the fragments cover (the ``gene`` and
 ``transcript`` records of chr5 and chr11 of the hg19 ArchR annotation; exon records dropped: snapatac2
 and cellscribe read genes from transcript records), the same records of every chromosome for the
 genome-wide peak matrices, and a subset of the Buenrostro 2018 progenitors (40 cells per sorting gate,
@@ -52,8 +52,8 @@ def main(shared: Path) -> None:
     print(f"wrote {OUT}: {n} gene/transcript records of {', '.join(KEEP_CHROMS)}")
     n = subset_gtf(shared / "genome" / "hg19_archr_genes.gtf.gz", OUT / "hg19_genes.gtf.gz", None)
     print(f"wrote {OUT}: {n} gene/transcript records of every chromosome")
-    shutil.copyfile(shared / "atac" / "schep2017_blood_celllines_600cells.h5ad",
-                    OUT / "schep2017_blood_celllines_600cells.h5ad")
+    for name in ("schep2017_blood_celllines_600cells.h5ad", "PBSmall_rna_unpaired_150cells.h5ad"):
+        shutil.copyfile(shared / "atac" / name, OUT / name)
     write_buenrostro_subset(shared / "atac" / "buenrostro2018_bm0828_facs_533cells.h5ad",
                             OUT / "buenrostro2018_bm0828_facs_280cells.h5ad")
 

@@ -157,3 +157,16 @@ def test_too_little_information_is_unresolved_with_the_reason(schep):
     notes = sparse.obs.loc[status == "unresolved", "cellscribe_note"].astype(str)
     assert notes.str.contains("too little information|no expressed gene").all()
     assert sparse.obs.loc[status == "unresolved", "cellscribe"].isna().all()
+
+
+def test_small_runs_answer_with_a_smaller_neighbourhood():
+    """10 cells of PBSmall: smoothing over 30 of 10 cells would leave every cell the same average cell
+    (0 answered before); the neighbourhood shrinks with the data and the run says so."""
+    adata = read_input(DATA / "PBSmall_fragments.tsv.gz", gtf=DATA / "hg19_chr5_chr11_genes.gtf.gz",
+                       chrom_sizes=DATA / "hg19.chrom.sizes")[:10].copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cs.tl.annotate(adata, modality="atac", progress=False, sidecar=False)
+    assert (adata.obs["cellscribe_status"] == "ok").sum() >= 5
+    assert "3 neighbours" in adata.uns["cellscribe"]["params"]["matrix"]
+    assert "30 asked, 10 cells with counts allow 3" in adata.uns["cellscribe"]["params"]["matrix"]

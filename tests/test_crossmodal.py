@@ -230,9 +230,10 @@ def test_transfer_labels_pbsmall(atac_host, pbsmall, rna, truth):
     _assert_untouched(rna, before)
     obs = adata.obs
     accuracy, table = _accuracy(obs["transfer"], truth)
-    # Measured: 0.913 (B 38/50, the others called T or pruned; T 50/50; monocytes 49/50; 3-4 pruned).
-    assert accuracy >= 0.88, table
-    assert table.loc["T cell", "T cell"] >= 48 and table.loc["monocyte", "monocyte"] >= 47 and table.loc["B cell", "B cell"] >= 33
+    # The ATAC modality's transfer_options give log-normalised activity by default. Measured: 0.933
+    # (B 47/50, T 45/50, monocytes 48/50, 1 pruned).
+    assert accuracy >= 0.9, table
+    assert table.loc["T cell", "T cell"] >= 43 and table.loc["monocyte", "monocyte"] >= 46 and table.loc["B cell", "B cell"] >= 44
     assert list(obs["transfer"].cat.categories) == ["B", "M", "T"]
     ok = obs["transfer_status"] == "ok"
     assert obs.loc[ok, "transfer"].notna().all() and obs.loc[~ok, "transfer"].isna().all()
@@ -250,15 +251,16 @@ def test_transfer_labels_pbsmall(atac_host, pbsmall, rna, truth):
     assert summary["n_ok"] + summary["n_unresolved"] == 150 == summary["n_cells"]
 
 
-def test_transfer_labels_with_log_normalised_activity(atac_host, pbsmall, rna, truth):
+def test_transfer_labels_with_the_activity_sentences_rank(atac_host, pbsmall, rna, truth):
     labelled = cellscribe.tl.transfer_labels(
-        pbsmall, rna, reference_key="CellType", modality_options={"normalization": "depth"}, copy=True,
+        pbsmall, rna, reference_key="CellType", modality_options={"normalization": "enrichment"}, copy=True,
     )
     assert "transfer" not in pbsmall.obs  # copy=True leaves the input alone
     accuracy, table = _accuracy(labelled.obs["transfer"], truth)
-    # Measured: 0.93-0.95 (B 47/50, T 45-46/50, monocytes 48-50/50; at most 1 pruned).
-    assert accuracy >= 0.9, table
-    assert labelled.uns["transfer"]["params"]["modality_options"]["normalization"] == "depth"
+    # Measured: 0.913 (B 38/50, the others called T or pruned; T 50/50; monocytes 49/50; 3 pruned).
+    assert accuracy >= 0.88, table
+    assert table.loc["T cell", "T cell"] >= 48 and table.loc["monocyte", "monocyte"] >= 47 and table.loc["B cell", "B cell"] >= 33
+    assert labelled.uns["transfer"]["params"]["modality_options"]["normalization"] == "enrichment"
 
 
 def test_genes_the_query_cannot_show_do_not_change_transferred_labels(atac_host, pbsmall, rna):

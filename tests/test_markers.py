@@ -138,7 +138,7 @@ def test_loaded_model_protocol(model):
     info = model.info()
     assert info["backend"] == "markers"
     assert info["knowledge"] == "panglaodb_human_v1+canonical_markers_v2"
-    assert info["n_cell_types"] > 150 and info["calibration"] == "calibration_v1"
+    assert info["n_cell_types"] > 150 and info["calibration"] == "calibration_v2"
 
 
 def test_unknown_tissue_and_missing_table_fail_at_load(host):
@@ -404,7 +404,7 @@ def test_calibration_is_loaded_from_the_package_not_fitted(model):
 
     from cellscribe.plugins.markers.calibration import load_calibration
 
-    shipped = json.loads(files("cellscribe.plugins.markers").joinpath("data/calibration_v1.json").read_text())
+    shipped = json.loads(files("cellscribe.plugins.markers").joinpath("data/calibration_v2.json").read_text())
     calibration = load_calibration()
     assert model.calibration is calibration
     assert (calibration.temperature, calibration.slope, calibration.intercept) == (

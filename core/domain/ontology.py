@@ -459,7 +459,8 @@ class CellOntology:
         4. an exact synonym, exactly, then normalised (a synonym shared by several terms is skipped);
         5. the same words in another order (``"B cells memory"`` -> *memory B cell*);
         6. when the label does not say "cell": steps 4 and 5 for the label with " cell" added
-           (``"Mast"`` -> *mast cell*, ``"endothelial"`` -> *endothelial cell*).
+           (``"Mast"`` -> *mast cell*, ``"endothelial"`` -> *endothelial cell*); for a one-letter label
+           only a term name (``"B"`` -> *B cell*; ``"M"`` matches nothing, not the synonym "M cell").
 
         Related, narrow and broad synonyms are never used. Nothing is guessed beyond these steps: an
         unknown label gives ``None``.
@@ -487,6 +488,10 @@ class CellOntology:
                 return table[key]
         if "cell" not in tokens:
             words = [*tokens, "cell"]
+            if len(normal) == 1:
+                # One letter plus "cell" is a term's name ("B" -> B cell) or nothing: "M" in a blood
+                # label set means monocytes, not the gut's "M cell" (a synonym of M cell of gut).
+                return index["normal name"].get(" ".join(words))
             for key, table in ((" ".join(words), index["normal"]), (" ".join(sorted(words)), index["order"])):
                 if key in table:
                     return table[key]

@@ -108,4 +108,8 @@ def cellscribe_cli_options(command):
             ["--smoothing/--no-smoothing", "smoothing"], default=None,
             help="ATAC: average gene activity over LSI neighbours before ranking (default: on).",
         ),
+        click.Option(
+            ["--build-check/--no-build-check", "check_build"], default=None,
+            help="ATAC peaks: refuse a gene annotation of another genome build (default: on).",
+        ),
     ]

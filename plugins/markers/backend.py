@@ -142,7 +142,7 @@ ABSTENTION = "unresolved"
 #: Scoring constants that differ by modality (see "Sentences" in the module docstring).
 MODALITY_SCORING: dict[str, dict[str, Any]] = {"atac": {"norm_power": 0.5, "chance": True, "cap_top": True}}
 #: Without a tissue, a run of at least this many open-vocabulary cells infers its tissue context.
-CONTEXT_MIN_CELLS = 20
+CONTEXT_MIN_CELLS = 10
 #: Cells scored to infer the context (an even sample of larger runs).
 CONTEXT_SAMPLE = 5_000
 #: Organs whose estimated share of the cells is at least this make up the inferred context.

@@ -7,7 +7,7 @@ type passed through Platt scaling::
     p = softmax(scores / temperature)[chosen]
     confidence = 1 / (1 + exp(-(slope * logit(p) + intercept)))
 
-``temperature``, ``slope`` and ``intercept`` are fixed in the package (``data/calibration_v1.json``),
+``temperature``, ``slope`` and ``intercept`` are fixed in the package (``data/calibration_v2.json``),
 fitted once by ``benchmarks/markers_calibration.py`` on labelled data and never per run, so the same
 cell always gets the same confidence. The file records what it was fitted on, the scoring version it
 belongs to and the calibration error it reached.
@@ -39,7 +39,7 @@ __all__ = [
 ]
 
 #: The calibration shipped with the package (``data/``).
-CALIBRATION_FILE = "calibration_v1.json"
+CALIBRATION_FILE = "calibration_v2.json"
 _EPS = 1e-6
 
 
