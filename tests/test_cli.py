@@ -157,3 +157,12 @@ def test_main_help_lists_every_command_without_building_it():
         assert full.startswith(line.removesuffix("...")), f"cellscribe --help misdescribes {name}"
     text = CliRunner().invoke(main, ["--help"]).output
     assert all(name in text for name in cli._LAZY_COMMANDS)
+
+
+def test_progress_bar_only_on_a_terminal(runner, rules, pancreas_path, tmp_path):
+    # --progress is the default; to a pipe or a log file the bar is not drawn (tqdm would write its
+    # first and last state as two bars).
+    out = tmp_path / "out.h5ad"
+    result = runner.invoke(main, ["annotate", str(pancreas_path), "-o", str(out), "--model", "rules"])
+    assert result.exit_code == 0, result.output
+    assert "prompt/s" not in result.output and "%|" not in result.output
