@@ -267,12 +267,11 @@ def prepare_reference(
     ref_adata, component, name = _reference_modality_guess(reference, adata, modality, reference_modality, mod, host)
     labels = label_column(ref_adata.obs, reference_key, "the reference")
     if name == modality:
-        ref_features = component.prepare(
-            ref_adata, layer=layer, use_raw=use_raw, chunk_size=chunk_size, **dict(modality_options or {})
-        )
+        ref_features = make_features(component, ref_adata, layer=layer, use_raw=use_raw, chunk_size=chunk_size,
+                                     options=modality_options)
         return ref_adata, labels, ref_features, name, None
     started = time.perf_counter()
-    ref_features = component.prepare(ref_adata, chunk_size=chunk_size, **dict(modality_options or {}))
+    ref_features = make_features(component, ref_adata, chunk_size=chunk_size, options=modality_options)
     query_genes = pd.Index(features.feature_names[measured_mask(features, chunk_size)].astype(str))
     ref_measured = measured_mask(ref_features, chunk_size)
     keep = ref_measured & pd.Index(ref_features.feature_names.astype(str)).isin(query_genes)
