@@ -274,3 +274,19 @@ def test_no_component_is_chosen_by_comparing_its_name():
         source = path.read_text(encoding="utf-8")
         for needle in ('.decoder == "', ".decoder == '", '.strategy == "'):
             assert needle not in source, f"{path.relative_to(ROOT)} compares a component's name ({needle}...)"
+
+
+def test_tools_have_scanpy_signatures():
+    """scanpy's rule (its tests/test_package_structure.py): at most two positional arguments, then
+    keyword-only ones; key_added and copy, where present, are keyword-only and copy defaults to False."""
+    from cellscribe import tl
+
+    for name in tl.__all__:
+        params = inspect.signature(getattr(tl, name)).parameters.values()
+        positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        assert len(positional) <= 2, f"tl.{name} takes {len(positional)} positional arguments"
+        for p in params:
+            if p.name in ("key_added", "copy"):
+                assert p.kind is p.KEYWORD_ONLY, f"tl.{name}({p.name}) must be keyword-only"
+            if p.name == "copy":
+                assert p.default is False
