@@ -4,7 +4,7 @@ Usage::
 
     .venv/bin/python benchmarks/markers_calibration.py                 # report, shipped calibration
     .venv/bin/python benchmarks/markers_calibration.py --fit           # also fit and print parameters
-    .venv/bin/python benchmarks/markers_calibration.py --fit --write   # store them (calibration_v2.json)
+    .venv/bin/python benchmarks/markers_calibration.py --fit --write   # store them (calibration_v3.json)
     .venv/bin/python benchmarks/markers_calibration.py --tasks zero-shot,puzzle
     .venv/bin/python benchmarks/markers_calibration.py --tasks none --params norm_power=0.4
 
@@ -31,10 +31,11 @@ Truth labels become Cell Ontology terms with :meth:`CellOntology.lookup` (PBSmal
   agrees, else 0.
 
 Calibration: the shipped confidence is ``sigmoid(slope * logit(p) + intercept)`` with ``p`` the
-softmax probability of the answer at ``temperature`` (:mod:`cellscribe.plugins.markers.calibration`).
-``--fit`` chooses the temperature on a grid and fits slope and intercept by weighted logistic
-regression of correctness on ``logit(p)`` over the zero-shot answers of the datasets without a
-tissue (each dataset weighs the same in total). Expected calibration error (ECE) uses 15 equal-width
+softmax probability, at ``temperature``, of the answer and its subtypes among the types compared
+(:mod:`cellscribe.plugins.markers.calibration`; "Confidence" in the backend). ``--fit`` chooses the
+temperature on a grid and fits slope and intercept by weighted logistic regression of correctness on
+``logit(p)`` over the zero-shot answers of the datasets without a tissue (each dataset weighs the
+same in total). Expected calibration error (ECE) uses 15 equal-width
 bins over [0, 1]: sum over bins of (share of cells in the bin) x |accuracy - mean confidence| in the
 bin. "raw" is the softmax probability at temperature 1 with no calibration; "shipped" is the
 calibrated confidence of the package; "held out" refits on the other datasets only and scores the
@@ -210,22 +211,32 @@ def fit_platt(p, correct, weights) -> tuple[float, float, float]:
     return float(result.x[0]), float(result.x[1]), float(result.fun)
 
 
-def top_probability(scores: np.ndarray, temperature: float) -> np.ndarray:
-    from cellscribe.plugins.markers.calibration import softmax
+def decisions(model, sentences, truth) -> dict[float, tuple[np.ndarray, np.ndarray]]:
+    """``{temperature: (p, correct)}`` for every temperature of the grid and 1.0: the probability the
+    model puts on its answer and the answer's subtypes at that temperature (see "Confidence" in the
+    backend), and whether the answer is correct."""
+    decided = model.decide(sentences)
+    terms = _terms_of(decided["label"], model.scorer)
+    correct = np.array([grade(p, t)[0] for p, t in zip(terms, truth)])
+    return {t: (model.decide(sentences, temperature=t)["p"].to_numpy(), correct)
+            for t in sorted({*TEMPERATURES, 1.0})}
 
-    return softmax(scores, temperature).max(axis=1)
+
+def _platt_on(runs, key) -> tuple[float, float, float]:
+    ps, ys, ws = [], [], []
+    for run in runs.values():
+        p, correct = run[key]
+        ps.append(p)
+        ys.append(correct)
+        ws.append(np.full(len(correct), 1.0 / len(correct)))
+    return fit_platt(np.concatenate(ps), np.concatenate(ys), np.concatenate(ws))
 
 
-def fit_calibration(runs: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict:
-    """Choose the temperature and fit Platt scaling on ``{dataset: (scores, correct)}``."""
+def fit_calibration(runs: dict[str, dict]) -> dict:
+    """Choose the temperature and fit Platt scaling on ``{dataset: decisions(...)}``."""
     best = None
     for temperature in TEMPERATURES:
-        ps, ys, ws = [], [], []
-        for scores, correct in runs.values():
-            ps.append(top_probability(scores, temperature))
-            ys.append(correct)
-            ws.append(np.full(len(correct), 1.0 / len(correct)))
-        slope, intercept, loss = fit_platt(np.concatenate(ps), np.concatenate(ys), np.concatenate(ws))
+        slope, intercept, loss = _platt_on(runs, temperature)
         if best is None or loss < best["loss"]:
             best = {"temperature": temperature, "slope": slope, "intercept": intercept, "loss": loss}
     return best
@@ -274,17 +285,18 @@ def zero_shot(datasets, *, model_cache) -> tuple[list[dict], dict]:
             # The scores the run answered from: within the data's genes and the inferred tissue context.
             model.use_assay(plan.assay)
             model.survey(plan.prompts)
-            scores = model.score_sentences([p.sentences[0] for p in plan.prompts]).to_numpy()
+            sentences = [p.sentences[0] for p in plan.prompts]
+            run = decisions(model, sentences, ds.truth)
             key = ds.name + (f"+{tissue}" if tissue else "")
             if tissue is None:
-                runs[key] = (scores, correct)
+                runs[key] = run
             rows.append(
                 {
                     "task": "zero-shot",
                     "dataset": key,
                     "cells": len(adata),
                     **{k: round(v, 3) for k, v in metrics.items()},
-                    "ece_raw": round(ece(top_probability(scores, 1.0), correct), 3),
+                    "ece_raw": round(ece(*run[1.0]), 3),
                     "ece_shipped": round(ece(confidence, correct), 3),
                     "conf_correct": round(float(confidence[correct].mean()), 3) if correct.any() else None,
                     "conf_wrong": round(float(confidence[~correct].mean()), 3) if (~correct).any() else None,
@@ -461,18 +473,18 @@ def main(argv=None) -> int:
         fitted = fit_calibration(runs)
         print(f"\nfitted: temperature {fitted['temperature']}, slope {fitted['slope']:.4f}, intercept {fitted['intercept']:.4f}")
         report = []
-        for name, (scores, correct) in runs.items():
+        for name, run in runs.items():
             others = {k: v for k, v in runs.items() if k != name}
             held = fit_calibration(others)
-            p = top_probability(scores, fitted["temperature"])
+            p, correct = run[fitted["temperature"]]
             report.append(
                 {
                     "dataset": name,
                     "accuracy": round(float(correct.mean()), 3),
-                    "ece_raw": round(ece(top_probability(scores, 1.0), correct), 3),
+                    "ece_raw": round(ece(*run[1.0]), 3),
                     "ece_temperature_only": round(ece(p, correct), 3),
                     "ece_calibrated": round(ece(calibrated(p, fitted), correct), 3),
-                    "ece_held_out": round(ece(calibrated(top_probability(scores, held["temperature"]), held), correct), 3),
+                    "ece_held_out": round(ece(calibrated(run[held["temperature"]][0], held), run[held["temperature"]][1]), 3),
                 }
             )
         frame = pd.DataFrame(report)
@@ -485,9 +497,9 @@ def main(argv=None) -> int:
                 "temperature": fitted["temperature"],
                 "slope": round(fitted["slope"], 6),
                 "intercept": round(fitted["intercept"], 6),
-                "formula": "confidence = sigmoid(slope * logit(p) + intercept), p = softmax(scores / temperature)[answer]",
+                "formula": "confidence = sigmoid(slope * logit(p) + intercept), p = sum of softmax(scores / temperature) over the answer and its subtypes",
                 "fitted_with": "benchmarks/markers_calibration.py --fit --write",
-                "fitted_on": {name: int(len(correct)) for name, (_, correct) in runs.items()},
+                "fitted_on": {name: int(len(run[1.0][1])) for name, run in runs.items()},
                 "correct_means": "same cell class as the truth (see benchmarks/markers_calibration.py)",
                 "ece_bins": N_BINS,
                 "ece": {r["dataset"]: {k: v for k, v in r.items() if k != "dataset"} for r in report},

@@ -88,6 +88,8 @@ class SentenceStrategy(Protocol):
     # optional
     #: Genes per sentence when the user gives none (``None``: the strategy decides).
     default_n_genes: int | None = None
+    #: Whether it ranks genes per group and wants the run's groups (``groups=``) with ``groupby``.
+    uses_groups: bool = False
 
 
 @runtime_checkable

@@ -290,3 +290,22 @@ def test_tools_have_scanpy_signatures():
                 assert p.kind is p.KEYWORD_ONLY, f"tl.{name}({p.name}) must be keyword-only"
             if p.name == "copy":
                 assert p.default is False
+
+
+def test_nothing_imports_the_old_pipeline_module():
+    """core/pipeline.py only re-exports core.run for code written before the move."""
+    for path in [*ROOT.glob("*.py"), *(ROOT / "core").rglob("*.py"), *(ROOT / "plugins").rglob("*.py"),
+                 *(ROOT / "cli").rglob("*.py"), *(ROOT / "tests").glob("*.py"), *(ROOT / "benchmarks").glob("*.py"),
+                 *(ROOT / "examples").rglob("*.py")]:
+        if path.name == "pipeline.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                names = [(node.module or "") + "." + alias.name for alias in node.names]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            assert not any(n.endswith("core.pipeline") or ".core.pipeline." in n for n in names), (
+                f"{path.relative_to(ROOT)}:{node.lineno} imports core.pipeline; use cellscribe.core.run"
+            )

@@ -105,7 +105,7 @@ def test_knowledge_shapes(knowledge):
     assert len(set(knowledge.cell_types)) == n_types
     assert list(knowledge.genes) == sorted(knowledge.genes) and len(set(knowledge.genes)) == n_genes
     assert np.all(np.diff(knowledge.weights.indptr) > 0)  # every type has markers
-    assert knowledge.version == "panglaodb_human_v1+canonical_markers_v2"
+    assert knowledge.version == "panglaodb_human_v1+canonical_markers_v3"
     assert "196 cell types" in repr(knowledge)  # 189 + the 7 progenitor types of canonical v2
 
 
@@ -137,11 +137,32 @@ def test_canonical_rows_present_with_sources(knowledge):
     assert _weight(knowledge, "CD4-positive, alpha-beta T cell", "CD8A") < 0
     assert _weight(knowledge, "CD8-positive, alpha-beta T cell", "CD8B") == 1.0
     assert _weight(knowledge, "classical monocyte", "CD14") == 1.0
-    assert _weight(knowledge, "non-classical monocyte", "CD14") < 0
+    assert _weight(knowledge, "classical monocyte", "FCGR3A") < 0  # CD16-negative by definition
+    assert _weight(knowledge, "non-classical monocyte", "FCGR3A") == 1.0
     assert _weight(knowledge, "pancreatic A cell", "GCG") == 1.0
     assert _weight(knowledge, "type B pancreatic cell", "IAPP") == 1.0
     row = knowledge.rows.set_index(["cell_type", "gene"]).loc[("natural killer cell", "CD3E")]
     assert row["source"].startswith("Abbas") and row["cl_id"] == "CL:0000623"
+
+
+def test_shared_mononuclear_phagocyte_genes_weigh_the_same_for_every_member(knowledge):
+    """MHC class II, CD74, CST3, AIF1, FCER1G, TYROBP, CTSS are expressed by monocytes, dendritic cells
+    and macrophages alike: they place a cell among them but must not pick the member (v3; in v2
+    PanglaoDB listed them for dendritic cells only, and blood monocytes were called DCs)."""
+    shared = ["HLA-DRA", "HLA-DRB1", "HLA-DPA1", "HLA-DQA1", "CD74", "CST3", "AIF1", "TYROBP"]
+    for gene in shared:
+        weights = {t: _weight(knowledge, t, gene) for t in ("monocyte", "dendritic cell", "macrophage")}
+        assert len(set(weights.values())) == 1 and weights["monocyte"] > 0, (gene, weights)
+
+
+def test_negative_markers_are_genes_the_type_does_not_express(knowledge):
+    """v3 keeps negatives for absence (CD8 for CD4 T cells, CD3 for NK cells) and drops those for genes
+    a type only expresses less (S100A4 in naive CD4 T cells, CD14 in CD16 monocytes, TCL1A in memory
+    B cells): a 200-gene sentence holds genes that are merely lower."""
+    assert _weight(knowledge, "naive thymus-derived CD4-positive, alpha-beta T cell", "CD8B") < 0
+    assert _weight(knowledge, "naive thymus-derived CD4-positive, alpha-beta T cell", "S100A4") >= 0
+    assert _weight(knowledge, "non-classical monocyte", "CD14") >= 0
+    assert _weight(knowledge, "memory B cell", "TCL1A") >= 0
 
 
 def test_canonical_rows_override_and_complement_panglao():
@@ -306,7 +327,7 @@ def test_extra_tables_combine_after_builtin_layers(tmp_path, knowledge):
     assert _weight(k, "natural killer cell", "MYGENE") == pytest.approx(0.9)
     assert _weight(k, "natural killer cell", "CD3E") == -1.0  # canonical row kept
     assert _weight(k, "my odd cell", "FOO1") == 1.0 and _weight(k, "my odd cell", "FOO2") == -0.5
-    assert k.version == "panglaodb_human_v1+canonical_markers_v2+user:mine.csv+user"
+    assert k.version == "panglaodb_human_v1+canonical_markers_v3+user:mine.csv+user"
 
 
 def test_combine_layers_keeps_first_name_and_joins_by_name():

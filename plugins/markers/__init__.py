@@ -7,7 +7,7 @@ and a calibrated confidence. Needs no weights, no GPU and no network. Modules:
 - :mod:`.knowledge`: the marker knowledge (PanglaoDB plus a curated canonical layer, user tables);
 - :mod:`.scoring`: ranked gene lists x knowledge -> cell type scores (sparse, vectorised);
 - :mod:`.signatures`: label signatures learned from k-shot examples;
-- :mod:`.calibration`: scores -> calibrated confidences (fixed parameters, ``data/calibration_v2.json``);
+- :mod:`.calibration`: scores -> calibrated confidences (fixed parameters, ``data/calibration_v3.json``);
 - :mod:`.reasoning`: the written answers;
 - :mod:`.backend`: the backend and the loaded model.
 

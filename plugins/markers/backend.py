@@ -32,9 +32,24 @@ Candidates
     unplaced candidates tie; the first in the prompt's order wins a tie.
 
 Confidence
-    Per unit, the calibrated probability of the answer (:mod:`.calibration`), from the softmax over the
-    types or candidates it was compared with; ``label_scores`` hold those probabilities (the
-    :data:`LABEL_SCORES` best, or every candidate up to :data:`MAX_CANDIDATE_SCORES`).
+    Per unit, from the softmax over the types or candidates it was compared with: the probability of
+    the answer *and its Cell Ontology subtypes* among them (a "monocyte" answer is right when the cell
+    is a classical monocyte, so their probabilities count for it), passed through the calibration
+    (:mod:`.calibration`). Two unrelated types that score alike split the probability, so a cell whose
+    best and second-best calls are not separable gets a low confidence; a type and its own subtypes
+    do not compete. ``label_scores`` hold the per-option probabilities (the :data:`LABEL_SCORES` best,
+    or every candidate up to :data:`MAX_CANDIDATE_SCORES`). :meth:`MarkersModel.decide` returns the
+    answer and this probability without writing an answer (the calibration is fitted on it).
+
+Subtype decisions
+    Between close types the decision rests on the markers that distinguish them, which the knowledge
+    (``canonical_markers_v3``) arranges: genes expressed by every member of a class (MHC class II,
+    CD74, CST3, AIF1, FCER1G, TYROBP, CTSS for monocytes, dendritic cells and macrophages) carry the
+    same weight for each member, so they place a cell in the class without picking the member (a
+    database listing them for dendritic cells only made v2 call blood monocytes DCs); negative
+    weights are kept for genes a type does not express (CD8A/CD8B for CD4 T cells, CD3 for NK cells,
+    FCGR3A for CD16-negative classical monocytes, CD14 for DCs), not for genes it only expresses less
+    (S100A4 in naive CD4 T cells, CD14 in CD16 monocytes), which a 200-gene sentence still holds.
 
 A prompt of another decoder with several units is treated as one sample: its units' scores are
 averaged and the reasoning describes the first unit.
@@ -96,7 +111,7 @@ from cellscribe.core.answers import opens_think
 from cellscribe.core.types import Generation, Prompt
 
 from . import reasoning as text
-from .calibration import Calibration, load_calibration
+from .calibration import Calibration, load_calibration, softmax
 from .knowledge import (
     HOUSEKEEPING_GENES,
     UBIQUITOUS_PATTERN,
@@ -282,6 +297,25 @@ class _Options:
         self.other = other  # boolean mask of the types no option explains (for elimination)
         # Names as written in reasoning (display-safe), computed once per group of prompts.
         self.display = [text.safe(n) for n in (display if display is not None else self.names)]
+        self._subtree: sp.csr_matrix | None = None
+
+    def subtree(self, cl_ids: Sequence[str], ontology: Any) -> sp.csr_matrix:
+        """``(options, options)``, 1 where option ``j`` is option ``i`` or one of its Cell Ontology
+        descendants (an option the knowledge cannot place is only itself); computed once."""
+        if self._subtree is None:
+            terms = [str(cl_ids[r]) if r >= 0 and cl_ids[r] else "" for r in self.rows]
+            index: dict[str, list[int]] = defaultdict(list)
+            for j, term in enumerate(terms):
+                if term:
+                    index[term].append(j)
+            pairs = {(j, j) for j in range(len(terms))}
+            for j, term in enumerate(terms):
+                if term:
+                    for ancestor in ontology.ancestors(term):
+                        pairs.update((i, j) for i in index.get(ancestor, ()))
+            rows, cols = (np.asarray(x, dtype=np.int64) for x in zip(*sorted(pairs)))
+            self._subtree = sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(terms), len(terms)))
+        return self._subtree
 
     def __len__(self) -> int:
         return len(self.names)
@@ -520,6 +554,32 @@ class MarkersModel:
         units = self.scorer.parse(list(sentences))
         return pd.DataFrame(options.scores(self.scorer.score(units)), columns=options.names)
 
+    def decide(
+        self, sentences: Sequence[str], candidates: Sequence[str] | None = None, *,
+        temperature: float | None = None,
+    ) -> pd.DataFrame:
+        """The zero-shot decision for each sentence, without writing an answer: ``label`` (the
+        best-scoring type or candidate) and ``p`` (the probability of it and its subtypes, which the
+        calibrated confidence is computed from; see "Confidence"). ``temperature`` replaces the
+        calibrated one (for fitting the calibration)."""
+        options = self._options(list(candidates) if candidates else None)
+        units = self.scorer.parse(list(sentences))
+        best, mass, _ = self._decide(options.scores(self.scorer.score(units)), options, temperature)
+        return pd.DataFrame({"label": np.asarray(options.names, dtype=object)[best], "p": mass})
+
+    def _decide(
+        self, scores: np.ndarray, options: _Options, temperature: float | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(best, p, probabilities)``: the best option per unit, the probability of it and its
+        subtypes among the options (see "Confidence"), and every option's probability."""
+        probabilities = (
+            self.calibration.probabilities(scores) if temperature is None else softmax(scores, temperature)
+        )
+        best = np.argmax(scores, axis=1)
+        subtree = options.subtree(self.scorer.cl_ids, self._ontology)
+        mass = np.asarray(subtree[best].multiply(probabilities).sum(axis=1)).ravel()
+        return best, mass, probabilities
+
     # ---------------------------------------------------------------- dispatch
 
     def _answer(self, prompts: Sequence[Prompt], chunk: Sequence[int]) -> dict[int, Generation]:
@@ -615,8 +675,7 @@ class MarkersModel:
             scores = _combine(options, type_scores, signature_scores, signatures.n_examples)
         else:
             scores = options.scores(type_scores)
-        probabilities = self.calibration.probabilities(scores)
-        best = np.argmax(scores, axis=1)
+        best, mass, probabilities = self._decide(scores, options)
         compared = _top_columns(scores, COMPARED)
         evidence = self.scorer.evidence(first_units, np.where(compared >= 0, options.rows[compared], -1))
         sig_evidence = None
@@ -628,7 +687,7 @@ class MarkersModel:
                 positive=signatures.positive,
                 negative=sp.csr_matrix((len(labels), len(units.vocabulary))),
             )
-        confidence = self.calibration.confidence(probabilities[np.arange(len(best)), best])
+        confidence = self.calibration.confidence(mass)
         label_scores = _label_scores(options.names, probabilities, bool(labels))
         doubts = self._doubts(options, best, scores, evidence, knowledge_only=signatures is None)
         out = []

@@ -2,12 +2,12 @@
 
 For one unit the scores of the cell types (or candidates) it was compared with become probabilities
 with a softmax at a fixed *temperature*; the confidence of the answer is the probability of the chosen
-type passed through Platt scaling::
+type and its Cell Ontology subtypes among them passed through Platt scaling::
 
-    p = softmax(scores / temperature)[chosen]
+    p = sum of softmax(scores / temperature) over the chosen type and its subtypes
     confidence = 1 / (1 + exp(-(slope * logit(p) + intercept)))
 
-``temperature``, ``slope`` and ``intercept`` are fixed in the package (``data/calibration_v2.json``),
+``temperature``, ``slope`` and ``intercept`` are fixed in the package (``data/calibration_v3.json``),
 fitted once by ``benchmarks/markers_calibration.py`` on labelled data and never per run, so the same
 cell always gets the same confidence. The file records what it was fitted on, the scoring version it
 belongs to and the calibration error it reached.
@@ -39,7 +39,7 @@ __all__ = [
 ]
 
 #: The calibration shipped with the package (``data/``).
-CALIBRATION_FILE = "calibration_v2.json"
+CALIBRATION_FILE = "calibration_v3.json"
 _EPS = 1e-6
 
 

@@ -5,7 +5,7 @@ Two vendored layers (see ``data/PROVENANCE.md``), combined by :func:`load_knowle
 1. ``panglaodb_human_v1.tsv.gz``: the human rows of PanglaoDB (27 Mar 2020), 178 cell types named after
    their Cell Ontology terms, each marker weighted from PanglaoDB's sensitivity, specificity, canonical
    flag and ubiquitousness (built by ``scripts/build_marker_table.py``);
-2. ``canonical_markers_v2.tsv``: a small hand-written layer of textbook markers, each row with its
+2. ``canonical_markers_v3.tsv``: a small hand-written layer of textbook markers, each row with its
    citation, for the distinctions PanglaoDB cannot make (CD4 vs CD8 T cells, naive vs memory, NK vs T,
    classical vs non-classical monocytes, ...). Negative weights mark genes expected to be *absent*.
 
@@ -60,7 +60,7 @@ __all__ = [
 #: The vendored PanglaoDB layer (``data/``), version 1.
 PANGLAO_TABLE = "panglaodb_human_v1.tsv.gz"
 #: The vendored hand-written layer (``data/``), version 1.
-CANONICAL_TABLE = "canonical_markers_v2.tsv"
+CANONICAL_TABLE = "canonical_markers_v3.tsv"
 #: ``source`` of every PanglaoDB row.
 PANGLAO_SOURCE = "PanglaoDB 27 Mar 2020"
 
@@ -380,7 +380,7 @@ class MarkerKnowledge:
     rows
         The long table the matrix was built from: ``cell_type, cl_id, gene, weight, tissue, source``.
     version
-        Which tables it was built from (``"panglaodb_human_v1+canonical_markers_v2"``).
+        Which tables it was built from (``"panglaodb_human_v1+canonical_markers_v3"``).
     """
 
     cell_types: np.ndarray

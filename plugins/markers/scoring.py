@@ -103,7 +103,7 @@ __all__ = [
 ]
 
 #: Names the scoring formula and its constants (recorded by the calibration file).
-SCORING_VERSION = "markers-scoring-v2"
+SCORING_VERSION = "markers-scoring-v3"
 #: Fewest measurable positive markers a cell type needs to be called (see "Measured genes").
 MIN_OBSERVABLE_MARKERS = 3
 

@@ -1,0 +1,78 @@
+"""The ``cluster-markers`` sentence strategy on real data (pbmc68k_reduced, Baron pancreas)."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import cellscribe
+
+
+@pytest.fixture(scope="module")
+def pbmc():
+    import scanpy as sc
+
+    return sc.datasets.pbmc68k_reduced()
+
+
+def _annotate(adata, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cellscribe.tl.annotate(adata, sidecar=False, progress=False, **kwargs)
+
+
+def test_every_cell_gets_its_groups_top_de_genes(pancreas):
+    human = pancreas[pancreas.obs["Batch"] == "human"].copy()
+    sentences = cellscribe.tl.sentences(
+        human, sentence="cluster-markers", n_genes=20, sentence_options={"groups": human.obs["Group"]}
+    )
+    genes = sentences.str.split(", ")
+    groups = human.obs["Group"].astype(str)
+    for group, members in genes.groupby(groups.to_numpy()):
+        assert members.map(tuple).nunique() == 1  # one sentence per group
+        top = members.iloc[0]
+        assert len(top) == 20 and not any(g.startswith(("RPL", "RPS", "MT-")) for g in top)
+    # The hormone of each endocrine group leads its contrast with the rest (Baron 2016).
+    first = {g: genes[groups == g].iloc[0] for g in ("alpha", "delta")}
+    assert "GCG" in first["alpha"][:5] and "SST" in first["delta"][:5]
+
+
+def test_groupby_run_answers_each_group_from_its_markers(pancreas):
+    human = pancreas[pancreas.obs["Batch"] == "human"].copy()
+    _annotate(human, groupby="Group", sentence="cluster-markers",
+              sentence_options={"groups": human.obs["Group"]})
+    clusters = human.uns["cellscribe"]["clusters"]
+    assert clusters["alpha"]["label"] == "pancreatic A cell"
+    assert clusters["delta"]["label"] == "pancreatic D cell"
+    assert clusters["macrophage"]["label"] == "macrophage"
+    state = human.uns["cellscribe"]["params"]["sentence_state"]["cluster_markers"]
+    assert state["method"] == "wilcoxon" and set(state["groups"]) == set(human.obs["Group"].astype(str))
+
+
+def test_pbmc_clusters_by_markers_keep_the_lineage(pbmc):
+    adata = pbmc.copy()
+    _annotate(adata, groupby="louvain", sentence="cluster-markers", sentence_options={"groups": adata.obs["louvain"]})
+    calls = {g: c["label"] for g, c in adata.uns["cellscribe"]["clusters"].items()}
+    truth = adata.obs.groupby("louvain", observed=True)["bulk_labels"].agg(lambda s: s.value_counts().index[0])
+    # B-lineage clusters: B cells or plasma cells (cluster 8 ranks MZB1, TNFRSF17 among its markers).
+    assert all("B cell" in calls[g] or calls[g] == "plasma cell" for g in truth[truth == "CD19+ B"].index)
+    assert all("monocyte" in calls[g] for g in truth[truth == "CD14+ Monocyte"].index)
+
+
+def test_groups_by_position_singletons_and_missing(pancreas):
+    human = pancreas[pancreas.obs["Batch"] == "human"].copy()
+    labels = human.obs["Group"].astype(str).to_numpy().copy()
+    labels[0] = "lonely"  # a group of one cell: ranked by its mean expression
+    groups = pd.Series(labels).where(np.arange(len(labels)) != 1, None).tolist()  # one cell without a group
+    sentences = cellscribe.tl.sentences(human, sentence="cluster-markers", sentence_options={"groups": groups})
+    assert sentences.iloc[1] == "" and len(sentences.iloc[0].split(", ")) == 50
+
+
+def test_missing_groups_is_a_clear_error(pancreas):
+    with pytest.raises(ValueError, match="needs the cells' groups"):
+        cellscribe.tl.sentences(pancreas, sentence="cluster-markers")
+    with pytest.raises(ValueError, match="group labels for"):
+        cellscribe.tl.sentences(pancreas, sentence="cluster-markers", sentence_options={"groups": ["a", "b"]})
