@@ -65,7 +65,7 @@ def _columns(adata: ad.AnnData, key: str) -> pd.DataFrame:
     [
         # k-shot from the query's own labels, chosen sentence settings, a tissue and other load options.
         {"prompt": "k-shot", "reference_key": "Group", "k": 2, "seed": 7, "sentence": "top-expressed",
-         "n_genes": 300, "tissue": "pancreas", "prompt_options": {"nearest": True}, "chunk_size": 100,
+         "n_genes": 300, "tissue": "pancreas", "prompt_options": {"show_candidates": True}, "chunk_size": 100,
          "generation": {"temperature": 0.0}, "key_added": "kshot"},
         # CellPuzzles prompts over clusters, with candidates, one representative per cluster.
         {"prompt": "puzzle", "candidates": PANCREAS_TYPES, "groupby": "Group", "n_representatives": 2,
