@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .core.evaluate import (
+from .core.evaluation.evaluate import (
     UNRESOLVED,
     Evaluation,
     confusion_table,
@@ -29,7 +29,7 @@ from .core.evaluate import (
     resolve_run,
     truth_column,
 )
-from .core.grading import GRADE_NAMES, GRADE_SCALE
+from .core.evaluation.grading import GRADE_NAMES, GRADE_SCALE
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def set_label_colors(data: Any, columns: Sequence[str], *, palette: Sequence[str
 
     The first column is the reference (usually the truth): its existing ``uns`` colours are kept
     when they fit its categories. A label of a later column that names a reference label (same
-    cell type, :func:`cellscribe.core.evaluate.match_labels`) takes that label's colour; the others get
+    cell type, :func:`cellscribe.core.evaluation.evaluate.match_labels`) takes that label's colour; the others get
     unused colours of ``palette`` (default: matplotlib's qualitative maps). Columns that are not
     categorical are made categorical, as scanpy does.
 
@@ -163,7 +163,7 @@ def _as_evaluation(data: Any, truth: str | None, keys: str | Sequence[str] | Non
     if isinstance(data, Evaluation):
         return data
     if truth is None:
-        raise ValueError("pass truth= (the obs column of true labels) or an Evaluation from cellscribe.core.evaluate")
+        raise ValueError("pass truth= (the obs column of true labels) or an Evaluation from cellscribe.core.evaluation.evaluate")
     return evaluate(data, truth, keys)
 
 
@@ -261,7 +261,7 @@ def grades(
 ) -> Any:
     """Stacked bars of the grade distribution (CellReasoner's scale) per run, with the mean graded
     score printed on each bar. ``data``: an annotated AnnData/MuData (with ``truth``, ``keys``) or an
-    :class:`~cellscribe.core.evaluate.Evaluation`."""
+    :class:`~cellscribe.core.evaluation.evaluate.Evaluation`."""
     import matplotlib.pyplot as plt
 
     evaluation = _as_evaluation(data, truth, keys)
@@ -414,7 +414,7 @@ def reliability(
     """Reliability diagram: accuracy against mean confidence per confidence bin, one line per run
     (marker area by the number of cells), the diagonal for perfect calibration and each run's ECE
     in the legend. Runs without confidences are left out. ``data``: an annotated object (with
-    ``truth`` and ``keys``) or an :class:`~cellscribe.core.evaluate.Evaluation`."""
+    ``truth`` and ``keys``) or an :class:`~cellscribe.core.evaluation.evaluate.Evaluation`."""
     import matplotlib.pyplot as plt
     from matplotlib import colormaps
 
@@ -458,7 +458,7 @@ def report_figures(
     basis: str | None = None,
 ) -> dict[str, Path]:
     """Draw the report's figures as PNG files into ``out_dir/figures`` and return ``caption -> path``
-    (in order) for :func:`cellscribe.core.evaluate.write_report`.
+    (in order) for :func:`cellscribe.core.evaluation.evaluate.write_report`.
 
     Figures: grade distribution per run, reliability diagram, and per run the confusion heatmap and
     the embedding coloured by prediction and confidence (left out when the data has no 2-d

@@ -2,220 +2,80 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+import inspect
+from collections.abc import Mapping
+from typing import Any
 
-if TYPE_CHECKING:
-    from .core.models import Model
+from .core.spec import RunSpec, parameters_doc, signature, split
 
 __all__ = ["annotate", "gene_activity", "sentences", "transfer_labels"]
 
 
-def annotate(
-    data: Any,
-    *,
-    modality: str = "rna",
-    mod: str | None = None,
-    prompt: str = "zero-shot",
-    model: str | Model | None = None,
-    mode: str = "direct",
-    candidates: Sequence[str] | None = None,
-    reference: Any = None,
-    reference_key: str | None = None,
-    reference_modality: str | None = None,
-    k: int = 3,
-    groupby: str | None = None,
-    n_representatives: int | None = None,
-    layer: str | None = None,
-    use_raw: bool | None = None,
-    sentence: str = "auto",
-    n_genes: int | None = None,
-    generation: Mapping[str, Any] | None = None,
-    decode: str = "generate",
-    seed: int = 0,
-    max_prompt_tokens: int | None = None,
-    batch_size: int | None = None,
-    checkpoint: str | Path | None = None,
-    adapter: str | None = None,
-    device: str | None = None,
-    dtype: str | None = None,
-    trust_remote_code: bool = False,
-    tissue: str | None = None,
-    model_options: Mapping[str, Any] | None = None,
-    prompt_options: Mapping[str, Any] | None = None,
-    sentence_options: Mapping[str, Any] | None = None,
-    modality_options: Mapping[str, Any] | None = None,
-    sidecar: str | Path | bool | None = None,
-    chunk_size: int = 10_000,
-    progress: bool = True,
-    key_added: str = "cellscribe",
-    copy: bool = False,
-) -> Any:
-    """Annotate cell types with a language model reading cell sentences.
+def annotate(data: Any, *, copy: bool = False, **params: Any) -> Any:
+    # The signature and the Parameters of the docstring are made from the run specification
+    # (cellscribe.core.spec), the one place the run's parameters are declared; see below.
+    spec = RunSpec.from_kwargs(**params)  # every parameter checked once, before the data is touched
+    from .core import run
+
+    data = data.copy() if copy else data
+    run.annotate(data, spec)
+    return data if copy else None
+
+
+annotate.__signature__ = signature(  # type: ignore[attr-defined]
+    first=[inspect.Parameter("data", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Any)],
+    last=[inspect.Parameter("copy", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=bool)],
+    returns=Any,
+)
+annotate.__doc__ = """Annotate cell types with a language model reading cell sentences.
 
     Each cell (or, with ``groupby``, a few representative cells per group) becomes a cell sentence, then a
     prompt; the model's answer is decoded into a label. Undecodable answers become ``NaN`` labels with
-    status ``"unresolved"`` and the raw text kept; one bad answer never stops the run.
+    status ``"unresolved"`` and the raw text kept; one bad answer never stops the run. The parameters
+    are checked before any data is read or model loaded; a bad value stops with one line naming the
+    problem and the fix.
 
     Parameters
     ----------
     data
         An AnnData, or a MuData whose modality ``mod`` is annotated.
-    modality
-        Modality plugin that turns the data into a cells x genes matrix (``"rna"``; ``cellscribe
-        plugins`` lists the installed ones).
-    mod
-        MuData modality key (default: the modality's usual keys, e.g. ``"rna"``).
-    prompt
-        Prompt strategy: ``"zero-shot"`` (CellReasoner), ``"k-shot"`` (examples from ``reference``),
-        ``"puzzle"`` (Cell-o1 CellPuzzles; needs ``candidates``).
-    model
-        ``None`` (the offline default, ``"markers"``), a registered backend name, a model manifest name
-        (``"cellreasoner-7b"``, ``"cell-o1"``: ``cellscribe adapters`` lists them; a manifest's prompt,
-        sentence and generation settings apply wherever you kept the defaults), a local model directory
-        or a Hugging Face hub id (transformers backend), or ``"openai:<name>"`` for a serving engine.
-        Or a model already loaded by :func:`cellscribe.load_model`, reused without loading it again
-        (its load options are fixed: ``adapter``, ``device``, ``dtype``, ``trust_remote_code``,
-        ``batch_size``, ``tissue`` and ``model_options`` must then be left out).
-    mode
-        ``"direct"`` (answer only) or ``"reasoning"`` (think first; CellReasoner's reasoning mode).
-    candidates
-        Allowed labels. Answers are matched to them; unmatched answers are unresolved.
-    reference, reference_key
-        Labelled examples for ``k-shot``: an AnnData (or MuData) and its label column. With
-        ``reference=None`` and a ``reference_key``, the labelled cells of ``data`` itself are used.
-    reference_modality
-        The modality of ``reference`` when it differs from ``modality``: an scRNA-seq reference for
-        scATAC cells is ``reference_modality="rna"`` (examples are expression sentences, queries gene
-        activity sentences; the reference keeps only the genes both can show). Default: the query's
-        modality; a reference of peaks for a query of gene symbols, or the reverse, is refused with an
-        error asking for it. Recorded with the gene counts in ``uns[key_added]["params"]``.
-    k
-        Examples per label in ``k-shot`` prompts.
-    groupby
-        An ``obs`` column of clusters: each group is annotated from ``n_representatives`` typical cells
-        and every cell receives its group's majority label.
-    n_representatives
-        Cells per group with ``groupby`` (default: the prompt strategy's choice, 5; 1 for puzzles).
-    layer, use_raw
-        Which matrix to read (default ``X``; scaled data is detected and counts/log layers or ``.raw``
-        used instead when present).
-    sentence
-        Sentence strategy: ``"auto"``, ``"ranked-hvg"``, ``"top-expressed"``, ``"data-hvg"``.
-    n_genes
-        Genes per sentence (default: the strategy's; 1000 for ranked-hvg, 50 for top-expressed).
-    generation
-        Generation settings overriding the format's defaults (``temperature``, ``top_p``,
-        ``max_new_tokens``, ``do_sample``, ``repetition_penalty``, ``seed`` ...).
-    decode
-        ``"generate"`` (free text, decoded afterwards), ``"constrained"`` (the answer is forced to be one
-        of the candidates; a permutation of them for puzzles) or ``"score"`` (each candidate's
-        likelihood; gives a probability per candidate). The last two need candidates and a backend that
-        supports them (transformers).
-    seed
-        Seed for example sampling and puzzle grouping.
-    max_prompt_tokens
-        Token budget per prompt (k-shot examples are shortened to fit).
-    batch_size
-        Prompts per model call (default: the backend's choice; transformers fills batches up to a token
-        budget, ``model_options={"max_batch_tokens": N}``).
-    checkpoint
-        A folder where finished batches of outputs are saved as they complete; running the same call
-        again with the same folder resumes where it stopped (the CLI uses ``OUTPUT.cellscribe.ckpt``).
-    adapter
-        A LoRA adapter (path or hub id) for this modality, loaded onto the model.
-    device, dtype
-        Model placement (default: GPU with bf16 when available, else CPU with fp32).
-    trust_remote_code
-        Allow a hub model's own code to run. Off unless you ask for it.
-    tissue
-        Tissue of origin (``"blood"``, ``"pancreas"``): knowledge-based models restrict their cell types
-        to it.
-    model_options
-        Backend-specific settings passed to the backend's ``load``.
-    prompt_options, sentence_options, modality_options
-        Strategy- and plugin-specific settings (e.g. ``{"system_role": True}`` for puzzles).
-    sidecar
-        Where the full raw model outputs go (JSONL, one record per prompt). ``None``: a new file in
-        ``./cellscribe_runs/``; ``False``: not written.
-    chunk_size
-        Cells per chunk when reading the matrix.
-    progress
-        Show a progress bar.
-    key_added
-        Prefix of the written fields.
+{parameters}
     copy
         Return an annotated copy instead of writing into ``data``.
 
-    Returns
-    -------
-    ``None``, or the annotated copy when ``copy=True``. Writes into the annotated AnnData (for a MuData:
-    ``mdata.mod[mod]``, with the columns mirrored to ``mdata.obs`` as ``"{mod}:{column}"``):
-
-    ``.obs[key_added]``
-        Categorical label (``NaN`` where unresolved).
-    ``.obs[f"{key_added}_confidence"]``
-        Confidence in [0, 1] (``NaN`` where the backend gives none).
-    ``.obs[f"{key_added}_reasoning"]``
-        The model's reasoning text (empty in direct mode).
-    ``.obs[f"{key_added}_status"]``
-        ``"ok"`` or ``"unresolved"`` (cells with no expressed gene are unresolved, never dropped).
-    ``.obs[f"{key_added}_note"]``
-        Why a cell is unresolved or how its label was matched.
-    ``.obs[f"{key_added}_cell"]``
-        With ``groupby`` only: the representative cells' own answers.
-    ``.obs[f"{key_added}_ontology_id"]``, ``.obs[f"{key_added}_ontology_name"]``
-        The Cell Ontology term the label names (exact name, synonym, normalised spelling or a common
-        abbreviation such as "CD14+ Mono"); NaN when it maps to no term unambiguously.
-    ``.uns[key_added]``
-        ``"params"`` (everything that reproduces the run: strategies, settings, model, adapter,
-        versions, seed), ``"summary"`` (counts), ``"sidecar"`` (path of the raw outputs) and, with
-        ``groupby``, ``"clusters"`` (label and vote share per group).
+""".format(parameters=parameters_doc()) + '    Returns\n    -------\n    ``None``, or the annotated copy when ``copy=True``. Writes into the annotated AnnData (for a MuData:\n    ``mdata.mod[mod]``, with the columns mirrored to ``mdata.obs`` as ``"{mod}:{column}"``):\n\n    ``.obs[key_added]``\n        Categorical label (``NaN`` where unresolved).\n    ``.obs[f"{key_added}_confidence"]``\n        Confidence in [0, 1] (``NaN`` where the backend gives none).\n    ``.obs[f"{key_added}_reasoning"]``\n        The model\'s reasoning text (empty in direct mode).\n    ``.obs[f"{key_added}_status"]``\n        ``"ok"`` or ``"unresolved"`` (cells with no expressed gene are unresolved, never dropped).\n    ``.obs[f"{key_added}_note"]``\n        Why a cell is unresolved or how its label was matched.\n    ``.obs[f"{key_added}_cell"]``\n        With ``groupby`` only: the representative cells\' own answers.\n    ``.obs[f"{key_added}_ontology_id"]``, ``.obs[f"{key_added}_ontology_name"]``\n        The Cell Ontology term the label names (exact name, synonym, normalised spelling or a common\n        abbreviation such as "CD14+ Mono"); NaN when it maps to no term unambiguously.\n    ``.uns[key_added]``\n        ``"params"`` (everything that reproduces the run: strategies, settings, model, adapter,\n        versions, seed), ``"summary"`` (counts), ``"sidecar"`` (path of the raw outputs) and, with\n        ``groupby``, ``"clusters"`` (label and vote share per group).\n' + """
+    ``uns[key_added]["params"]`` re-creates the run: ``RunSpec.from_params(params)`` (with ``reference=``
+    again for an external k-shot reference), then ``annotate(data, **spec.kwargs())``.
     """
-    options = {name: value for name, value in locals().items() if name not in ("data", "copy")}
-    from .core import pipeline
-
-    data = data.copy() if copy else data
-    pipeline.annotate(data, **options)
-    return data if copy else None
 
 
-def sentences(
-    data: Any,
-    *,
-    modality: str = "rna",
-    mod: str | None = None,
-    sentence: str = "auto",
-    n_genes: int | None = None,
-    layer: str | None = None,
-    use_raw: bool | None = None,
-    sentence_options: Mapping[str, Any] | None = None,
-    modality_options: Mapping[str, Any] | None = None,
-    chunk_size: int = 10_000,
-):
-    """Cell sentences without a model: a ``pandas.Series`` of ``", "``-joined genes per cell.
+def sentences(data: Any, **params: Any) -> Any:
+    parts = split(params, ("data", "sentences"))
+    from .core.plugins import get_host
+    from .core.run import prepare_sentences, sentences_frame
+
+    result = prepare_sentences(data, parts["data"], parts["sentences"], host=get_host())
+    series = sentences_frame(result.sentences)
+    series.attrs["state"] = result.state
+    return series
+
+
+sentences.__signature__ = signature(  # type: ignore[attr-defined]
+    first=[inspect.Parameter("data", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Any)],
+    parts=("data", "sentences"),
+)
+sentences.__doc__ = """Cell sentences without a model: a ``pandas.Series`` of ``", "``-joined genes per cell.
 
     The Series is indexed by cell id; ``.attrs["strategy"]`` names the strategy used (``auto``
-    resolved) and ``.attrs["params"]`` its settings. ``data`` is not modified.
-    """
-    from .core import pipeline
-    from .core.plugins import get_host
+    resolved), ``.attrs["params"]`` its settings and ``.attrs["state"]`` what it learned from the data.
+    ``data`` is not modified.
 
-    host = get_host()
-    modality_c = host.registry.get("modality", modality)
-    adata, _ = pipeline.select_modality_data(data, modality_c, mod)
-    features = modality_c.prepare(
-        adata, layer=layer, use_raw=use_raw, chunk_size=chunk_size, **dict(modality_options or {})
-    )
-    state: dict = {}
-    cs = pipeline.build_sentences(
-        features, sentence, n_genes=n_genes, state=state, host=host, chunk_size=chunk_size,
-        options=sentence_options,
-    )
-    series = pipeline.sentences_frame(cs)
-    series.attrs["state"] = state
-    return series
+    Parameters
+    ----------
+    data
+        An AnnData, or a MuData whose modality ``mod`` is used.
+{parameters}
+    """.format(parameters=parameters_doc(("data", "sentences")))
 
 
 def gene_activity(
@@ -287,12 +147,12 @@ def gene_activity(
     import pandas as pd
     import scipy.sparse as sp
 
-    from .core import pipeline
     from .core.plugins import get_host
+    from .core.run import select_modality_data
 
     started = time.perf_counter()
     component = get_host().registry.get("modality", modality)
-    adata, key = pipeline.select_modality_data(data, component, mod)
+    adata, key = select_modality_data(data, component, mod)
     read = dict(layer=layer, use_raw=use_raw, chunk_size=chunk_size)
     features = component.prepare(adata, **read, **options)
     activity = _read_rows(features, chunk_size)
@@ -362,25 +222,7 @@ def _columns(names: Any, target: Any) -> Any:
                          shape=(len(names), len(target)))
 
 
-def transfer_labels(
-    data: Any,
-    reference: Any,
-    *,
-    reference_key: str,
-    modality: str = "atac",
-    reference_modality: str = "rna",
-    mod: str | None = None,
-    layer: str | None = None,
-    use_raw: bool | None = None,
-    n_markers: int | None = None,
-    fine_tune: bool = True,
-    tune_threshold: float = 0.05,
-    prune: bool = True,
-    modality_options: Mapping[str, Any] | None = None,
-    chunk_size: int = 10_000,
-    key_added: str = "transfer",
-    copy: bool = False,
-) -> Any:
+def transfer_labels(data: Any, reference: Any, *, copy: bool = False, **options: Any) -> Any:
     """Transfer the labels of a reference to the cells of ``data`` without a language model.
 
     SingleR's classic method (Aran et al. 2019), across modalities: each reference label's mean profile
@@ -389,7 +231,7 @@ def transfer_labels(
     ``tune_threshold`` of the best, and SingleR's pruning of outlying calls. The default is scATAC cells
     (gene activity) against a labelled scRNA-seq reference (expression); any pair of modalities that
     give genes works, the same one included. Fast (no model) and classical: a baseline, and a label
-    source when the reference matches the data. Details: :mod:`cellscribe.core.transfer`.
+    source when the reference matches the data. Details: :mod:`cellscribe.core.run.transfer`.
 
     Parameters
     ----------
@@ -457,13 +299,20 @@ def transfer_labels(
     ValueError
         Fewer than two labels; fewer than two genes measured in both data sets; invalid settings.
     """
-    from .core import transfer
+    from .core.run import transfer
 
     data = data.copy() if copy else data
-    transfer.transfer_labels(
-        data, reference, reference_key=reference_key, modality=modality, reference_modality=reference_modality,
-        mod=mod, layer=layer, use_raw=use_raw, n_markers=n_markers, fine_tune=fine_tune,
-        tune_threshold=tune_threshold, prune=prune, modality_options=modality_options, chunk_size=chunk_size,
-        key_added=key_added,
-    )
+    transfer.transfer_labels(data, reference, **options)
     return data if copy else None
+
+
+def _transfer_signature() -> inspect.Signature:
+    """The core function's keywords (declared once, there), with ``copy``, without ``host``."""
+    from .core.run import transfer
+
+    params = [p for name, p in inspect.signature(transfer.transfer_labels).parameters.items() if name != "host"]
+    copy = inspect.Parameter("copy", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=bool)
+    return inspect.Signature([*params, copy], return_annotation=Any)
+
+
+transfer_labels.__signature__ = _transfer_signature()  # type: ignore[attr-defined]

@@ -363,7 +363,7 @@ def part_peaks(args: argparse.Namespace, workdir: Path) -> None:
 
 def lineages(predicted) -> np.ndarray:
     """The Cell Ontology lineage of each predicted label (None when it maps to no term)."""
-    from cellscribe.core.ontology import get_ontology
+    from cellscribe.core.domain.ontology import get_ontology
 
     onto = get_ontology()
     ids = [onto.lookup(str(p)) if isinstance(p, str) else None for p in predicted.astype(object)]
@@ -372,7 +372,7 @@ def lineages(predicted) -> np.ndarray:
 
 def lineage_accuracy(predicted, truth) -> tuple[float, float]:
     """(share of cells whose Cell Ontology lineage is right, the same with myeloid lineages merged)."""
-    from cellscribe.core.ontology import get_ontology
+    from cellscribe.core.domain.ontology import get_ontology
 
     onto = get_ontology()
     ids = [onto.lookup(str(p)) if isinstance(p, str) else None for p in predicted.astype(object)]

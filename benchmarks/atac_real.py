@@ -66,7 +66,7 @@ PBSMALL_EXPECTED = {"B cell": {"B cell"}, "T cell": {"T cell", "NK cell"}, "mono
 
 def _lineage_table(labels: pd.Series) -> pd.DataFrame:
     """Per label: its Cell Ontology lineage and whether it is foreign to blood (see module docstring)."""
-    from cellscribe.core.ontology import get_ontology
+    from cellscribe.core.domain.ontology import get_ontology
     from cellscribe.plugins.markers.knowledge import load_knowledge
 
     onto = get_ontology()
@@ -162,7 +162,7 @@ def run_buenrostro(tissues, options, genes) -> list[dict]:
 
 
 def run_pbsmall(tissues, options, genes) -> list[dict]:
-    from cellscribe.core.pipeline import read_input
+    from cellscribe.core.run import read_input
 
     truth = pd.read_csv(SHARED / "atac" / "PBSmall_labels.tsv", sep="\t", index_col=0)["cell_type"]
     out = []

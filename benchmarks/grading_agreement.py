@@ -1,4 +1,4 @@
-"""How well :mod:`cellscribe.core.grading` agrees with the experts who graded CellReasoner's pairs.
+"""How well :mod:`cellscribe.core.evaluation.grading` agrees with the experts who graded CellReasoner's pairs.
 
 Usage::
 
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cellscribe.core.grading import GradeAgreement, Grader, compare_grades
+from cellscribe.core.evaluation.grading import GradeAgreement, Grader, compare_grades
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLE = ROOT.parent / "shared" / "data" / "knowledge" / "cellreasoner_pair_scores_dev.csv"

@@ -63,7 +63,7 @@ def datasets() -> dict[str, tuple]:
     import anndata as ad
     import scanpy as sc
 
-    from cellscribe.core.ontology import get_ontology
+    from cellscribe.core.domain.ontology import get_ontology
 
     ontology = get_ontology()
     out = {}
@@ -88,7 +88,7 @@ def datasets() -> dict[str, tuple]:
 
 
 def terms_of(labels) -> list[str | None]:
-    from cellscribe.core.ontology import get_ontology
+    from cellscribe.core.domain.ontology import get_ontology
 
     ontology = get_ontology()
     cache: dict = {}
@@ -109,7 +109,7 @@ def metrics(terms, truth) -> dict[str, float]:
 
 
 def foreign_share(terms) -> float:
-    from cellscribe.core.ontology import get_ontology
+    from cellscribe.core.domain.ontology import get_ontology
 
     ontology = get_ontology()
     called = [t for t in terms if t]
@@ -160,7 +160,7 @@ def run_cells(data) -> None:
 
 
 def _pbmc_detail(labels, predicted, terms, tissue) -> None:
-    from cellscribe.core.ontology import get_ontology
+    from cellscribe.core.domain.ontology import get_ontology
 
     ontology = get_ontology()
     mono = labels == "CD14+ Monocyte"

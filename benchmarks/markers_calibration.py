@@ -114,7 +114,7 @@ class Dataset:
     used as candidates (the given ones, or the terms' names where the given ones are cluster codes)."""
 
     def __init__(self, name, adata, labels, truth):
-        from cellscribe.core.ontology import get_ontology
+        from cellscribe.core.domain.ontology import get_ontology
 
         self.name, self.adata, self.labels, self.truth = name, adata, np.asarray(labels, dtype=object), truth
         ontology = get_ontology()
@@ -126,7 +126,7 @@ def load_datasets() -> list[Dataset]:
     import anndata as ad
     import scanpy as sc
 
-    from cellscribe.core.ontology import get_ontology
+    from cellscribe.core.domain.ontology import get_ontology
 
     ontology = get_ontology()
     out = []
@@ -162,7 +162,7 @@ def _group(ontology, term: str) -> str | None:
 
 def grade(predicted: str | None, truth: str | None) -> tuple[bool, bool, float]:
     """``(correct, lineage-correct, graded score)`` of a predicted term against a truth term."""
-    from cellscribe.core.ontology import get_ontology
+    from cellscribe.core.domain.ontology import get_ontology
 
     ontology = get_ontology()
     if not predicted or not truth:
@@ -264,7 +264,7 @@ def _quiet(fn: Callable, *args, **kwargs):
 def zero_shot(datasets, *, model_cache) -> tuple[list[dict], dict]:
     """Zero-shot accuracy through ``cellscribe.tl.annotate`` and the scores behind it."""
     import cellscribe
-    from cellscribe.core.pipeline import plan_run
+    from cellscribe.core.run import plan_run
     from cellscribe.core.plugins import get_host
 
     rows, runs = [], {}
@@ -353,8 +353,8 @@ def kshot_task(datasets) -> list[dict]:
 
 def puzzle_task(datasets, *, n_genes: int = 50) -> list[dict]:
     """Benchmark puzzles (one cell of each of n labels, one donor) answered by the model."""
-    from cellscribe.core.metrics import puzzle_metrics
-    from cellscribe.core.pipeline import plan_run
+    from cellscribe.core.evaluation.metrics import puzzle_metrics
+    from cellscribe.core.run import plan_run
     from cellscribe.core.plugins import get_host
     from cellscribe.plugins.prompting.puzzle import Puzzle, benchmark_record, plan_benchmark_puzzles
 
@@ -407,7 +407,7 @@ def compare_params(datasets, settings: list[str]) -> list[dict]:
     defaults first), from the same sentences and the same choice rule as the backend's."""
     import attrs
 
-    from cellscribe.core.pipeline import plan_run
+    from cellscribe.core.run import plan_run
     from cellscribe.plugins.markers.backend import MarkersModel
     from cellscribe.plugins.markers.knowledge import load_knowledge
     from cellscribe.plugins.markers.scoring import MarkerScorer, ScoringParams

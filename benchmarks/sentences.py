@@ -180,7 +180,7 @@ def python_only(big: Path, out: Path, chunk_size: int, label_key: str = LABEL_KE
     import anndata as ad
 
     from cellscribe.core.plugins import get_host
-    from cellscribe.core.ranking import encode_names, join_ranked
+    from cellscribe.core.domain.ranking import encode_names, join_ranked
     from cellscribe.core.types import FeatureMatrix
 
     adata = ad.read_h5ad(big, backed="r")
@@ -244,7 +244,7 @@ def profile(big: Path, chunk_size: int, n_chunks: int) -> None:
     """Time the stages of the first ``n_chunks`` chunks: read, rank, join, JSON-encode."""
     import anndata as ad
 
-    from cellscribe.core.ranking import encode_names, join_ranked, rank_by_order
+    from cellscribe.core.domain.ranking import encode_names, join_ranked, rank_by_order
     from cellscribe.plugins.sentences.strategies import cellreasoner_genes, list_positions
 
     adata = ad.read_h5ad(big, backed="r")

@@ -3,18 +3,23 @@
 These are structural (``typing.Protocol``): any object with the listed attributes and methods works;
 no base class is needed. Every method receives keyword arguments and must accept (and may ignore)
 ``**options`` it does not know, so core can grow arguments without breaking plugins.
+
+Each protocol declares its *optional* capabilities, below a ``# optional`` line, with their defaults
+(a value, or a method body that does the neutral thing). A component may leave them out: the registry
+(and :class:`~cellscribe.core.models.Model` for loaded models) gives it the declared defaults
+(:func:`with_defaults`), so the run reads ``modality.mudata_keys`` or calls ``model.use_assay(...)``
+without probing for them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
-    import pandas as pd
     from anndata import AnnData
 
-    from .types import Annotation, CellSentences, FeatureMatrix, Generation, Prompt
+    from .types import Annotation, Assay, CellSentences, FeatureMatrix, Generation, Prompt
 
 
 @runtime_checkable
@@ -26,8 +31,6 @@ class Reader(Protocol):
     asks for a lazily read (on-disk) matrix where the format allows it (streaming commands pass it;
     readers that cannot, ignore it); ``options`` are the values of the CLI options plugins added
     (``--gtf``), or ``modality_options`` in the Python API.
-    ``modality``: the modality the data is for when the reader implies one (a fragments reader implies
-    ``"atac"``), else ``None``.
     """
 
     name: str
@@ -36,13 +39,15 @@ class Reader(Protocol):
 
     def read(self, path: str, **options: Any) -> Any: ...
 
+    # optional
+    #: The modality the data is for when the reader implies one (a fragments reader: ``"atac"``).
+    modality: str | None = None
+
 
 @runtime_checkable
 class Modality(Protocol):
     """Tokenizing step 1: an AnnData of this modality to a cells x genes FeatureMatrix.
 
-    ``mudata_keys``: the ``MuData.mod`` keys tried, in order, when the user gives a MuData but no
-    ``mod=`` (``("rna", "gex")``).
     ``prepare(adata, *, layer=None, use_raw=None, **options)`` chooses and checks the matrix (layer or
     raw, scaled data, gene identifiers, duplicate names) and returns a FeatureMatrix with one row per
     cell of ``adata`` in the same order. It raises ``ValueError`` with the problem and the fix for bad
@@ -51,9 +56,16 @@ class Modality(Protocol):
 
     name: str
     description: str
-    mudata_keys: tuple[str, ...]
 
     def prepare(self, adata: AnnData, **options: Any) -> FeatureMatrix: ...
+
+    # optional
+    #: The ``MuData.mod`` keys tried, in order, when the user gives a MuData but no ``mod=``.
+    mudata_keys: tuple[str, ...] = ()
+    #: The label of this modality's line in a several-modality sentence (default: the upper-cased name).
+    sentence_label: str | None = None
+    #: Options that give values fit for correlation, used by label transfer (``tl.transfer_labels``).
+    transfer_options: Mapping[str, Any] = {}
 
 
 @runtime_checkable
@@ -70,9 +82,14 @@ class SentenceStrategy(Protocol):
 
     name: str
     description: str
-    default_n_genes: int | None
 
     def build(self, features: FeatureMatrix, **options: Any) -> Iterator[CellSentences]: ...
+
+    # optional
+    #: Genes per sentence when the user gives none (``None``: the strategy decides).
+    default_n_genes: int | None = None
+    #: Whether it ranks genes per group and wants the run's groups (``groups=``) with ``groupby``.
+    uses_groups: bool = False
 
 
 @runtime_checkable
@@ -84,16 +101,13 @@ class PromptStrategy(Protocol):
     (except those with an empty sentence) in exactly one prompt.
 
     - ``mode``: ``"direct"`` or ``"reasoning"``.
-    - ``candidates``: user-given labels or ``None``.
+    - ``candidates``: the allowed labels (the user's, else the reference's labels) or ``None``; the
+      prompts carry them (``Prompt.candidates``), the one place decoders read them from.
     - ``reference`` / ``reference_labels``: labelled example sentences (k-shot) or ``None``.
     - ``obs``: a DataFrame indexed like the units, for context fields (may be ``None``).
     - ``count_tokens``: ``callable(text) -> int`` from the model's tokenizer, or ``None``.
 
     ``default_decoder``: the decoder its prompts name.
-
-    Optional: ``from_record(record, **options) -> Prompt`` rebuilds a prompt from a stored record of
-    the strategy's file format (``cellscribe puzzles solve`` uses the ``puzzle`` strategy's);
-    ``representatives_per_group``: cells per group the pipeline prompts with ``groupby`` (default 5).
     """
 
     name: str
@@ -101,6 +115,15 @@ class PromptStrategy(Protocol):
     default_decoder: str
 
     def build(self, sentences: CellSentences, **options: Any) -> list[Prompt]: ...
+
+    # optional
+    #: Cells per group the run prompts with ``groupby``.
+    representatives_per_group: int = 5
+
+    def from_record(self, record: Mapping[str, Any], **options: Any) -> Prompt:
+        """Rebuild a prompt from a stored record of the strategy's file format (``cellscribe puzzles
+        solve`` uses the ``puzzle`` strategy's)."""
+        raise ValueError(f"prompt strategy {getattr(self, 'name', '?')!r} cannot rebuild prompts from records")
 
 
 @runtime_checkable
@@ -111,21 +134,37 @@ class LoadedModel(Protocol):
     ``settings`` are the user's generation overrides (merged over each prompt's ``generation``
     defaults by the backend); ``progress(n)`` is called as prompts finish. A failure of one batch is
     reported in ``Generation.error`` rather than raised.
-    ``count_tokens(text)`` counts tokens with the model's tokenizer (``None`` if it has none).
-    ``info()`` returns what identifies the model (recorded in the run parameters).
-    Optional: ``render(prompt) -> str`` (the exact model input), ``use_modality(modality)`` (switch to
-    the modality's adapter), ``use_assay(assay) -> dict | None`` (answer within the genes the run's
-    data measure, :class:`~cellscribe.core.types.Assay`; the returned report of what of the model's
-    knowledge they show is recorded in ``uns[key]["observability"]``), ``decode_modes`` (the ``decode=`` values it supports; default
-    ``("generate",)``), ``prompts_per_call`` (how many prompts the pipeline should send per call and
-    checkpoint), ``max_concurrency`` (requests a serving backend keeps in flight).
     """
 
     def generate(self, prompts: Sequence[Prompt], **options: Any) -> list[Generation]: ...
 
-    def count_tokens(self, text: str) -> int | None: ...
+    # optional
+    #: The ``decode=`` values it supports.
+    decode_modes: tuple[str, ...] = ("generate",)
+    #: Prompts the run should send per call and checkpoint (``None``: from the batch size).
+    prompts_per_call: int | None = None
+    #: Requests a serving backend keeps in flight.
+    max_concurrency: int = 1
 
-    def info(self) -> Mapping[str, Any]: ...
+    def count_tokens(self, text: str) -> int | None:
+        """Tokens of ``text`` with the model's tokenizer (``None``: it has none)."""
+        return None
+
+    def info(self) -> Mapping[str, Any]:
+        """What identifies the model (recorded in the run parameters)."""
+        return {}
+
+    def use_modality(self, modality: str) -> None:
+        """Switch to the modality's adapter (the base model for a modality without one)."""
+
+    def use_assay(self, assay: Assay) -> Mapping[str, Any] | None:
+        """Answer within the genes the run's data measure (:class:`~cellscribe.core.types.Assay`);
+        return a report of what of the model's knowledge they show (``uns[key]["observability"]``)."""
+        return None
+
+    def survey(self, prompts: Sequence[Prompt]) -> Mapping[str, Any] | None:
+        """Look at the whole run before answering (a tissue context); return what was found."""
+        return None
 
 
 @runtime_checkable
@@ -135,11 +174,8 @@ class Backend(Protocol):
     ``handles(spec)`` says whether a ``model=`` string is for this backend (a local directory with a
     ``config.json``, a hub id, ``"openai:gpt-x"``). ``load(spec, *, adapters, hook, **options)``
     returns a :class:`LoadedModel`; ``adapters`` maps modality -> adapter path; ``hook`` is the plugin
-    manager's hook relay (to call ``cellscribe_load_adapter`` or ``cellscribe_marker_knowledge``);
+    manager's hook relay (to call ``cellscribe_load_adapter``, or hooks its plugin added);
     ``tissue`` is the user's tissue hint or ``None``; other ``options`` come from ``model_options``.
-    Optional ``sentence_preferences``: ``{"sentence": name, "n_genes": int, "options": {...},
-    "modalities": {modality: {...}}}`` used when the user kept the default sentence settings; a
-    modality's entry in ``"modalities"`` overrides the others for runs of that modality.
     """
 
     name: str
@@ -149,14 +185,21 @@ class Backend(Protocol):
 
     def load(self, spec: str, **options: Any) -> LoadedModel: ...
 
+    # optional
+    #: ``{"sentence": name, "n_genes": int, "options": {...}, "modalities": {modality: {...}}}``, used
+    #: when the user kept the default sentence settings; a modality's entry in ``"modalities"``
+    #: overrides the others for runs of that modality.
+    sentence_preferences: Mapping[str, Any] | None = None
+
 
 @runtime_checkable
 class Decoder(Protocol):
     """Raw text to labels.
 
-    ``decode(generation, prompt, *, vocabulary=None, **options)`` returns one :class:`Annotation` per
-    ``prompt.unit_ids``, in order. ``vocabulary`` is the known label set (candidates, reference labels)
-    the answer is matched to. Never raises on bad output: unresolved annotations keep the raw text.
+    ``decode(generation, prompt, **options)`` returns one :class:`Annotation` per ``prompt.unit_ids``,
+    in order. The labels an answer is matched to are the prompt's ``candidates`` (the user's
+    candidates, or the reference's labels). Never raises on bad output: unresolved annotations keep the
+    raw text.
     """
 
     name: str
@@ -173,28 +216,89 @@ class SentenceFormat(Protocol):
     ``fh`` and returns how many it wrote. ``chunks`` yields :class:`CellSentences` in row order (stream
     them: a file may hold millions of cells); ``labels`` is a Series of labels indexed by cell id (or
     ``None``); ``obs`` the cell metadata; ``options`` include ``reasoning`` (bool).
-    ``sentence``: the sentence strategy the format's models were trained with (used when the user did
-    not choose one), or ``None``; ``needs_labels``: whether ``--label-key`` is required.
     """
 
     name: str
     description: str
     suffix: str
-    sentence: str | None
-    needs_labels: bool
 
     def write(self, fh: Any, chunks: Iterator[CellSentences], **options: Any) -> int: ...
+
+    # optional
+    #: The sentence strategy the format's models were trained with (used when the user chose none).
+    sentence: str | None = None
+    #: Whether ``--label-key`` is required.
+    needs_labels: bool = False
+
+
+def optional_members(protocol: type) -> dict[str, Any]:
+    """The optional members a protocol declares, with their defaults (plain functions for methods)."""
+    return {
+        name: value for name, value in vars(protocol).items()
+        if not name.startswith("_") and name not in _REQUIRED.get(protocol, ())
+    }
+
+
+#: Members each protocol requires (everything else it defines is optional).
+_REQUIRED: dict[type, tuple[str, ...]] = {
+    Reader: ("read",),
+    Modality: ("prepare",),
+    SentenceStrategy: ("build",),
+    PromptStrategy: ("build",),
+    LoadedModel: ("generate",),
+    Backend: ("handles", "load"),
+    Decoder: ("decode",),
+    SentenceFormat: ("write",),
+}
+
+
+class _WithDefaults:
+    """A component seen through its protocol: its own members, else the protocol's declared defaults
+    (methods bound to the component). ``isinstance`` and attribute writes reach the component."""
+
+    __slots__ = ("_component", "_defaults")
+
+    def __init__(self, component: Any, defaults: Mapping[str, Any]) -> None:
+        object.__setattr__(self, "_component", component)
+        object.__setattr__(self, "_defaults", dict(defaults))
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return getattr(self._component, name)
+        except AttributeError:
+            if name not in self._defaults:
+                raise
+            value = self._defaults[name]
+            return value.__get__(self._component) if callable(value) else value
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._component, name, value)
+
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:  # isinstance() sees the component's class
+        return type(self._component)
+
+    def __repr__(self) -> str:
+        return repr(self._component)
+
+
+def with_defaults(component: Any, protocol: type) -> Any:
+    """``component`` itself when it has every optional member of ``protocol``, else a view of it that
+    supplies the missing ones with the protocol's defaults. The one place optional members are looked
+    up; everything else reads them as plain attributes."""
+    missing = {name: value for name, value in optional_members(protocol).items() if not hasattr(component, name)}
+    return _WithDefaults(component, missing) if missing else component
 
 
 #: hook name -> (kind, protocol, methods that must exist)
 KINDS: Mapping[str, tuple[str, type, tuple[str, ...]]] = {
-    "cellscribe_register_readers": ("reader", Reader, ("read",)),
-    "cellscribe_register_modalities": ("modality", Modality, ("prepare",)),
-    "cellscribe_register_sentence_strategies": ("sentence", SentenceStrategy, ("build",)),
-    "cellscribe_register_prompt_strategies": ("prompt", PromptStrategy, ("build",)),
-    "cellscribe_register_backends": ("backend", Backend, ("handles", "load")),
-    "cellscribe_register_decoders": ("decoder", Decoder, ("decode",)),
-    "cellscribe_register_formats": ("format", SentenceFormat, ("write",)),
+    "cellscribe_register_readers": ("reader", Reader, _REQUIRED[Reader]),
+    "cellscribe_register_modalities": ("modality", Modality, _REQUIRED[Modality]),
+    "cellscribe_register_sentence_strategies": ("sentence", SentenceStrategy, _REQUIRED[SentenceStrategy]),
+    "cellscribe_register_prompt_strategies": ("prompt", PromptStrategy, _REQUIRED[PromptStrategy]),
+    "cellscribe_register_backends": ("backend", Backend, _REQUIRED[Backend]),
+    "cellscribe_register_decoders": ("decoder", Decoder, _REQUIRED[Decoder]),
+    "cellscribe_register_formats": ("format", SentenceFormat, _REQUIRED[SentenceFormat]),
 }
 
 __all__ = [
@@ -207,5 +311,6 @@ __all__ = [
     "Decoder",
     "SentenceFormat",
     "KINDS",
+    "optional_members",
+    "with_defaults",
 ]
-

@@ -19,7 +19,7 @@ plugin manager is first used; the ``register`` callback validates the component,
 names and records which plugin provided it (``cellscribe plugins`` lists them).
 
 Component interfaces (the objects passed to ``register``) are documented in
-:mod:`cellscribe.core.components`.
+:mod:`cellscribe.core.components`. A plugin can add hooks of its own with :func:`cellscribe_addhooks`.
 """
 
 from __future__ import annotations
@@ -43,6 +43,26 @@ if TYPE_CHECKING:
 
 hookspec = pluggy.HookspecMarker("cellscribe")
 hookimpl = pluggy.HookimplMarker("cellscribe")
+
+
+# -------------------------------------------------------------------------------------------------
+# Plugin set-up: called as each plugin is registered.
+# -------------------------------------------------------------------------------------------------
+
+
+@hookspec(historic=True)
+def cellscribe_addhooks(pluginmanager: pluggy.PluginManager) -> None:
+    """Add hook specifications a plugin owns (as pytest's ``pytest_addhooks``).
+
+    Called once for every plugin that implements it, as soon as that plugin is registered (a historic
+    hook: plugins registered later are called too). Implement it to call
+    ``pluginmanager.add_hookspecs(module)`` with a module of ``@hookspec`` functions; other plugins can
+    then implement those hooks, and the owning plugin calls them through the ``hook`` relay it is given.
+    The ``markers`` plugin adds ``cellscribe_marker_knowledge`` this way
+    (:mod:`cellscribe.plugins.markers.hookspecs`).
+
+    :param pluginmanager: the plugin manager being set up.
+    """
 
 
 # -------------------------------------------------------------------------------------------------
@@ -147,19 +167,6 @@ def cellscribe_load_adapter(model: Any, adapter: str, modality: str, backend: st
     :return: the model with the adapter loaded and active.
 
     Stops at the first non-None result.
-    """
-
-
-@hookspec
-def cellscribe_marker_knowledge(tissue: str | None) -> Any | None:
-    """Contribute marker-gene knowledge to knowledge-based models (such as the ``markers`` backend).
-
-    Called when such a model loads.
-
-    :param tissue: the user's tissue hint (``tissue=`` / ``--tissue``) or ``None``.
-    :return: ``None``, or a table (a ``pandas.DataFrame`` or the path of a CSV) with columns
-        ``cell_type``, ``gene`` and optionally ``weight`` (negative: expected absent), ``cl_id``,
-        ``tissue``, ``source``. All results are combined, after the model's own knowledge.
     """
 
 

@@ -20,24 +20,18 @@ from typing import Any
 
 import attrs
 
+from .components import LoadedModel, with_defaults
 from .plugins import Host, get_host
+from .spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
 #: ``model=None`` resolves to this backend name (the offline default model).
 DEFAULT_MODEL = "markers"
 
-#: The load options of a run (``tl.annotate``'s names, value when not given); with a :class:`Model`
-#: they are fixed and ``annotate`` refuses them.
-LOAD_OPTIONS: dict[str, Any] = {
-    "adapter": None,
-    "device": None,
-    "dtype": None,
-    "trust_remote_code": False,
-    "batch_size": None,
-    "tissue": None,
-    "model_options": None,
-}
+#: The load options of a run (``tl.annotate``'s names, value when not given; declared in
+#: :class:`cellscribe.core.spec.ModelSpec`); with a :class:`Model` they are fixed and ``annotate`` refuses them.
+LOAD_OPTIONS: dict[str, Any] = {a.name: a.default for a in attrs.fields(ModelSpec) if a.name != "model"}
 
 
 def resolve_model_name(model: str | None) -> str:
@@ -59,21 +53,23 @@ class Model:
         The load options (``adapters``, ``device``, ``dtype``, ...), recorded in each run's
         ``uns[key_added]["params"]``.
     loaded
-        The backend's loaded model (:class:`~cellscribe.core.components.LoadedModel`); a model made
-        with ``lazy=True`` is loaded when this is first read.
+        The backend's loaded model (:class:`~cellscribe.core.components.LoadedModel`, with the
+        protocol's defaults for the optional members it lacks); a model made with ``lazy=True`` is
+        loaded when this is first read.
     """
 
     name: str
     backend: str
     options: Mapping[str, Any] = attrs.field(factory=dict, converter=dict)
     _load: Callable[[], Any] | None = attrs.field(default=None, alias="load")
-    _loaded: Any = attrs.field(default=None, alias="loaded")
+    _loaded: Any = attrs.field(default=None, alias="loaded",
+                               converter=lambda v: None if v is None else with_defaults(v, LoadedModel))
 
     @property
     def loaded(self) -> Any:
         if self._loaded is None:
             t0 = time.perf_counter()
-            self._loaded = self._load()
+            self._loaded = with_defaults(self._load(), LoadedModel)
             log.info("model %s loaded by backend %s in %.1f s", self.name, self.backend, time.perf_counter() - t0)
         return self._loaded
 

@@ -27,7 +27,7 @@ import attrs
 import pluggy
 
 from . import hookspecs
-from .components import KINDS
+from .components import KINDS, with_defaults
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,8 @@ class Registry:
                 f"{kind} {name!r} is registered twice: by plugin {existing.plugin!r} and by {plugin!r}; "
                 f"block one with {ENV_DISABLE}={plugin}"
             )
-        self.entries[kind][name] = Entry(kind, name, component, plugin)
+        # The registry hands out the component with its protocol's optional members filled in.
+        self.entries[kind][name] = Entry(kind, name, with_defaults(component, protocol), plugin)
 
     def get(self, kind: str, name: str) -> Any:
         """The component ``name`` of ``kind``; a clear error listing the choices otherwise."""
@@ -170,6 +171,8 @@ def create_plugin_manager(extra: Iterable[tuple[str, Any]] = ()) -> pluggy.Plugi
     """
     pm = pluggy.PluginManager(GROUP)
     pm.add_hookspecs(hookspecs)
+    # Plugins registered from now on may add hook specifications of their own.
+    pm.hook.cellscribe_addhooks.call_historic(kwargs={"pluginmanager": pm})
     allowed = _split_env(ENV_LOAD)
     blocked = _split_env(ENV_DISABLE) or set()
     pm._cellscribe_meta = {}  # type: ignore[attr-defined]
@@ -230,8 +233,10 @@ class Host:
         for by_name in self.registry.entries.values():
             for entry in by_name.values():
                 provides.setdefault(entry.plugin, []).append(f"{entry.kind}:{entry.name}")
-        for hook_name in ("cellscribe_load_adapter", "cellscribe_cli_options"):
-            for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+        for hook_name, caller in vars(self.pm.hook).items():  # every run-time hook, plugin-added ones too
+            if hook_name in KINDS or hook_name == "cellscribe_addhooks" or not hook_name.startswith("cellscribe_"):
+                continue
+            for impl in caller.get_hookimpls():
                 provides.setdefault(impl.plugin_name, []).append(f"hook:{hook_name}")
         infos = []
         for name, plugin in self.pm.list_name_plugin():

@@ -22,6 +22,8 @@ from typing import Any, Literal
 import attrs
 import numpy as np
 
+from .answers import FREE, AnswerFormat
+
 __all__ = [
     "FeatureMatrix",
     "Assay",
@@ -106,7 +108,7 @@ class FeatureMatrix:
 
         Only one chunk is materialised at a time; backed matrices are read with contiguous row slices.
         """
-        from .matrix import iter_row_chunks
+        from .domain.matrix import iter_row_chunks
 
         for start, stop, chunk in iter_row_chunks(self.X, chunk_size):
             if self.column_transform is not None:
@@ -115,7 +117,7 @@ class FeatureMatrix:
 
     def subset_rows(self, rows: np.ndarray) -> FeatureMatrix:
         """Return a new FeatureMatrix holding only ``rows`` (an integer index), read into memory."""
-        from .matrix import read_rows
+        from .domain.matrix import read_rows
 
         return attrs.evolve(self, X=read_rows(self.X, rows), cell_ids=self.cell_ids[rows])
 
@@ -214,7 +216,7 @@ class CellSentences:
     def texts(self, sep: str = ", ") -> list[str]:
         """Every cell's sentence as text: its genes joined with ``sep``; with :attr:`sections`, one line
         ``"{label}: {genes}"`` per section that has genes (the multi-modality sentence format)."""
-        from .ranking import encode_names, join_ranked
+        from .domain.ranking import encode_names, join_ranked
 
         if not self.sections:
             return join_ranked(encode_names(self.vocabulary, sep), self.indptr, self.indices, sep)
@@ -360,6 +362,11 @@ class Prompt:
         Prompt strategy name (``"zero-shot"``, ``"k-shot"``, ``"puzzle"``).
     decoder
         Name of the decoder that reads this prompt's output.
+    answer
+        The answer format the prompt asks for (:data:`cellscribe.core.answers.FREE`, one free-text
+        label after optional ``<think>`` reasoning, or :data:`~cellscribe.core.answers.TAGGED`,
+        ``<think>...</think>\n<answer>a | b</answer>``); decoders read, and backends write, the output
+        with it.
     candidates
         Allowed labels, if any (puzzle candidates, user candidates, k-shot reference labels).
     examples
@@ -384,6 +391,7 @@ class Prompt:
     sentences: tuple[str, ...] = attrs.field(converter=_tuple_of_str, factory=tuple)
     strategy: str = ""
     decoder: str = ""
+    answer: AnswerFormat = FREE
     candidates: tuple[str, ...] = attrs.field(converter=_tuple_of_str, factory=tuple)
     examples: tuple[Example, ...] = attrs.field(converter=tuple, factory=tuple)
     context: str = ""

@@ -34,7 +34,7 @@ def agreement(truth: pd.Series, predicted: pd.Series) -> tuple[float, float, int
 
     :return: ``(fine, lineage, n_counted)``.
     """
-    from cellscribe.core.ontology import get_ontology
+    from cellscribe.core.domain.ontology import get_ontology
 
     onto = get_ontology()
     t_ids = onto.lookup_many(truth.astype(str))
@@ -92,7 +92,7 @@ def main() -> None:
 
     # The evaluation report (the same as `cellscribe evaluate ... --truth bulk_labels -o DIR`).
     from cellscribe import pl
-    from cellscribe.core.evaluate import evaluate, write_report
+    from cellscribe.core.evaluation.evaluate import evaluate, write_report
 
     evaluation = evaluate(adata, "bulk_labels", ["cellscribe"])
     run = next(iter(evaluation.runs.values()))

@@ -1,4 +1,4 @@
-"""Build the vendored Cell Ontology table used by :mod:`cellscribe.core.ontology`.
+"""Build the vendored Cell Ontology table used by :mod:`cellscribe.core.domain.ontology`.
 
 Reads an OBO release of the Cell Ontology (by default the shared ``cl-simple`` release of 26 Mar 2026)
 with the small OBO reader below and writes a gzip-compressed, tab-separated table with a header line
@@ -29,7 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OBO = ROOT.parent / "shared" / "data" / "knowledge" / "cl-simple_2026-03-26.obo"
-DEFAULT_OUT = ROOT / "core" / "data" / "cl_terms.tsv.gz"
+DEFAULT_OUT = ROOT / "core" / "domain" / "data" / "cl_terms.tsv.gz"
 
 COLUMNS = ("id", "name", "exact", "related", "narrow", "broad", "is_a", "part_of", "develops_from", "alt_id")
 SEPARATOR = "|"

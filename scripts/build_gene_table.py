@@ -1,4 +1,4 @@
-"""Build the vendored Ensembl id -> gene symbol table used by :mod:`cellscribe.core.genes`.
+"""Build the vendored Ensembl id -> gene symbol table used by :mod:`cellscribe.core.domain.genes`.
 
 Reads the ``gene`` records of a GTF (by default the shared Ensembl 101 / GRCh38 annotation converted
 from liuzhenyu-yyy/Tc17Tools) and writes a gzip-compressed, tab-separated table with a header line
@@ -21,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_GTF = ROOT.parent / "shared" / "data" / "genome" / "hg38_ensembl101_genes.gtf.gz"
-DEFAULT_OUT = ROOT / "core" / "data" / "ensembl101_hg38_gene_symbols.tsv.gz"
+DEFAULT_OUT = ROOT / "core" / "domain" / "data" / "ensembl101_hg38_gene_symbols.tsv.gz"
 
 _ATTR = re.compile(r'(\w+) "([^"]*)"')
 _VERSION = re.compile(r"\.\d+$")

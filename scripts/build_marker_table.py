@@ -23,7 +23,7 @@ cell type and gene, one row per (cell type, gene), with the columns
     ``ubiquitousness index`` (missing values left empty).
 
 Cell types are mapped by :data:`PANGLAO_TO_CL` (reviewed by hand) where listed, otherwise by
-``cellscribe.core.ontology`` look-up of the PanglaoDB name. The gzip header carries no file name or time
+``cellscribe.core.domain.ontology`` look-up of the PanglaoDB name. The gzip header carries no file name or time
 stamp, so rebuilding from the same inputs gives identical bytes.
 
 Usage::
@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cellscribe.core.ontology import CellOntology, get_ontology
+from cellscribe.core.domain.ontology import CellOntology, get_ontology
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PANGLAO = ROOT.parent / "shared" / "data" / "knowledge" / "PanglaoDB_markers_27_Mar_2020.tsv"

@@ -13,6 +13,7 @@ from pathlib import Path
 from _tiny_models import cellreasoner_records, pancreas_examples
 
 from cellscribe import Prompt
+from cellscribe.core.answers import TAGGED
 
 DIRECT = cellreasoner_records("direct")[0]["instruction"]
 REASONING = cellreasoner_records("reasoning")[0]["instruction"]
@@ -58,6 +59,7 @@ def puzzle_prompt(cells: Sequence[str], candidates: Sequence[str], **fields) -> 
         sentences=tuple(cells),
         strategy="puzzle",
         decoder="cellpuzzles",
+        answer=TAGGED,
         candidates=tuple(sorted(candidates)),
         **fields,
     )

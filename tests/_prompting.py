@@ -1,4 +1,4 @@
-"""Test helpers for the prompting plugin: cell sentences built with core.ranking only (independent of
+"""Test helpers for the prompting plugin: cell sentences built with core.domain.ranking only (independent of
 the sentence and modality plugins), the reference data files, and a Qwen-like chat template."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from cellscribe.core.ranking import rank_by_order, rank_by_value
+from cellscribe.core.domain.ranking import rank_by_order, rank_by_value
 from cellscribe.core.types import CellSentences
 
 DATA = Path(__file__).parent / "data"

@@ -40,11 +40,11 @@ class RuleModel:
             labels = [label for label, _ in answers]
             if any(u in self.garbage_for for u in p.unit_ids):
                 text = "I cannot tell ¯\\_(ツ)_/¯"
-            elif p.decoder == "cellpuzzles":
-                text = "<think>markers</think>\n<answer>" + " | ".join(l or "unknown" for l in labels) + "</answer>"
+            elif p.answer.tagged:
+                text = p.answer.text([l or "unknown" for l in labels], "markers")
             else:
                 text = labels[0] or self.unknown
-            if p.decoder == "cellpuzzles":
+            if p.answer.tagged:
                 confidence = tuple(c for _, c in answers)
             else:
                 confidence = (answers[0][1],) * len(p.unit_ids)

@@ -1,4 +1,4 @@
-"""Model manifests (core.manifests, adapters/manifests) and per-modality LoRA adapters on one base."""
+"""Model manifests (core.domain.manifests, adapters/manifests) and per-modality LoRA adapters on one base."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import torch
 from _llm_helpers import cellreasoner_prompt, make_lora, sentences
 from _tiny_models import make_tiny_model, make_tokenizer
 
-from cellscribe.core import manifests
-from cellscribe.core.manifests import Manifest, find_manifest, list_manifests, load_manifest
+from cellscribe.core.domain import manifests
+from cellscribe.core.domain.manifests import Manifest, find_manifest, list_manifests, load_manifest
 from cellscribe.core.plugins import make_host
 
 pytestmark = [

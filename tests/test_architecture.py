@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import attrs
 import pluggy
 import pytest
 
@@ -76,14 +77,43 @@ def test_every_builtin_plugin_is_an_entry_point(host):
 
 
 def test_hookspecs_are_documented():
-    specs = [f for n, f in vars(hookspecs).items() if n.startswith("cellscribe_") and callable(f)]
-    assert len(specs) >= 9
+    import importlib
+
+    modules = [hookspecs] + [
+        importlib.import_module(f"cellscribe.plugins.{p.name}.hookspecs") for p in PLUGIN_DIRS
+        if (p / "hookspecs.py").exists()
+    ]
+    specs = [f for m in modules for n, f in vars(m).items() if n.startswith("cellscribe_") and callable(f)]
+    assert len(specs) >= 10
     for spec in specs:
         doc = inspect.getdoc(spec)
         assert doc and len(doc) > 80, f"{spec.__name__} needs a real docstring"
         assert ":param" in doc or ":return" in doc
         sig = inspect.signature(spec)
         assert all(p.annotation is not inspect.Parameter.empty for p in sig.parameters.values())
+
+
+def test_a_plugin_adds_its_own_hooks(host):
+    """markers owns cellscribe_marker_knowledge (cellscribe_addhooks); core declares no hook only one
+    plugin uses."""
+    from cellscribe.plugins.markers import hookspecs as marker_specs
+
+    assert not hasattr(hookspecs, "cellscribe_marker_knowledge")
+    assert host.hook.cellscribe_marker_knowledge.spec.namespace is marker_specs
+
+    class Knows:
+        @hookimpl
+        def cellscribe_marker_knowledge(self, tissue):
+            return None
+
+    with_markers = plugins.make_host(extra=[("knows", Knows())])
+    assert "hook:cellscribe_marker_knowledge" in {i.name: i for i in with_markers.plugins()}["knows"].provides
+    os.environ["CELLSCRIBE_DISABLE_PLUGINS"] = "markers"
+    try:  # without the plugin that owns the hook, implementing it is an unknown hook
+        with pytest.raises(pluggy.PluginValidationError, match="unknown hook"):
+            plugins.make_host(extra=[("knows", Knows())])
+    finally:
+        del os.environ["CELLSCRIBE_DISABLE_PLUGINS"]
 
 
 def test_misspelled_hook_is_caught():
@@ -130,17 +160,67 @@ def test_disable_env_blocks_a_builtin(monkeypatch):
         host.registry.get("modality", "rna")
 
 
-def test_every_annotate_keyword_has_a_cli_flag():
+def test_run_parameters_are_declared_once_and_everything_is_made_from_them():
+    """core/spec.py declares each run parameter (default, check, doc, flag); tl.annotate's signature
+    and docstring, the CLI's flags and help, and the load options are derived from it."""
     from click.testing import CliRunner
 
     from cellscribe import cli, tl
+    from cellscribe.core import models, spec
 
-    keywords = [p for p in inspect.signature(tl.annotate).parameters if p not in cli.NOT_FLAGS]
-    assert sorted(keywords) == sorted(cli.ANNOTATE_FLAGS)
+    declared = [a for _, a in spec.parameters()]
+    names = [a.name for a in declared]
+    assert list(inspect.signature(tl.annotate).parameters) == ["data", *names, "copy"]
+    for a in declared:
+        assert f"\n    {a.name}\n" in tl.annotate.__doc__, f"tl.annotate's docstring lacks {a.name}"
+        assert inspect.signature(tl.annotate).parameters[a.name].default == a.default
     help_text = CliRunner().invoke(cli.main, ["annotate", "--help"], terminal_width=200).output
-    for keyword, flags in cli.ANNOTATE_FLAGS.items():
-        for flag in flags.split("/"):
-            assert flag in help_text, f"tl.annotate({keyword}=...) has no CLI flag {flag}"
+    for a in declared:
+        flag = a.metadata["flag"]
+        for name in flag.decls[0].split("/"):
+            assert name in help_text, f"tl.annotate({a.name}=...) has no CLI flag {name}"
+        assert " ".join(flag.help.split()[:4]) in " ".join(help_text.split()), f"{flag.decls[0]} lost its help"
+    assert list(models.LOAD_OPTIONS) == [a.name for a in attrs.fields(spec.ModelSpec) if a.name != "model"]
+    assert set(cli._run.NOT_FLAGS) == {"data", "copy"}
+
+
+def test_run_modules_do_not_repeat_the_run_parameters():
+    """No function outside core/spec.py spells out the run's keyword list again (a tool that shares a
+    few, such as tl.transfer_labels's data keywords, is not a run)."""
+    from cellscribe.core import spec
+
+    names = {a.name for _, a in spec.parameters()}
+    for path in [*ROOT.glob("*.py"), *(ROOT / "core").rglob("*.py"), *(ROOT / "cli").rglob("*.py")]:
+        if path.name == "spec.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                args = {a.arg for a in node.args.args + node.args.kwonlyargs}
+                assert len(args & names) <= 11, f"{path.name}:{node.lineno} {node.name}() lists run parameters"
+
+
+def test_core_has_at_most_12_modules_at_its_top_level():
+    modules = sorted(p.name for p in (ROOT / "core").glob("*.py"))
+    assert len(modules) <= 12, modules
+    folders = sorted(p.name for p in (ROOT / "core").iterdir() if (p / "__init__.py").exists())
+    assert folders == ["domain", "evaluation", "run"]
+
+
+def test_capabilities_are_declared_not_probed():
+    """Optional members are declared, with defaults, on the component protocols (core/components.py);
+    nothing else asks a component whether it has one."""
+    import re
+
+    from cellscribe.core import components
+
+    optional = {name for protocol in components._REQUIRED for name in components.optional_members(protocol)}
+    assert {"mudata_keys", "decode_modes", "use_assay", "sentence_preferences", "needs_labels"} <= optional
+    probe = re.compile(r"(?:getattr|hasattr)\([^)]*[\"']({})[\"']".format("|".join(sorted(optional))))
+    for path in [*ROOT.glob("*.py"), *(ROOT / "core").rglob("*.py"), *(ROOT / "cli").rglob("*.py")]:
+        if path.name == "components.py":
+            continue
+        found = probe.search(path.read_text(encoding="utf-8"))
+        assert found is None, f"{path.relative_to(ROOT)} probes {found.group(1)!r}: read the attribute"
 
 
 def test_heavy_libraries_load_lazily():
@@ -154,3 +234,78 @@ def test_heavy_libraries_load_lazily():
     env = {**os.environ, "CELLSCRIBE_LOAD_PLUGINS": ""}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == "", f"imported at start-up: {out.stdout}"
+
+
+ANSWER_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+
+
+def _code_strings(path: Path) -> list[tuple[int, str]]:
+    """String constants of a module that are not docstrings."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)
+    }
+    return [
+        (node.lineno, node.value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+    ]
+
+
+def test_the_answer_grammar_has_one_owner():
+    """Only core/answers.py spells the answer tags in code. Prose that names a tag (published prompt
+    texts, descriptions: several words beside the tags) is not grammar."""
+    for path in [*(ROOT / "core").rglob("*.py"), *(ROOT / "plugins").rglob("*.py")]:
+        if path == ROOT / "core" / "answers.py":
+            continue
+        for line, text in _code_strings(path):
+            words = text
+            for tag in ANSWER_TAGS:
+                words = words.replace(tag, " ")
+            if any(tag in text for tag in ANSWER_TAGS) and len(words.split()) < 4:
+                pytest.fail(f"{path.relative_to(ROOT)}:{line} spells an answer tag ({text!r}); use cellscribe.core.answers")
+
+
+def test_no_component_is_chosen_by_comparing_its_name():
+    for path in [*(ROOT / "core").rglob("*.py"), *(ROOT / "plugins").rglob("*.py")]:
+        source = path.read_text(encoding="utf-8")
+        for needle in ('.decoder == "', ".decoder == '", '.strategy == "'):
+            assert needle not in source, f"{path.relative_to(ROOT)} compares a component's name ({needle}...)"
+
+
+def test_tools_have_scanpy_signatures():
+    """scanpy's rule (its tests/test_package_structure.py): at most two positional arguments, then
+    keyword-only ones; key_added and copy, where present, are keyword-only and copy defaults to False."""
+    from cellscribe import tl
+
+    for name in tl.__all__:
+        params = inspect.signature(getattr(tl, name)).parameters.values()
+        positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        assert len(positional) <= 2, f"tl.{name} takes {len(positional)} positional arguments"
+        for p in params:
+            if p.name in ("key_added", "copy"):
+                assert p.kind is p.KEYWORD_ONLY, f"tl.{name}({p.name}) must be keyword-only"
+            if p.name == "copy":
+                assert p.default is False
+
+
+def test_nothing_imports_the_old_pipeline_module():
+    """core/pipeline.py only re-exports core.run for code written before the move."""
+    for path in [*ROOT.glob("*.py"), *(ROOT / "core").rglob("*.py"), *(ROOT / "plugins").rglob("*.py"),
+                 *(ROOT / "cli").rglob("*.py"), *(ROOT / "tests").glob("*.py"), *(ROOT / "benchmarks").glob("*.py"),
+                 *(ROOT / "examples").rglob("*.py")]:
+        if path.name == "pipeline.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                names = [(node.module or "") + "." + alias.name for alias in node.names]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            assert not any(n.endswith("core.pipeline") or ".core.pipeline." in n for n in names), (
+                f"{path.relative_to(ROOT)}:{node.lineno} imports core.pipeline; use cellscribe.core.run"
+            )

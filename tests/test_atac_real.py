@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 
 import cellscribe as cs
-from cellscribe.core.pipeline import plan_run, read_input
+from cellscribe.core.run import plan_run, read_input
 
 DATA = Path(__file__).parent / "data" / "atac"
 GTF = DATA / "hg19_genes.gtf.gz"

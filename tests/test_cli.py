@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import re
 import sys
 from pathlib import Path
 
@@ -55,6 +56,32 @@ def test_annotate_writes_output_and_never_the_input(runner, rules, pancreas_path
     same = runner.invoke(main, ["annotate", str(src), "-o", str(src), "--model", "rules", "--force"])
     assert same.exit_code != 0 and "never writes to its input" in same.output
     assert _sha(src) == before
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_outputs_follow_the_umask(runner, rules, pancreas_path, tmp_path, umask):
+    import os
+
+    out = tmp_path / "out.h5ad"
+    previous = os.umask(umask)
+    try:
+        result = runner.invoke(main, ["annotate", str(pancreas_path), "-o", str(out), "--model", "rules",
+                                      "--no-progress"])
+    finally:
+        os.umask(previous)
+    assert result.exit_code == 0, result.output
+    expected = 0o666 & ~umask
+    assert out.stat().st_mode & 0o777 == expected
+    assert (tmp_path / "out.h5ad.cellscribe.jsonl").stat().st_mode & 0o777 == expected
+
+
+def test_annotate_help_is_clean(runner):
+    text = runner.invoke(main, ["annotate", "--help"], terminal_width=200).output
+    assert "[default: (" not in text  # no placeholder defaults
+    for flag in ("--mode", "--seed"):
+        line = next(line for line in text.splitlines() if line.strip().startswith(flag))
+        words = re.sub(r"\[[^]]*\]", "", line).split()[2:]  # drop the flag, its metavar and [...]
+        assert len(words) >= 3, f"{flag} has no help: {line!r}"
 
 
 def test_failed_run_leaves_no_output(runner, rules, pancreas_path, tmp_path, monkeypatch):
@@ -120,3 +147,22 @@ def test_adapters_command_lists_shipped_manifests(runner, host):
     for name in ("cellreasoner-7b", "cellreasoner-32b", "cell-o1"):
         assert f"{name}:" in result.output
     assert "base ncbi/Cell-o1" in result.output
+
+
+def test_main_help_lists_every_command_without_building_it():
+    from cellscribe import cli
+
+    for name, (build, line) in cli._LAZY_COMMANDS.items():
+        full = " ".join((build().help or "").split())
+        assert full.startswith(line.removesuffix("...")), f"cellscribe --help misdescribes {name}"
+    text = CliRunner().invoke(main, ["--help"]).output
+    assert all(name in text for name in cli._LAZY_COMMANDS)
+
+
+def test_progress_bar_only_on_a_terminal(runner, rules, pancreas_path, tmp_path):
+    # --progress is the default; to a pipe or a log file the bar is not drawn (tqdm would write its
+    # first and last state as two bars).
+    out = tmp_path / "out.h5ad"
+    result = runner.invoke(main, ["annotate", str(pancreas_path), "-o", str(out), "--model", "rules"])
+    assert result.exit_code == 0, result.output
+    assert "prompt/s" not in result.output and "%|" not in result.output

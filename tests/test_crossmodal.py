@@ -19,7 +19,7 @@ import pytest
 import scipy.sparse as sp
 
 import cellscribe
-from cellscribe.core import pipeline, plugins
+from cellscribe.core import plugins, run
 
 atac = pytest.importorskip("cellscribe.plugins.atac")
 
@@ -110,7 +110,7 @@ def _mouse_like(rna: ad.AnnData) -> ad.AnnData:
 
 
 def test_kshot_examples_are_rna_sentences_within_the_genes_both_measure(atac_host, pbsmall, rna):
-    plan = pipeline.plan_run(
+    plan = run.plan_run(
         pbsmall, modality="atac", prompt="k-shot", model="markers", reference=_with_unseen_genes(rna),
         reference_key="CellType", reference_modality="rna", host=atac_host,
     )
@@ -118,7 +118,7 @@ def test_kshot_examples_are_rna_sentences_within_the_genes_both_measure(atac_hos
     # Measured: 1,034 genes with activity in PBSmall, 1,181 detected in the RNA cells, 802 in both.
     assert plan.params["reference_modality"] == "rna" and plan.params["modality"] == "atac"
     assert counts["shared"] <= min(counts["query"], counts["reference"]) and counts["shared"] > 500
-    measured = set(plan.features.feature_names[pipeline.measured_mask(plan.features)])
+    measured = set(plan.features.feature_names[run.measured_mask(plan.features)])
     examples = plan.prompts[0].examples
     assert {e.label for e in examples} == {"B", "M", "T"}
     assert all(e.cell_id.startswith("rna_") for e in examples)  # the examples are RNA cells
@@ -159,14 +159,14 @@ def test_genes_the_query_cannot_show_do_not_change_kshot_calls(atac_host, pbsmal
 
 
 def test_data_hvg_is_learned_on_the_reference_within_the_shared_genes(atac_host, pbsmall, rna):
-    plan = pipeline.plan_run(
+    plan = run.plan_run(
         pbsmall, modality="atac", prompt="k-shot", model="markers", reference=_with_unseen_genes(rna),
         reference_key="CellType", reference_modality="rna", sentence="data-hvg", host=atac_host,
     )
     learned = plan.params["sentence_state"]["data_hvg"]
     assert learned["flavor"] == "seurat_v3"  # learned on the RNA counts
     assert len(learned["genes"]) == plan.params["reference_genes"]["shared"]
-    measured = set(plan.features.feature_names[pipeline.measured_mask(plan.features)])
+    measured = set(plan.features.feature_names[run.measured_mask(plan.features)])
     assert set(learned["genes"]) <= measured and not set(learned["genes"]) & set(UNSEEN)
     order = {g: i for i, g in enumerate(learned["genes"])}
     query = plan.prompts[0].sentences[0].split(", ")
@@ -175,14 +175,14 @@ def test_data_hvg_is_learned_on_the_reference_within_the_shared_genes(atac_host,
 
 def test_reference_modality_errors(atac_host, pbsmall, rna):
     with pytest.raises(ValueError, match="reference_modality='rna' needs reference="):
-        pipeline.plan_run(pbsmall, modality="atac", prompt="k-shot", model="markers",
+        run.plan_run(pbsmall, modality="atac", prompt="k-shot", model="markers",
                           reference_key="cell_type", reference_modality="rna", host=atac_host)
     with pytest.raises(KeyError, match="'celltype'"):
-        pipeline.plan_run(pbsmall, modality="atac", prompt="k-shot", model="markers", reference=rna,
+        run.plan_run(pbsmall, modality="atac", prompt="k-shot", model="markers", reference=rna,
                           reference_key="celltype", reference_modality="rna", host=atac_host)
     mouse = _mouse_like(rna)
     with pytest.raises(ValueError, match="no gene is measured both"):
-        pipeline.plan_run(pbsmall, modality="atac", prompt="k-shot", model="markers", reference=mouse,
+        run.plan_run(pbsmall, modality="atac", prompt="k-shot", model="markers", reference=mouse,
                           reference_key="CellType", reference_modality="rna", host=atac_host)
     # A peak matrix given as the reference of an RNA query is another modality, obviously.
     peaks = ad.AnnData(
@@ -191,7 +191,7 @@ def test_reference_modality_errors(atac_host, pbsmall, rna):
         var=pd.DataFrame(index=["chr5:1000-1500", "chr5:2000-2600", "chr11:500-900"]),
     )
     with pytest.raises(ValueError, match="peaks .* gene symbols .*Pass reference_modality="):
-        pipeline.plan_run(rna, modality="rna", prompt="k-shot", model="markers", reference=peaks,
+        run.plan_run(rna, modality="rna", prompt="k-shot", model="markers", reference=peaks,
                           reference_key="cell_type", host=atac_host)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cellscribe.core.metrics import is_legitimate, puzzle_metrics, split_answer
+from cellscribe.core.evaluation.metrics import is_legitimate, puzzle_metrics, split_answer
 from cellscribe.core.types import Generation, Prompt
 from cellscribe.plugins.prompting import Puzzle, ZeroShot, final_answer, match_label, parse_puzzle_user_msg
 from cellscribe.plugins.prompting.decoders import CellPuzzlesDecoder, CellReasonerDecoder, normalise
@@ -23,7 +23,8 @@ def _prompt(mode: str = "direct", candidates=()) -> Prompt:
 
 
 def _decode(text, mode="direct", vocabulary=None, **gen):
-    (ann,) = CellReasonerDecoder().decode(Generation(text, **gen), _prompt(mode), vocabulary=vocabulary)
+    # The labels an answer is matched to travel on the prompt (its candidates), nowhere else.
+    (ann,) = CellReasonerDecoder().decode(Generation(text, **gen), _prompt(mode, vocabulary or ()))
     return ann
 
 
@@ -97,7 +98,7 @@ def test_cellreasoner_decoder_keeps_reasoning_and_confidence():
     assert ann.reasoning == "GCG high" and ann.note == "matched case-insensitively"
 
 
-def test_cellreasoner_decoder_uses_prompt_candidates_without_vocabulary():
+def test_cellreasoner_decoder_matches_the_prompt_candidates():
     prompt = _prompt("direct", ["B cell", "T cell"])
     (ann,) = CellReasonerDecoder().decode(Generation("t cells"), prompt)
     assert ann.label == "T cell"
@@ -211,7 +212,7 @@ def test_cellpuzzles_generation_error():
 
 
 # ---------------------------------------------------------------------------------------------------
-# metrics (core.metrics, the official Cell-o1 rules) on hand-made outputs
+# metrics (core.evaluation.metrics, the official Cell-o1 rules) on hand-made outputs
 # ---------------------------------------------------------------------------------------------------
 
 

@@ -17,7 +17,7 @@ from _tiny_models import finetune_to_answer, make_tiny_model
 from click.testing import CliRunner
 
 from cellscribe.cli import main
-from cellscribe.core import pipeline
+from cellscribe.core import run
 
 N_GENES = 20
 GEN = ["--generation", "do_sample=false", "--generation", "max_new_tokens=8"]
@@ -49,7 +49,7 @@ def trained_dir(tmp_path_factory, untrained_dir, subset_path):
     path = tmp_path_factory.mktemp("trained") / "model"
     shutil.copytree(untrained_dir, path)
     adata = ad.read_h5ad(subset_path)
-    plan = pipeline.plan_run(adata, model=str(path), n_genes=N_GENES, host=host)
+    plan = run.plan_run(adata, model=str(path), n_genes=N_GENES, host=host)
     loaded = host.registry.get("backend", "transformers").load(str(path))
     labels = adata.obs["Group"].astype(str).to_numpy()[plan.unit_rows]
     stats = finetune_to_answer(path, [loaded.render(p) for p in plan.prompts], labels.tolist(), steps=300)

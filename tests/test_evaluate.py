@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from cellscribe.core.evaluate import (
+from cellscribe.core.evaluation.evaluate import (
     UNRESOLVED,
     confusion_table,
     evaluate,
@@ -21,7 +21,7 @@ from cellscribe.core.evaluate import (
     reliability_table,
     write_report,
 )
-from cellscribe.core.metrics import puzzle_metrics
+from cellscribe.core.evaluation.metrics import puzzle_metrics
 
 from _eval_backend import MarkerPlugin
 from _rule_backend import RulePlugin
@@ -198,7 +198,7 @@ def test_write_report(pbmc, tmp_path):
 
 
 def test_grade_command(tmp_path):
-    from cellscribe.cli_eval import grade_command
+    from cellscribe.cli._eval import grade_command
 
     pairs = tmp_path / "pairs.csv"
     pd.DataFrame(
@@ -222,7 +222,7 @@ def test_grade_command(tmp_path):
 
 
 def test_evaluate_command_writes_a_report(pbmc, tmp_path):
-    from cellscribe.cli_eval import evaluate_command
+    from cellscribe.cli._eval import evaluate_command
 
     path = tmp_path / "pbmc.h5ad"
     pbmc.write_h5ad(path)

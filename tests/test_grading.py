@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 import cellscribe
-from cellscribe.core import grading
-from cellscribe.core.grading import (
+from cellscribe.core.evaluation import grading
+from cellscribe.core.evaluation.grading import (
     GRADE_NAMES,
     Grader,
     compare_grades,
@@ -22,7 +22,7 @@ from cellscribe.core.grading import (
     quadratic_kappa,
     split_alternatives,
 )
-from cellscribe.core.ontology import get_ontology
+from cellscribe.core.domain.ontology import get_ontology
 
 DEV = Path(cellscribe.__file__).parent.parent / "shared" / "data" / "knowledge" / "cellreasoner_pair_scores_dev.csv"
 
@@ -367,6 +367,6 @@ def test_agreement_with_the_experts_on_the_held_out_half():
 
 def test_no_expert_pairs_are_vendored():
     root = Path(cellscribe.__file__).parent
-    for path in [*root.glob("core/*.py"), *root.glob("core/data/*")]:
+    for path in [*root.glob("core/**/*.py"), *root.glob("core/domain/data/*")]:
         text = path.read_bytes()
         assert b"Evaluation Score" not in text and b"Prediction Evaluation" not in text, path

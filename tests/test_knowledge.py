@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 import scipy.sparse as sp
 
 import cellscribe
-from cellscribe.core.ontology import get_ontology
+from cellscribe.core.domain.ontology import get_ontology
 from cellscribe.plugins.markers import knowledge as kn
 from cellscribe.plugins.markers.knowledge import MarkerKnowledge, load_knowledge, read_marker_table
 
@@ -119,14 +118,14 @@ def test_matrix_matches_rows(knowledge):
     assert knowledge.weights.nnz == len(knowledge.rows)
 
 
-def test_load_is_fast():
+def test_load_from_cold_caches_gives_the_same_knowledge(knowledge):
+    # How long a cold load takes is printed by benchmarks/markers.py, never asserted here.
     kn._panglao_table.cache_clear()
     kn._canonical_rows.cache_clear()
     kn.default_ubiquitous_genes.cache_clear()
-    get_ontology()  # shared with every other user; not part of this budget
-    start = time.perf_counter()
-    load_knowledge()
-    assert time.perf_counter() - start < 0.5
+    fresh = load_knowledge()
+    assert list(fresh.cell_types) == list(knowledge.cell_types)
+    assert (fresh.weights != knowledge.weights).nnz == 0
 
 
 def test_canonical_rows_present_with_sources(knowledge):

@@ -121,7 +121,7 @@ def test_rna_atac_and_both_on_the_multiome_file(host, multiome_path, tmp_path):
     """The real multiome subset (45 RNA genes, 174 ATAC peaks, no labels) annotated per modality and
     with both in one prompt, with the default model; the three answers largely agree."""
     import cellscribe as cs
-    from cellscribe.core.ontology import get_ontology
+    from cellscribe.core.domain.ontology import get_ontology
 
     mudata.set_options(pull_on_update=False)
     mdata = mudata.read_h5mu(multiome_path)

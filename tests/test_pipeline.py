@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _rule_backend import RulePlugin  # noqa: E402
 
 import cellscribe as cs  # noqa: E402
-from cellscribe.core import pipeline  # noqa: E402
+from cellscribe.core import run  # noqa: E402
 
 
 @pytest.fixture
@@ -82,7 +82,7 @@ def test_cells_without_expressed_genes_are_kept_unresolved(pancreas, rules):
     cs.tl.annotate(pancreas, model="rules", sidecar=False, progress=False)
     first = pancreas.obs.iloc[:3]
     assert (first["cellscribe_status"] == "unresolved").all()
-    assert (first["cellscribe_note"] == pipeline.EMPTY_NOTE).all()
+    assert (first["cellscribe_note"] == run.EMPTY_NOTE).all()
     assert pancreas.n_obs == 350 and len(rules.calls) == 347
 
 
@@ -231,10 +231,10 @@ def test_a_failing_batch_is_split_and_only_its_bad_prompt_lost(pancreas, with_pl
 
 def test_model_manifest_sets_its_formats_where_defaults_were_kept(pancreas, host):
     candidates = sorted(pancreas.obs["Group"].unique())
-    plan = pipeline.plan_run(pancreas, model="cell-o1", candidates=candidates)
+    plan = run.plan_run(pancreas, model="cell-o1", candidates=candidates)
     assert plan.params["prompt"] == "puzzle" and plan.params["sentence_resolved"] == "top-expressed"
     assert plan.params["n_genes"] == 50 and plan.prompts[0].decoder == "cellpuzzles"
     assert all(len(s.split(", ")) == 50 for s in plan.prompts[0].sentences)
     # What the user chose explicitly wins.
-    plan = pipeline.plan_run(pancreas, model="cell-o1", candidates=candidates, n_genes=20)
+    plan = run.plan_run(pancreas, model="cell-o1", candidates=candidates, n_genes=20)
     assert plan.params["n_genes"] == 20

@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 from matplotlib.colors import to_hex  # noqa: E402
 
 from cellscribe import pl  # noqa: E402
-from cellscribe.core.evaluate import evaluate  # noqa: E402
+from cellscribe.core.evaluation.evaluate import evaluate  # noqa: E402
 
 
 TRUTH = "bulk_labels"

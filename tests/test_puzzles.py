@@ -9,7 +9,7 @@ from _rule_backend import RulePlugin
 from click.testing import CliRunner
 
 from cellscribe.cli import main
-from cellscribe.core import puzzles
+from cellscribe.core.run import puzzles
 
 LUNG_RULES = {
     "TPSAB1": "mast cell", "CCL4": "CD8-positive, alpha-beta T cell", "SFTPC": "pulmonary alveolar type 2 cell",
@@ -46,6 +46,8 @@ def test_solve_keeps_fields_layout_and_scores(rules, exemplar, tmp_path, layout)
     assert solved.jsonl == (layout == "jsonl")
     first, second = solved.records
     assert {k: v for k, v in first.items() if k != "prediction"} == exemplar
+    # prediction holds the model's raw text (its think block and answer tag), not decoded labels
+    assert first["prediction"].startswith("<think>markers</think>\n<answer>") and first["prediction"].endswith("</answer>")
     assert second["extra"] == 1 and second["prediction"] == "" and "prediction_error" in second
     # The rule model names the first marker it meets: IGKC precedes KRT7 and JCHAIN in cells 7 and 10,
     # so 8 of the 10 exemplar cells are right; the broken record scores 0 on its 2 cells.

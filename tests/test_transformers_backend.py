@@ -216,6 +216,31 @@ def test_load_passes_safe_defaults_to_from_pretrained(backend, tiny_dir, monkeyp
     assert calls["AutoModelForCausalLM"]["trust_remote_code"] is True
 
 
+@pytest.mark.parametrize("how", ["env", "unreachable"])
+def test_hub_id_offline_fails_at_once_from_the_cache_only(backend, monkeypatch, tmp_path, how):
+    from cellscribe.plugins.transformers import _backend
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    if how == "env":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", "http://cellscribe-test.invalid")
+    assert _backend.hub_offline()
+    calls = []
+    original = transformers.AutoTokenizer.from_pretrained
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", spy)
+    with pytest.raises(ValueError, match="could not load a tokenizer for 'guangshuo/CellReasoner-7B'"):
+        backend.load("guangshuo/CellReasoner-7B")
+    assert calls[0]["local_files_only"] is True  # no download attempted, so no retries
+
+
 def test_dtype_option(backend, tiny_dir):
     loaded = backend.load(str(tiny_dir), dtype="bfloat16")
     assert loaded.model.dtype == torch.bfloat16 and loaded.info()["dtype"] == "bfloat16"

@@ -22,7 +22,7 @@ from _llm_helpers import (
 )
 from _tiny_models import make_tiny_model, make_tokenizer
 
-from cellscribe.core.metrics import is_legitimate, puzzle_metrics, split_answer
+from cellscribe.core.evaluation.metrics import is_legitimate, puzzle_metrics, split_answer
 from cellscribe.core.plugins import make_host
 
 pytestmark = [

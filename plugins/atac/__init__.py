@@ -88,7 +88,7 @@ def cellscribe_cli_options(command):
             help="ATAC: gene annotation (GTF/GFF) for fragments and peaks.",
         ),
         click.Option(
-            ["--chrom-sizes"], "chrom_sizes", default=None,
+            ["--chrom-sizes", "chrom_sizes"], default=None,
             help="ATAC fragments: chromosome sizes file (name, length) or a snapatac2 genome name (hg38).",
         ),
         click.Option(
@@ -96,7 +96,7 @@ def cellscribe_cli_options(command):
             help="ATAC fragments: barcodes to keep, one per line (all kept, even without fragments).",
         ),
         click.Option(
-            ["--min-fragments"], "min_fragments", type=click.IntRange(min=0), default=None,
+            ["--min-fragments", "min_fragments"], type=click.IntRange(min=0), default=None,
             help=(f"ATAC fragments: flag cells with fewer fragments as low_coverage (default "
                   f"{DEFAULT_MIN_FRAGMENTS}; never dropped)."),
         ),
@@ -105,11 +105,11 @@ def cellscribe_cli_options(command):
             help=f"ATAC: promoter bp upstream of the TSS, added to the gene body (default {DEFAULT_PROMOTER}).",
         ),
         click.Option(
-            ["--smoothing/--no-smoothing"], "smoothing", default=None,
+            ["--smoothing/--no-smoothing", "smoothing"], default=None,
             help="ATAC: average gene activity over LSI neighbours before ranking (default: on).",
         ),
         click.Option(
-            ["--build-check/--no-build-check"], "check_build", default=None,
+            ["--build-check/--no-build-check", "check_build"], default=None,
             help="ATAC peaks: refuse a gene annotation of another genome build (default: on).",
         ),
     ]

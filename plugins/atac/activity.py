@@ -1,7 +1,7 @@
 """Gene activity as a lazily computed matrix: counts -> (genes) -> (neighbour smoothing) -> normalisation.
 
 :class:`ActivityMatrix` behaves like a read-only cells x genes matrix for
-:func:`cellscribe.core.matrix.iter_row_chunks` and :func:`~cellscribe.core.matrix.read_rows`: rows are
+:func:`cellscribe.core.domain.matrix.iter_row_chunks` and :func:`~cellscribe.core.domain.matrix.read_rows`: rows are
 computed when they are read, one chunk at a time, so the smoothed and normalised matrix never exists
 in memory as a whole (smoothing multiplies the non-zeros of a row by up to the number of neighbours).
 
@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from cellscribe.core.matrix import DEFAULT_CHUNK, iter_row_chunks, read_rows
+from cellscribe.core.domain.matrix import DEFAULT_CHUNK, iter_row_chunks, read_rows
 
 log = logging.getLogger(__name__)
 

@@ -211,8 +211,12 @@ def write_transcript_gtf(genes: pd.DataFrame, path: str | os.PathLike[str], chro
 
 
 def builtin_genome(name: str) -> Any | None:
-    """snapatac2's built-in genome called ``name`` (``"hg38"``, ``"GRCh38"``, ``"mm10"``...), or ``None``."""
-    import snapatac2 as snap
+    """snapatac2's built-in genome called ``name`` (``"hg38"``, ``"GRCh38"``, ``"mm10"``...), or ``None``
+    (also without snapatac2, the atac extra)."""
+    try:
+        import snapatac2 as snap
+    except ImportError:
+        return None
 
     # Look the name up without touching the genome's properties: they download files.
     for candidate in (str(name), str(name).lower()):

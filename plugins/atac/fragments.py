@@ -241,7 +241,6 @@ def _match_chrom_names(sizes: dict[str, int], seen: list[str]) -> dict[str, int]
             f"{len(missing)} chromosome(s) of the fragment file are not in the chromosome sizes "
             f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); their fragments are left out"
         )
-        log.warning(message)
         warnings.warn(message, UserWarning, stacklevel=4)
     return sizes
 
@@ -372,7 +371,14 @@ class FragmentsReader:
             ``path``, ``gtf``, ``chrom_sizes`` or ``whitelist`` not found.
         """
         import anndata as ad
-        import snapatac2 as snap
+
+        try:
+            import snapatac2 as snap
+        except ImportError:
+            raise ValueError(
+                "reading a fragment file needs snapatac2, which the atac extra installs: "
+                "pip install 'cellscribe[atac]' (a cells x peaks or gene-activity matrix needs no extra)"
+            ) from None
 
         started = time.perf_counter()
         path = Path(path).expanduser()
@@ -415,7 +421,6 @@ class FragmentsReader:
                 f"no fragment fell into any gene region of {str(annotation)!r}: every cell's gene activity is "
                 "empty. Check that the annotation belongs to the genome the fragments were aligned to"
             )
-            log.warning(message)
             warnings.warn(message, UserWarning, stacklevel=2)
         counted = time.perf_counter()
         embedding = lsi(tile_matrix(data, tile_size))
@@ -536,7 +541,6 @@ def _gene_matrix(data: Any, annotation: str, settings: dict[str, Any]) -> tuple[
         genes = count(str(rebuilt))
     message = (f"{reason}; counted fragments over {n} transcript records rebuilt from its "
                f"{table.attrs['record_type']} records instead")
-    log.warning(message)
     warnings.warn(message, UserWarning, stacklevel=4)
     return genes, reason
 

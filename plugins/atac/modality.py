@@ -37,8 +37,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from cellscribe.core.genes import choose_gene_symbols, merge_duplicate_symbols
-from cellscribe.core.matrix import DEFAULT_CHUNK, iter_row_chunks, summarize
+from cellscribe.core.domain.genes import choose_gene_symbols, merge_duplicate_symbols
+from cellscribe.core.domain.matrix import DEFAULT_CHUNK, iter_row_chunks, summarize
 from cellscribe.core.types import FeatureMatrix
 
 from ._options import as_bool, as_int
@@ -88,7 +88,6 @@ def _load(matrix: Any, chunk_size: int, what: str) -> sp.csr_matrix:
     if not _in_memory(matrix):
         message = (f"{what} needs the whole matrix: reading the on-disk (backed) matrix into memory; pass "
                    "smoothing=False (--no-smoothing) to keep it on disk")
-        log.warning(message)
         warnings.warn(message, UserWarning, stacklevel=4)
     return sp.vstack([chunk for _, _, chunk in iter_row_chunks(matrix, chunk_size)], format="csr")
 

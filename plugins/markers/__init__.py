@@ -11,8 +11,9 @@ and a calibrated confidence. Needs no weights, no GPU and no network. Modules:
 - :mod:`.reasoning`: the written answers;
 - :mod:`.backend`: the backend and the loaded model.
 
-Other plugins can contribute knowledge with the ``cellscribe_marker_knowledge`` hook; users with
-``marker_table=`` (``--model-option marker_table=PATH``).
+Other plugins can contribute knowledge with the ``cellscribe_marker_knowledge`` hook, which this
+plugin owns (:mod:`.hookspecs`, added through ``cellscribe_addhooks``); users with ``marker_table=``
+(``--model-option marker_table=PATH``).
 """
 
 from __future__ import annotations
@@ -36,6 +37,13 @@ __all__ = [
     "read_marker_table",
     "is_uninformative_gene",
 ]
+
+
+@hookimpl
+def cellscribe_addhooks(pluginmanager):
+    from . import hookspecs
+
+    pluginmanager.add_hookspecs(hookspecs)
 
 
 @hookimpl

@@ -106,7 +106,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from cellscribe.core.ontology import get_ontology
+from cellscribe.core.domain.ontology import get_ontology
+from cellscribe.core.answers import opens_think
 from cellscribe.core.types import Generation, Prompt
 
 from . import reasoning as text
@@ -427,7 +428,7 @@ class MarkersModel:
         self._options_cache.clear()
         if self.tissue is not None:
             return {"tissue": self.tissue, "inferred": False}
-        open_prompts = [p for p in prompts if p.decoder != "cellpuzzles" and not p.examples
+        open_prompts = [p for p in prompts if not p.answer.tagged and not p.examples
                         and not p.candidates and p.sentences]
         if len(open_prompts) < CONTEXT_MIN_CELLS:
             return {"tissue": "", "inferred": False,
@@ -585,7 +586,7 @@ class MarkersModel:
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i in chunk:
             p = prompts[i]
-            if p.decoder == "cellpuzzles":
+            if p.answer.tagged:
                 groups[("puzzle",)].append(i)
             elif p.examples:
                 # Examples are identified by cell, label and sentence length (cut sentences differ).
@@ -704,7 +705,7 @@ class MarkersModel:
                 lines.append(text.type_line(options.display[option], scores[i, option], found, extra=extra))
             lines.append(text.conclusion_line([(options.display[o], scores[i, o]) for o in compared[i]]))
             label = options.names[best[i]]
-            inside = "<think>" in prompt.response_prefix
+            inside = opens_think(prompt.response_prefix)
             abstain, note = doubts[i]
             if abstain:
                 lines.append(f"{note[0].upper()}{note[1:]}.")
@@ -858,7 +859,7 @@ class MarkersModel:
 
 def _abstention(prompt: Prompt, reason: str) -> Generation:
     """An answer that withholds the call, with the reason as the units' note."""
-    inside = "<think>" in prompt.response_prefix
+    inside = opens_think(prompt.response_prefix)
     return Generation(
         text=text.cellreasoner_text(f"{reason[0].upper()}{reason[1:]}.", ABSTENTION, inside_think=inside),
         notes=(reason,) * len(prompt.unit_ids),

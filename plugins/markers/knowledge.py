@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from cellscribe.core.ontology import get_ontology
+from cellscribe.core.domain.ontology import get_ontology
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ def read_marker_table(table: TableLike, *, name: str | None = None) -> pd.DataFr
     - ``weight`` (optional, default 1): positive for a marker, negative for a gene expected absent;
     - ``tissue`` or ``organ`` (optional): used by :meth:`MarkerKnowledge.restrict`;
     - ``cl_id`` (optional): the Cell Ontology id; when absent or empty it is looked up from the cell
-      type with :meth:`cellscribe.core.ontology.CellOntology.lookup` (empty when nothing matches);
+      type with :meth:`cellscribe.core.domain.ontology.CellOntology.lookup` (empty when nothing matches);
     - ``source`` (optional, default ``"user table <name>"``).
 
     Rows whose cell type and gene are both empty are skipped; a gene listed twice for a type keeps its
@@ -502,7 +502,7 @@ class MarkerKnowledge:
         """The row of :attr:`cell_types` that each label names, ``-1`` where none does.
 
         A label matches a type of the same name (ignoring case), else the type whose ``cl_id`` is the
-        label's Cell Ontology id (:meth:`~cellscribe.core.ontology.CellOntology.lookup`, so ``"NK
+        label's Cell Ontology id (:meth:`~cellscribe.core.domain.ontology.CellOntology.lookup`, so ``"NK
         cells"``, ``"CD14+ Mono"`` and ``"CL:0000860"`` work). With ``nearest=True`` a label whose term
         has no row takes the row of its most specific is_a ancestor that has one (``"CD14-positive,
         CD16-negative classical monocyte"`` -> *classical monocyte*).

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from cellscribe.core.answers import FREE, TAGGED
+
 from .scoring import Evidence, display_name
 
 __all__ = [
@@ -114,9 +116,7 @@ def cellreasoner_text(reasoning: str, label: str, *, inside_think: bool) -> str:
     ``inside_think``: the prompt already opened the think block (reasoning mode), so the output starts
     with the reasoning and only closes it.
     """
-    if inside_think:
-        return f"{reasoning}\n</think>\n\n{label}"
-    return f"<think>\n{reasoning}\n</think>\n\n{label}"
+    return FREE.text([label], reasoning, inside_think=inside_think)
 
 
 def puzzle_text(reasoning: str, labels: Sequence[str]) -> str:
@@ -126,4 +126,4 @@ def puzzle_text(reasoning: str, labels: Sequence[str]) -> str:
     legitimate; the decoder still reads it. A candidate that itself contains ``|`` cannot be answered
     unambiguously in this format.
     """
-    return f"<think>{reasoning}</think>\n<answer>{' | '.join(labels)}</answer>"
+    return TAGGED.text(labels, reasoning)

@@ -81,8 +81,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from cellscribe.core.genes import cut_ensembl_suffix, is_ensembl_id, map_ensembl_ids
-from cellscribe.core.ontology import get_ontology
+from cellscribe.core.domain.genes import cut_ensembl_suffix, is_ensembl_id, map_ensembl_ids
+from cellscribe.core.domain.ontology import get_ontology
 from cellscribe.core.types import sentence_genes
 
 from .knowledge import PANGLAO_SOURCE, MarkerKnowledge

@@ -103,6 +103,7 @@ from typing import Any
 import attrs
 
 from cellscribe import __version__
+from cellscribe.core.answers import opens_think, with_reasoning
 from cellscribe.core.types import Generation, Prompt
 
 log = logging.getLogger(__name__)
@@ -485,7 +486,7 @@ class OpenAIModel:
                     messages.append({"role": "assistant", "content": prompt.response_prefix})
                     body["continue_final_message"] = True
                     body["add_generation_prompt"] = False
-                    think_open = "<think>" in prompt.response_prefix
+                    think_open = opens_think(prompt.response_prefix)
                 else:
                     notes.prefix_dropped += 1
             body["messages"] = messages
@@ -629,7 +630,7 @@ class OpenAIModel:
             # <think> tags so decoders see one text, as from a local run.
             reasoning = message.get("reasoning_content") or message.get("reasoning")
             if reasoning:
-                text = ("" if call.think_open else "<think>") + reasoning + "</think>" + text
+                text = with_reasoning(reasoning, text, think_open=call.think_open)
         usage = payload.get("usage") or {}
         return Generation(
             text=text,

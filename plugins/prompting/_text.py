@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from cellscribe.core.ranking import encode_names, join_ranked
+from cellscribe.core.domain.ranking import encode_names, join_ranked
 from cellscribe.core.types import CellSentences
 
 SEP = ", "
@@ -16,7 +16,7 @@ SEP = ", "
 class SentenceJoiner:
     """Joins the ranked genes of :class:`CellSentences` chunks into strings, one per cell.
 
-    The vocabulary's byte encoding (:func:`~cellscribe.core.ranking.encode_names`) is computed once
+    The vocabulary's byte encoding (:func:`~cellscribe.core.domain.ranking.encode_names`) is computed once
     and reused while the chunks share the same vocabulary (a sentence strategy gives every chunk the
     same one).
     """

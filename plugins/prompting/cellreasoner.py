@@ -20,6 +20,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from cellscribe.core.answers import THINK_OPEN
 from cellscribe.core.types import CellSentences, Example, Prompt
 
 from ._text import clean_labels, sentence_strings
@@ -41,9 +42,9 @@ REASONING_INSTRUCTION = (
 INSTRUCTIONS = {"direct": DIRECT_INSTRUCTION, "reasoning": REASONING_INSTRUCTION}
 
 #: Deleted from the rendered prompt in both modes (as the released inference code does).
-REMOVE_FROM_RENDERED = ("<think>",)
+REMOVE_FROM_RENDERED = (THINK_OPEN,)
 #: Appended to the rendered prompt in reasoning mode.
-REASONING_PREFIX = "<think> "
+REASONING_PREFIX = THINK_OPEN + " "
 #: Prompts longer than this are truncated by the published inference code.
 MAX_PROMPT_TOKENS = 8192
 

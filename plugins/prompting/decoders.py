@@ -11,7 +11,8 @@
        line with an answer prefix (``Answer:``, ``Final answer:``, ``Final annotation:``, ``Cell type:``,
        ...); else the last non-empty line. It is cleaned of such prefixes, markdown (``**``, ``__``,
        backticks, bullets), quotes and trailing punctuation.
-    3. With a vocabulary (``vocabulary=``, else the prompt's candidates) the answer is matched, in order:
+    3. With a vocabulary (the prompt's candidates: the user's, or a k-shot reference's labels) the answer
+       is matched, in order:
        exactly; case-insensitively; after normalising (case, punctuation other than ``+``, plural
        ``s``, a trailing word "cell"); then the vocabulary label found inside the answer (whole words;
        the longest wins over the labels it contains, other labels found make it ambiguous); then the
@@ -19,8 +20,8 @@
        the note. Without a vocabulary the cleaned answer is the label. An empty answer is unresolved.
 
 ``cellpuzzles`` (one answer per cell of a puzzle)
-    The answer is read with :mod:`cellscribe.core.metrics` (``is_legitimate``, ``split_answer``), the
-    one implementation of the Cell-o1 rules. When ``<answer>...</answer>`` holds exactly one label per
+    The answer is read with the answer format :data:`cellscribe.core.answers.TAGGED` (its ``labels`` and
+    ``is_legitimate``), the one implementation of the Cell-o1 rules. When ``<answer>...</answer>`` holds exactly one label per
     cell, the labels are taken by position and matched to the prompt's candidates (exactly, then
     case-insensitively, then normalised); a label that is no candidate leaves its cell unresolved. This
     is done even when the output is not legitimate (a stray tag, text after ``</answer>``, a one-cell
@@ -41,11 +42,9 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from cellscribe.core.metrics import is_legitimate, split_answer
+from cellscribe.core.answers import FREE, TAGGED, THINK_OPEN, opens_think
 from cellscribe.core.types import STATUS_OK, Annotation, Generation, Prompt
 
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
 _PREFIX = re.compile(
     r"^(?:(?:the\s+)?(?:final|predicted|most\s+likely)?\s*"
     r"(?:answer|annotation|annotation\s+result|cell\s*type|cell\s+identity|label|prediction|result|conclusion)"
@@ -72,17 +71,8 @@ def _as_text(value: Any) -> str:
     return value if isinstance(value, str) else str(value)
 
 
-def split_reasoning(text: str) -> tuple[str, str, bool]:
-    """``(reasoning, answer part, closed)``: the text up to the last ``</think>`` (tags removed), the
-    text after it, and whether a ``</think>`` was found. Without one, a text that contains
-    ``<think>`` is all reasoning; any other text is all answer."""
-    cut = text.rfind(THINK_CLOSE)
-    if cut >= 0:
-        reasoning = text[:cut].replace(THINK_OPEN, "").replace(THINK_CLOSE, "")
-        return reasoning.strip(), text[cut + len(THINK_CLOSE) :], True
-    if THINK_OPEN in text:
-        return text.replace(THINK_OPEN, "").strip(), "", False
-    return "", text, False
+#: ``(reasoning, answer part, closed)`` of an output (the answer format's reading).
+split_reasoning = FREE.split_reasoning
 
 
 def clean_answer(text: str) -> str:
@@ -106,7 +96,7 @@ def final_answer(answer_part: str) -> tuple[str, bool]:
     """``(answer, explicit)``: the cleaned final answer of a model's answer part, and whether it was
     marked (an ``<answer>`` tag or an answer prefix) rather than just the last line."""
     answer_part = answer_part[-_MAX_ANSWER_CHARS:]
-    tags = _ANSWER_TAG.findall(answer_part)
+    tags = FREE.answer_tags(answer_part)
     if tags:
         return clean_answer(" ".join(tags[-1].split())), True
     lines = [line for line in answer_part.splitlines() if line.strip()]
@@ -207,18 +197,19 @@ class CellReasonerDecoder:
 
     name = "cellreasoner"
     description = "free-text answer after an optional <think> block, matched to the label vocabulary"
+    answer = FREE
 
     def decode(
-        self, generation: Generation, prompt: Prompt, *, vocabulary: Sequence[str] | None = None, **_: Any
+        self, generation: Generation, prompt: Prompt, **_: Any
     ) -> list[Annotation]:
         """One annotation per ``prompt.unit_ids`` (normally one); see the module docstring."""
         units = list(prompt.unit_ids)
         text = _as_text(generation.text)
         if generation.error:
             return _failed(units, text, generation.error)
-        vocab = [str(v) for v in (vocabulary if vocabulary is not None else prompt.candidates) if str(v)]
-        reasoning_mode = prompt.meta.get("mode") == "reasoning" or THINK_OPEN in prompt.response_prefix
-        reasoning, answer_part, closed = split_reasoning(text)
+        vocab = [str(v) for v in prompt.candidates if str(v)]
+        reasoning_mode = prompt.meta.get("mode") == "reasoning" or opens_think(prompt.response_prefix)
+        reasoning, answer_part, closed = self.answer.split_reasoning(text)
         unclosed = not closed and (reasoning_mode or THINK_OPEN in text)
         if unclosed:
             # The think block was opened (by the prompt or the model) and never closed: the output is
@@ -261,18 +252,18 @@ class CellPuzzlesDecoder:
 
     name = "cellpuzzles"
     description = "CellPuzzles answer tag split on '|', labels by cell position (Cell-o1 rules)"
+    answer = TAGGED
 
     def decode(
-        self, generation: Generation, prompt: Prompt, *, vocabulary: Sequence[str] | None = None, **_: Any
+        self, generation: Generation, prompt: Prompt, **_: Any
     ) -> list[Annotation]:
         """One annotation per cell of the puzzle, in order; see the module docstring."""
         units = list(prompt.unit_ids)
         text = _as_text(generation.text)
         if generation.error:
             return _failed(units, text, generation.error)
-        start, stop = text.find(THINK_OPEN), text.rfind(THINK_CLOSE)
-        reasoning = text[start + len(THINK_OPEN) : stop].strip() if 0 <= start < stop else ""
-        labels = split_answer(text)
+        reasoning = self.answer.reasoning(text)
+        labels = self.answer.labels(text)
         if labels is None:
             note = "no <answer>...</answer> in the output"
             return [Annotation.unresolved(u, raw=text, note=note, reasoning=reasoning) for u in units]
@@ -283,10 +274,10 @@ class CellPuzzlesDecoder:
             return [Annotation.unresolved(u, raw=text, note=note, reasoning=reasoning) for u in units]
         format_note = (
             ""
-            if is_legitimate(text)
+            if self.answer.is_legitimate(text)
             else "output not in the CellPuzzles answer format (scores 0 in the official metrics)"
         )
-        candidates = [str(c) for c in (prompt.candidates or vocabulary or ())]
+        candidates = [str(c) for c in prompt.candidates]
         out = []
         for i, (unit, given) in enumerate(zip(units, labels, strict=True)):
             if candidates:

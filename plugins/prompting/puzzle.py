@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cellscribe.core.answers import TAGGED
 from cellscribe.core.types import CellSentences, Prompt
 
 from ._text import SEP, clean_labels, sentence_strings
@@ -141,6 +142,7 @@ def puzzle_prompt(
         sentences=tuple(sentences),
         strategy=strategy,
         decoder="cellpuzzles",
+        answer=TAGGED,
         candidates=tuple(sorted(candidates)),
         context=context,
         generation=dict(GENERATION),
@@ -259,6 +261,7 @@ class Puzzle:
             sentences=tuple(SEP.join(genes) for genes in parts["sentences"]),
             strategy=self.name,
             decoder="cellpuzzles",
+            answer=TAGGED,
             candidates=tuple(parts["candidates"]),
             context=parts["context"],
             generation=dict(GENERATION),

@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from cellscribe.core.genes import choose_gene_symbols, merge_duplicate_symbols
-from cellscribe.core.matrix import DEFAULT_CHUNK, MatrixSummary, iter_row_chunks, summarize
+from cellscribe.core.domain.genes import choose_gene_symbols, merge_duplicate_symbols
+from cellscribe.core.domain.matrix import DEFAULT_CHUNK, MatrixSummary, iter_row_chunks, summarize
 from cellscribe.core.types import FeatureMatrix
 
 log = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ class RnaModality:
         When the default X holds negative (scaled) values, the first unscaled matrix among the
         layers :data:`COUNT_LAYERS`, then :data:`LOG_LAYERS`, then ``.raw``, is used instead, with a
         ``UserWarning``. Backed matrices are judged (scaled or not, counts or not) by their first
-        ``chunk_size`` rows, so the file is not read an extra time. Gene symbols are chosen by :func:`cellscribe.core.genes.choose_gene_symbols`;
+        ``chunk_size`` rows, so the file is not read an extra time. Gene symbols are chosen by :func:`cellscribe.core.domain.genes.choose_gene_symbols`;
         genes sharing a symbol are summed into one column.
 
         Raises
@@ -231,7 +231,6 @@ class RnaModality:
                 f"{scaled.source} contains negative values (it looks scaled, e.g. by sc.pp.scale); "
                 f"using {candidate.source} instead. Pass layer= or use_raw= to choose explicitly."
             )
-            log.warning(message)
             warnings.warn(message, UserWarning, stacklevel=3)
             return candidate, summary
         raise ValueError(_scaled_message(scaled.source, adata))

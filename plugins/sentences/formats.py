@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cellscribe.core.ranking import encode_names, join_ranked
+from cellscribe.core.domain.ranking import encode_names, join_ranked
 from cellscribe.core.types import CellSentences
 
 SEP = ", "

@@ -10,7 +10,7 @@
     ``ranked-hvg`` when the data carry enough of CellReasoner's genes, else ``top-expressed``.
 
 Every strategy reads the matrix chunk by chunk (``FeatureMatrix.iter_chunks``) and ranks each chunk with
-the vectorised functions of :mod:`cellscribe.core.ranking`; nothing here loops over cells.
+the vectorised functions of :mod:`cellscribe.core.domain.ranking`; nothing here loops over cells.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from cellscribe.core.ranking import rank_by_order, rank_by_value
+from cellscribe.core.domain.ranking import rank_by_order, rank_by_value
 from cellscribe.core.types import CellSentences, FeatureMatrix
 
 log = logging.getLogger(__name__)
@@ -261,7 +261,7 @@ class TopExpressed:
 
     Only positive values count as expressed. Ties are broken by feature order (the gene that comes
     first in ``var`` wins), so the result does not depend on how the matrix stores its values; this is
-    :func:`cellscribe.core.ranking.rank_by_value`'s rule. ``vocabulary`` is
+    :func:`cellscribe.core.domain.ranking.rank_by_value`'s rule. ``vocabulary`` is
     ``features.feature_names``; ``params`` are ``n_genes`` and ``n_excluded``.
 
     Options: ``exclude=`` symbols (an iterable) or a predicate ``callable(symbol) -> bool`` naming

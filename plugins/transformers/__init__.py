@@ -4,7 +4,7 @@ Registers:
 
 - backend ``transformers`` (:class:`~._backend.TransformersBackend`): handles a local directory that
   holds a ``config.json``, any string shaped like a hub id (``"org/name"``) and the name of a model
-  manifest (``"cellreasoner-7b"``, ``"cell-o1"``; :mod:`cellscribe.core.manifests`). Registered with
+  manifest (``"cellreasoner-7b"``, ``"cell-o1"``; :mod:`cellscribe.core.domain.manifests`). Registered with
   ``trylast=True`` so third-party backends are asked first. Token-budget batches; ``decode`` modes
   ``generate``, ``constrained`` (:mod:`._constrained`) and ``score`` (:mod:`._scoring`).
 - ``cellscribe_load_adapter`` for ``backend="transformers"``: loads a PEFT adapter (safetensors only)

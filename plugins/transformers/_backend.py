@@ -1,6 +1,6 @@
 """The transformers backend: load a causal LM with its tokenizer and answer prompts.
 
-A hub id, a local folder and a manifest name (:mod:`cellscribe.core.manifests`, ``model="cell-o1"``)
+A hub id, a local folder and a manifest name (:mod:`cellscribe.core.domain.manifests`, ``model="cell-o1"``)
 go through the same code path (``from_pretrained``). Prompts are rendered with the model's chat
 template and tokenised in one call, without extra special tokens (the template already holds them).
 
@@ -69,8 +69,10 @@ import functools
 import json
 import logging
 import math
+import os
 import re
 import secrets
+import socket
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -79,7 +81,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import numpy as np
 
-from cellscribe.core.manifests import Manifest, find_manifest, list_manifests
+from cellscribe.core.domain.manifests import Manifest, find_manifest, list_manifests
 from cellscribe.core.types import Generation, Prompt
 
 from ._layout import SCORED_REASONING, TokenLayout, layout_for, tokenize_layout
@@ -148,6 +150,29 @@ def _check_model_dir(spec: str) -> None:
             "config.json), a Hugging Face hub id like 'Qwen/Qwen2.5-7B-Instruct' or a model manifest "
             "name (`cellscribe adapters` lists them)."
         )
+
+
+#: Environment variables that put the Hugging Face libraries offline.
+OFFLINE_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+#: Seconds to wait for the hub's address before treating the machine as offline.
+HUB_PROBE_SECONDS = 3.0
+
+
+def hub_offline() -> bool:
+    """Whether the Hugging Face hub cannot be used: offline mode is set, or its host (``$HF_ENDPOINT``,
+    else huggingface.co) cannot be reached within :data:`HUB_PROBE_SECONDS`. Then hub ids are read
+    from the local cache only, so a missing model fails at once instead of after minutes of retries."""
+    if any(os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on") for name in OFFLINE_ENV):
+        return True
+    from urllib.parse import urlsplit
+
+    url = urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname or "huggingface.co", port), timeout=HUB_PROBE_SECONDS).close()
+    except OSError:
+        return True
+    return False
 
 
 def _resolve_device(device: Any, torch: Any) -> str:
@@ -306,7 +331,7 @@ class TransformersModel:
     spec, revision
         What was loaded (the manifest name when loaded by one).
     manifest
-        The :class:`~cellscribe.core.manifests.Manifest` it was loaded from, or ``None``; its
+        The :class:`~cellscribe.core.domain.manifests.Manifest` it was loaded from, or ``None``; its
         ``annotate_defaults()`` are the prompt, sentence and generation settings it expects.
     device
         Where inputs are sent (the model's first parameter's device when a ``device_map`` was given).
@@ -868,6 +893,9 @@ class TransformersBackend:
         hub_kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
         if revision is not None:
             hub_kwargs["revision"] = revision
+        if not Path(base).expanduser().is_dir() and hub_offline():
+            log.info("%s: the Hugging Face hub is not reachable; using the local cache only", base)
+            hub_kwargs["local_files_only"] = True
         model_kwargs = dict(model_kwargs or {})
         device = _resolve_device(device, torch)
         torch_dtype = _resolve_dtype(dtype, device, torch)

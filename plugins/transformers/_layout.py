@@ -3,10 +3,12 @@
 Constrained decoding (:mod:`._constrained`) and candidate scoring (:mod:`._scoring`) both need to know
 what a legal answer to a prompt looks like:
 
-- CellReasoner-style prompts (any decoder but ``cellpuzzles``): exactly one candidate label, then the
-  end-of-sequence token. When the rendered prompt ends inside a think block (reasoning mode appends
-  ``"<think> "``), free reasoning comes first and is closed by ``"</think>\\n"``.
-- CellPuzzles prompts (decoder ``cellpuzzles``): ``<think>reasoning</think>\\n<answer>a | b | c</answer>``
+The text around the labels comes from the prompt's answer format (:mod:`cellscribe.core.answers`):
+
+- free-text answers (CellReasoner): exactly one candidate label, then the end-of-sequence token. When
+  the rendered prompt ends inside a think block (reasoning mode appends ``"<think> "``), free reasoning
+  comes first and is closed by ``"</think>\\n"``.
+- tagged answers (CellPuzzles): ``<think>reasoning</think>\\n<answer>a | b | c</answer>``
   with one label per cell, all different (a permutation of the candidates when there are as many
   candidates as cells), then end-of-sequence. Such an output is legitimate under Cell-o1's metrics by
   construction.
@@ -19,22 +21,16 @@ concatenation is the answer text.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from typing import Any
 
 import attrs
 
+from cellscribe.core.answers import SEPARATOR, ends_in_think
 from cellscribe.core.types import Prompt
 
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-PUZZLE_DECODER = "cellpuzzles"
-ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
-PUZZLE_SEPARATOR = " | "
 #: Text standing for the reasoning in answers made by scoring (no reasoning was generated).
 SCORED_REASONING = "scored"
-
-_ENDS_IN_THINK = re.compile(r"<think>\s*$")
 
 
 @attrs.frozen
@@ -50,7 +46,7 @@ class AnswerLayout:
     reasoning: bool = False
     open_text: str = ""
     close_text: str = ""
-    separator: str = PUZZLE_SEPARATOR
+    separator: str = SEPARATOR
     tail_text: str = ""
     unique: bool = False
 
@@ -69,24 +65,10 @@ def layout_for(prompt: Prompt, rendered: str) -> AnswerLayout | None:
     candidates = tuple(dict.fromkeys(str(c) for c in prompt.candidates if str(c)))
     if not candidates:
         return None
-    inside_think = bool(_ENDS_IN_THINK.search(rendered))
-    if prompt.decoder == PUZZLE_DECODER:
-        return AnswerLayout(
-            candidates=candidates,
-            n_labels=max(1, len(prompt.unit_ids)),
-            reasoning=True,
-            open_text="" if inside_think else THINK_OPEN,
-            close_text=f"{THINK_CLOSE}\n{ANSWER_OPEN}",
-            separator=PUZZLE_SEPARATOR,
-            tail_text=ANSWER_CLOSE,
-            unique=True,
-        )
-    return AnswerLayout(
-        candidates=candidates,
-        n_labels=1,
-        reasoning=inside_think,
-        close_text=f"{THINK_CLOSE}\n" if inside_think else "",
-    )
+    pieces = prompt.answer.pieces(inside_think=ends_in_think(rendered))
+    if prompt.answer.tagged:
+        return AnswerLayout(candidates=candidates, n_labels=max(1, len(prompt.unit_ids)), unique=True, **pieces)
+    return AnswerLayout(candidates=candidates, n_labels=1, **pieces)
 
 
 class Node:

@@ -4,7 +4,7 @@ Plugins that score cell types and the evaluation of predicted labels both need t
 "CD14+ Mono" is *classical monocyte* (``CL:0000860``) and that a classical monocyte is a monocyte.
 :func:`get_ontology` gives a :class:`CellOntology` read from a vendored table of the current ``CL:``
 terms (built from the 26 Mar 2026 ``cl-simple`` release by ``scripts/build_cl_table.py``; see
-``core/data/PROVENANCE.md``). The table is read on first use (about 30 ms) and shared; the label index
+``core/domain/data/PROVENANCE.md``). The table is read on first use (about 30 ms) and shared; the label index
 behind :meth:`CellOntology.lookup` is built on the first look-up (about 0.15 s).
 
 :meth:`CellOntology.lookup` turns a free-text label into a term id, or ``None`` when it cannot tell:

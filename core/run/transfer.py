@@ -51,9 +51,10 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy.stats import rankdata
 
-from .pipeline import _h5_safe, _labels, _mirror_to_mudata, _versions, measured_mask, select_modality_data
-from .plugins import Host, get_host
-from .types import STATUS_OK, STATUS_UNRESOLVED, FeatureMatrix
+from ..plugins import Host, get_host
+from ..types import STATUS_OK, STATUS_UNRESOLVED, FeatureMatrix
+from .data import label_column, measured_mask, select_modality_data
+from .record import h5_safe, mirror_to_mudata, versions
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +260,7 @@ def transfer_labels(
     ref_c = reg.get("modality", reference_modality)
     adata, mod = select_modality_data(data, modality_c, mod)
     ref_adata, _ = select_modality_data(reference, ref_c, None)
-    labels = _labels(ref_adata.obs, reference_key, "the reference")
+    labels = label_column(ref_adata.obs, reference_key, "the reference")
     known = labels.notna().to_numpy()
     codes, names = pd.factorize(labels.astype(object).where(known, None).to_numpy(), sort=True)
     names = np.asarray([str(x) for x in names], dtype=object)
@@ -270,8 +271,8 @@ def transfer_labels(
         )
     # A modality may declare the options that give values fit for correlation (log-normalised rather
     # than a ranking device); the user's modality_options come on top.
-    options = {**dict(getattr(modality_c, "transfer_options", None) or {}), **dict(modality_options or {})}
-    ref_options = {**dict(getattr(ref_c, "transfer_options", None) or {}), **dict(modality_options or {})}
+    options = {**dict(modality_c.transfer_options or {}), **dict(modality_options or {})}
+    ref_options = {**dict(ref_c.transfer_options or {}), **dict(modality_options or {})}
     query = modality_c.prepare(adata, layer=layer, use_raw=use_raw, chunk_size=chunk_size, **options)
     ref = ref_c.prepare(ref_adata, chunk_size=chunk_size, **ref_options)
 
@@ -338,13 +339,13 @@ def transfer_labels(
         "value_kind": query.value_kind,
         "reference_value_kind": ref.value_kind,
         "modality_options": {k: str(v) for k, v in options.items()},
-        "versions": _versions(),
+        "versions": versions(),
     }
     summary["seconds"] = round(seconds, 3)
-    entry = {"params": _h5_safe(params), "summary": _h5_safe(summary)}
+    entry = {"params": h5_safe(params), "summary": h5_safe(summary)}
     adata.uns[key_added] = entry
     if mod is not None:
-        _mirror_to_mudata(data, mod, list(frame.columns), key_added, entry)
+        mirror_to_mudata(data, mod, list(frame.columns), key_added, entry)
     log.info(
         "transferred %d labels to %d cells in %.2f s: %d ok, %d unresolved",
         len(names), summary["n_cells"], seconds, summary["n_ok"], summary["n_unresolved"],

@@ -2,7 +2,7 @@
 
 CellReasoner scores a prediction by looking the (truth, prediction) pair up in a table graded by
 experts, so a pair nobody graded gets no score. :class:`Grader` grades any pair from the Cell Ontology
-(:mod:`cellscribe.core.ontology`) and the rules below, on the same scale:
+(:mod:`cellscribe.core.domain.ontology`) and the rules below, on the same scale:
 
 ==== ================= =====================================================================
 1    Subtype correct   the prediction names the true cell type or one of its subtypes
@@ -100,7 +100,8 @@ import attrs
 import numpy as np
 import pandas as pd
 
-from .ontology import ABBREVIATIONS, CellOntology, get_ontology, normalise_label
+from ..answers import FREE, TAG_NAMES
+from ..domain.ontology import ABBREVIATIONS, CellOntology, get_ontology, normalise_label
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,7 @@ GRADE_NAMES: Mapping[float, str] = {
 }
 
 #: Major lineages for grading, checked in this order against a term and its is_a ancestors: the first
-#: lineage with a root among them wins. Unlike :data:`cellscribe.core.ontology.LINEAGES`, monocytes and
+#: lineage with a root among them wins. Unlike :data:`cellscribe.core.domain.ontology.LINEAGES`, monocytes and
 #: macrophages (with osteoclasts) form one lineage; pericytes and smooth muscle cells are mural cells,
 #: apart from fibroblasts and other stromal cells; and epithelial cells fall into the ontology's own
 #: epithelia (hepatocytes, exocrine pancreas, ducts, respiratory, alimentary, stratified, kidney,
@@ -479,10 +480,11 @@ _MALIGNANT_ORIGIN: tuple[tuple[re.Pattern[str], str], ...] = tuple(
 
 # ------------------------------------------------------------------------------------ text
 
-_TAG = re.compile(r"</?\s*(?:think|answer)\w*\s*>", re.IGNORECASE)
-_OPENING_TAG = re.compile(r"<\s*(?:think|answer)\w*\s*>", re.IGNORECASE)
-_CLOSING_TAG = re.compile(r"</\s*(?:think|answer)\w*\s*>", re.IGNORECASE)
-_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.IGNORECASE | re.DOTALL)
+# The answer format's tags, read tolerantly: any case, inner spaces, misspelt endings ("</thinks>").
+_TAG_NAME = "(?:" + "|".join(TAG_NAMES) + r")\w*"
+_TAG = re.compile(rf"</?\s*{_TAG_NAME}\s*>", re.IGNORECASE)
+_OPENING_TAG = re.compile(rf"<\s*{_TAG_NAME}\s*>", re.IGNORECASE)
+_CLOSING_TAG = re.compile(rf"</\s*{_TAG_NAME}\s*>", re.IGNORECASE)
 _CONCLUSION = re.compile(
     r"(?:(?:final|most\s+(?:likely|probable)|best|correct)\s+(?:answer|annotation|cell\s*type|identity|label|"
     r"classification|choice)|the\s+answer|annotation|cell\s+type|identity)"
@@ -548,7 +550,7 @@ def decode_prediction(text: Any) -> str | None:
     text = str(text).strip()
     if not text:
         return None
-    answers = _ANSWER.findall(text)
+    answers = FREE.answer_tags(text)
     closing = list(_CLOSING_TAG.finditer(text))
     if answers and answers[-1].strip():
         text = answers[-1]
@@ -718,7 +720,7 @@ class Grader:
 
     def _gene_symbols(self) -> frozenset[str]:
         if self._symbols is None:
-            from .genes import ensembl_symbol_table
+            from ..domain.genes import ensembl_symbol_table
 
             self._symbols = frozenset(ensembl_symbol_table().astype(str).str.upper())
         return self._symbols

@@ -58,7 +58,7 @@ __all__ = [
 #: Environment variable listing extra manifest folders (``os.pathsep``-separated).
 ENV_MANIFESTS = "CELLSCRIBE_MANIFESTS"
 #: The manifests shipped with cellscribe (package data of ``cellscribe.adapters``).
-SHIPPED_DIR = Path(__file__).resolve().parent.parent / "adapters" / "manifests"
+SHIPPED_DIR = Path(__file__).resolve().parents[2] / "adapters" / "manifests"
 SUFFIXES = (".toml", ".json")
 MODES = ("direct", "reasoning")
 

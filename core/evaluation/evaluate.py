@@ -3,13 +3,13 @@
 :func:`evaluate` compares one or several runs (``key_added`` of :func:`cellscribe.tl.annotate`, in
 one or several AnnData/MuData objects) with a column of true labels and returns an
 :class:`Evaluation`: per run the accuracy, macro F1, the mean graded score of
-:mod:`cellscribe.core.grading` with its grade distribution, per-label precision and recall, the
+:mod:`cellscribe.core.evaluation.grading` with its grade distribution, per-label precision and recall, the
 expected calibration error (ECE) of the confidences with its reliability table, and Cell-o1's
-CellPuzzles metrics (:mod:`cellscribe.core.metrics`) when the run solved puzzles and its raw outputs
+CellPuzzles metrics (:mod:`cellscribe.core.evaluation.metrics`) when the run solved puzzles and its raw outputs
 are still in the run's sidecar file.
 
 A prediction is *correct* when it names the true cell type: the labels are equal once case,
-punctuation and plurals are normalised (:func:`~cellscribe.core.ontology.normalise_label`), or both
+punctuation and plurals are normalised (:func:`~cellscribe.core.domain.ontology.normalise_label`), or both
 map to the same Cell Ontology term ("NK cells" for "NK"). Cells whose prediction is unresolved count
 as wrong; cells without a true label are left out.
 
@@ -34,7 +34,7 @@ import pandas as pd
 
 from .grading import GRADE_NAMES, GRADE_SCALE, Grader, get_grader
 from .metrics import PuzzleScores, puzzle_metrics
-from .ontology import normalise_label
+from ..domain.ontology import normalise_label
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +156,8 @@ def match_labels(truths: Sequence[Any], predictions: Sequence[Any], grader: Grad
     true label takes that label's spelling; other predictions stay as they are and unresolved ones
     become ``None``.
 
-    Same cell type: equal labels after :func:`~cellscribe.core.ontology.normalise_label`, or the same
-    reading by the grader (:meth:`~cellscribe.core.grading.Grader.read`: the same Cell Ontology
+    Same cell type: equal labels after :func:`~cellscribe.core.domain.ontology.normalise_label`, or the same
+    reading by the grader (:meth:`~cellscribe.core.evaluation.grading.Grader.read`: the same Cell Ontology
     terms, a single-marker subset counted as its named parent, and the same malignancy; so "NK
     cells" names "CD56+ NK" and "B cells" names "CD19+ B"). A hedged or unreadable prediction names
     no true label.
@@ -290,7 +290,7 @@ class RunEvaluation:
     """Metrics of one run against the true labels.
 
     ``grades`` and ``correct`` are per evaluated cell, in ``cells`` order; ``grade_counts`` maps each
-    grade of :data:`~cellscribe.core.grading.GRADE_SCALE` to its number of cells; ``per_label`` has
+    grade of :data:`~cellscribe.core.evaluation.grading.GRADE_SCALE` to its number of cells; ``per_label`` has
     one row per true label (support, n_predicted, precision, recall, f1); ``reliability`` the
     calibration bins (empty when the run has no confidences); ``puzzle`` Cell-o1's metrics or
     ``None``. ``accuracy`` counts predictions naming exactly the true type (``correct``); ``ece`` and
@@ -536,7 +536,7 @@ def write_report(
     md += [
         "Correct: the prediction names the true cell type (equal labels after normalising case and "
         "punctuation, or the same Cell Ontology term). Graded: CellReasoner's scale (1 subtype correct, "
-        "0.5 major correct, 0.25 partially correct, 0 incorrect) from `cellscribe.core.grading`. ECE: expected "
+        "0.5 major correct, 0.25 partially correct, 0 incorrect) from `cellscribe.core.evaluation.grading`. ECE: expected "
         "calibration error of the confidences (10 bins).",
         "",
         "## Summary",

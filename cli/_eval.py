@@ -7,30 +7,17 @@ annotated files against known labels and writes a report with figures.
 
 from __future__ import annotations
 
-import functools
 import logging
 from pathlib import Path
 from typing import Any
 
 import click
 
+from ._common import friendly_errors
+
 log = logging.getLogger("cellscribe")
 
 __all__ = ["grade_command", "evaluate_command"]
-
-
-def _friendly(func):
-    """Expected input errors as one clear message instead of a traceback."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except (ValueError, KeyError, FileNotFoundError, FileExistsError) as exc:
-            message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-            raise click.ClickException(str(message)) from exc
-
-    return wrapper
 
 
 def _separator(path: Path, sep: str | None) -> str:
@@ -59,19 +46,19 @@ def _read_table(path: Path, sep: str | None):
 @click.option("--compare-col", default=None,
               help="A column of reference grades (1/0.5/0.25/0): print agreement and quadratic kappa with it.")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
-@_friendly
+@friendly_errors
 def grade_command(pairs: Path, truth_col: str, pred_col: str, output: Path, sep: str | None, explain: bool,
                   compare_col: str | None, force: bool) -> None:
     """Grade (truth, prediction) pairs on CellReasoner's scale.
 
     Adds grade (1 subtype correct, 0.5 major correct, 0.25 partially correct, 0 incorrect) and
-    grade_name columns to PAIRS and writes OUTPUT. The rules are in cellscribe.core.grading.
+    grade_name columns to PAIRS and writes OUTPUT. The rules are in cellscribe.core.evaluation.grading.
     """
     import numpy as np
     import pandas as pd
 
-    from .core.grading import Grader, compare_grades, grade_name
-    from .core.io import atomic_output, check_output
+    from ..core.evaluation.grading import Grader, compare_grades, grade_name
+    from ._files import atomic_output, check_output
 
     check_output(output, inputs=(pairs,), force=force)
     table = _read_table(pairs, sep)
@@ -127,7 +114,7 @@ def _read_annotated(path: Path):
               help="Folder for report.md, report.html, tables and figures.")
 @click.option("--basis", default=None, help="Embedding for the figures (default: X_umap, else another obsm entry).")
 @click.option("--figures/--no-figures", default=True, show_default=True, help="Draw figures into the report.")
-@_friendly
+@friendly_errors
 def evaluate_command(inputs: tuple[Path, ...], truth: str, keys: tuple[str, ...], report_dir: Path | None,
                      basis: str | None, figures: bool) -> None:
     """Measure annotated files against the true labels in obs[TRUTH].
@@ -137,7 +124,7 @@ def evaluate_command(inputs: tuple[Path, ...], truth: str, keys: tuple[str, ...]
     writes a Markdown and an HTML report with a confusion heatmap, grade bars, the embedding coloured
     by prediction and confidence, and a reliability diagram.
     """
-    from .core.evaluate import evaluate, write_report
+    from ..core.evaluation.evaluate import evaluate, write_report
 
     objects: dict[str, Any] = {}
     for path in inputs:
@@ -155,7 +142,7 @@ def evaluate_command(inputs: tuple[Path, ...], truth: str, keys: tuple[str, ...]
             import matplotlib
 
             matplotlib.use("Agg")
-            from . import pl
+            from .. import pl
 
             found = pl.report_figures(data, evaluation, report_dir, truth=truth, basis=basis)
         written = write_report(evaluation, report_dir, figures=found)

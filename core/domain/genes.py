@@ -5,7 +5,7 @@ symbols in ``var_names``, Ensembl ids in ``var_names`` with symbols in a ``var``
 CELLxGENE), Ensembl ids alone, or ``SYMBOL_ENSG...`` pairs. :func:`choose_gene_symbols` settles this
 for any modality that has genes; the pieces it is built from are public for modalities with other
 needs. Human Ensembl ids are mapped offline with a vendored Ensembl 101 table (see
-``core/data/PROVENANCE.md``). Everything here works on whole arrays at once (pandas string methods,
+``core/domain/data/PROVENANCE.md``). Everything here works on whole arrays at once (pandas string methods,
 index look-ups), so 60,000 genes take milliseconds.
 """
 

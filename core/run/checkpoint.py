@@ -21,7 +21,7 @@ from typing import Any
 
 import attrs
 
-from .types import Generation, Prompt
+from ..types import Generation, Prompt
 
 log = logging.getLogger(__name__)
 

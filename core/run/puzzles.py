@@ -15,9 +15,9 @@ from typing import Any
 
 import attrs
 
-from .metrics import PuzzleScores, puzzle_metrics
-from .plugins import Host, get_host
-from .types import Generation
+from ..evaluation.metrics import PuzzleScores, puzzle_metrics
+from ..plugins import Host, get_host
+from ..types import Generation
 
 log = logging.getLogger(__name__)
 

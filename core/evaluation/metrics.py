@@ -1,36 +1,21 @@
 """CellPuzzles metrics (Cell-o1's evaluation rules, FORMATS.md): the single implementation.
 
-An output is *legitimate* only if it has exactly one ``<think>``, ``</think>``, ``<answer>`` and
-``</answer>``, matches ``^<think>.*?</think>\\n<answer>.*?</answer>$`` (reasoning may span lines) and
-its answer contains ``|``. An illegitimate output scores 0 on every cell.
+Outputs are read with the answer format :data:`cellscribe.core.answers.TAGGED`, which owns the grammar
+and the legitimacy rule; an illegitimate output scores 0 on every cell.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 import attrs
 
-_LEGIT = re.compile(r"^<think>.*?</think>\n<answer>.*?</answer>$", re.DOTALL)
-_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+from ..answers import TAGGED
 
-
-def is_legitimate(text: str) -> bool:
-    """Whether a model output follows the CellPuzzles answer format exactly."""
-    if any(text.count(tag) != 1 for tag in TAGS):
-        return False
-    match = _ANSWER.search(text)
-    return bool(_LEGIT.match(text)) and match is not None and "|" in match.group(1)
-
-
-def split_answer(text: str) -> list[str] | None:
-    """The labels inside ``<answer>...</answer>`` split on ``|`` and stripped, or ``None``."""
-    match = _ANSWER.search(text)
-    if match is None:
-        return None
-    return [part.strip() for part in match.group(1).split("|")]
+#: Whether a model output follows the CellPuzzles answer format exactly (the answer format's rule).
+is_legitimate = TAGGED.is_legitimate
+#: The labels inside ``<answer>...</answer>`` split on ``|`` and stripped, or ``None``.
+split_answer = TAGGED.labels
 
 
 def split_gold(answer: str) -> list[str]:

@@ -1,0 +1,236 @@
+"""``cellscribe annotate``, ``sentences`` and ``activity``: their run flags are made from the run
+specification (:mod:`cellscribe.core.spec`), plus the options plugins add."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ._common import (
+    friendly_errors,
+    parse_adapters,
+    parse_pairs,
+    plugin_options,
+    read_candidates,
+    run_options,
+    run_values,
+    split_plugin_values,
+)
+
+#: Run parameters that are not flags of ``cellscribe annotate``, and why.
+NOT_FLAGS = {"data": "the INPUT argument", "copy": "the command always writes a new OUTPUT file"}
+#: Parameters of the data and sentence parts that ``sentences`` and ``activity`` take as flags.
+DATA_FLAGS = ("mod", "layer", "use_raw", "modality_options", "chunk_size")
+
+
+def _input_argument() -> click.Argument:
+    return click.Argument(["input_path"], metavar="INPUT", type=click.Path(exists=True, dir_okay=False))
+
+
+def _force_option() -> click.Option:
+    return click.Option(["--force"], is_flag=True, help="Overwrite OUTPUT if it exists.")
+
+
+def annotate_command() -> click.Command:
+    """``cellscribe annotate``: one flag per run parameter (``--modality`` and ``--adapter`` repeat for
+    several modalities of one MuData, annotated with one loaded model)."""
+    plugin_params = plugin_options("annotate")
+    params: list[click.Parameter] = [
+        _input_argument(),
+        click.Option(["-o", "--output"], required=True, type=click.Path(dir_okay=False),
+                     help="Output .h5ad/.h5mu (never INPUT)."),
+        *run_options(),
+        click.Option(["--candidates-file"], type=click.Path(exists=True, dir_okay=False),
+                     help="Allowed labels, one per line (with or instead of --candidate)."),
+        click.Option(["--base-url"], default=None,
+                     help="Server URL for openai: models (same as --model-option base_url=...)."),
+        click.Option(["--limit"], type=int, default=None, help="Annotate only the first N cells."),
+        click.Option(["--dry-run"], is_flag=True, help="Print the plan (cells, prompts, token estimate) and exit."),
+        _force_option(),
+        *plugin_params,
+    ]
+
+    @friendly_errors
+    def annotate(input_path: str, output: str, **kw: Any) -> None:
+        from ..core.models import load_model
+        from ..core.run import plan_run, read_input
+        from ..core.run import annotate as run
+        from ..core.spec import LOAD_OPTIONS, RunSpec
+        from ._files import atomic_output, check_output, write_data
+
+        modality_extra = split_plugin_values(kw, plugin_params)
+        limit, dry_run, force = kw.pop("limit"), kw.pop("dry_run"), kw.pop("force")
+        candidates_file, base_url = kw.pop("candidates_file"), kw.pop("base_url")
+        values = run_values(kw)
+        values["candidates"] = read_candidates(values["candidates"], candidates_file)
+        if base_url:
+            values["model_options"]["base_url"] = base_url
+        values["modality_options"] = {**values["modality_options"], **modality_extra}
+        modalities = list(dict.fromkeys(values.pop("modality")))
+        adapters = parse_adapters(values.pop("adapter"), modalities)
+        if len(modalities) > 1 and values["mod"] is not None:
+            raise click.UsageError("--mod names one MuData modality; leave it out with several --modality "
+                                   "(each is read from its usual key)")
+        # Every parameter checked (one spec per modality) before any file is read.
+        specs = {m: RunSpec.from_kwargs(**values, modality=m) for m in modalities}
+        out = check_output(output, inputs=(input_path, values["reference"]), force=force or dry_run)
+
+        data = read_input(input_path, **values["modality_options"])
+        if limit is not None:
+            data = data[: min(limit, data.n_obs)].copy()
+        reference = None
+        if values["reference"] is not None:
+            reference = read_input(values["reference"], **values["modality_options"])
+
+        if dry_run:
+            for spec in specs.values():
+                plan = plan_run(data, spec.replace(reference=reference))
+                for key, value in plan.summary().items():
+                    click.echo(f"{key}: {value}")
+                if plan.prompts:
+                    click.echo("first prompt:")
+                    for m in plan.prompts[0].messages:
+                        click.echo(f"  [{m['role']}] {m['content'][:300]}{'...' if len(m['content']) > 300 else ''}")
+            return
+
+        first = next(iter(specs.values())).model
+        # One model for every modality, loaded by the first run once it has checked its input.
+        model = load_model(first.name, adapters=adapters, lazy=True, **first.load_options())
+        per_run = {k: v for k, v in values.items() if k not in (*LOAD_OPTIONS, "model", "checkpoint", "sidecar")}
+        checkpoint = Path(values["checkpoint"] or out.with_name(out.name + ".cellscribe.ckpt"))
+        sidecar = Path(values["sidecar"] or out.with_name(out.name + ".cellscribe.jsonl"))
+        several = len(modalities) > 1
+        summaries = []
+        for modality in modalities:
+            suffix = f".{modality}" if several else ""
+            spec = RunSpec.from_kwargs(
+                **{**per_run, "reference": reference}, modality=modality, model=model,
+                checkpoint=str(checkpoint / modality if several else checkpoint),
+                sidecar=str(sidecar.with_name(f"{sidecar.stem}{suffix}{sidecar.suffix}")),
+            )
+            summaries.append((modality, run(data, spec)))
+        with atomic_output(out) as tmp:
+            write_data(data, tmp, values["mod"])
+        if values["checkpoint"] is None:  # the output now holds everything; a user-named folder is left alone
+            shutil.rmtree(checkpoint, ignore_errors=True)
+        for modality, summary in summaries:
+            if several:
+                click.echo(f"{modality}:")
+            _echo_summary(summary, out)
+
+    return click.Command(
+        "annotate", params=params, callback=annotate,
+        help="""Annotate the cells of INPUT and write the result to OUTPUT.
+
+        INPUT is read, never written; OUTPUT is written atomically (temporary file, then rename). Every
+        keyword of cellscribe.tl.annotate is a flag here.""",
+    )
+
+
+def _echo_summary(summary: dict[str, Any], output: Path) -> None:
+    click.echo(
+        f"annotated {summary['n_cells']} cells: {summary['n_ok']} ok, {summary['n_unresolved']} unresolved"
+        f" ({summary['n_empty']} with no expressed gene)"
+    )
+    for label, count in sorted(summary["label_counts"].items(), key=lambda kv: -kv[1])[:20]:
+        click.echo(f"  {count:6d}  {label}")
+    click.echo(f"wrote {output}")
+    if summary.get("sidecar"):
+        click.echo(f"raw model outputs: {summary['sidecar']}")
+
+
+def sentences_command() -> click.Command:
+    """``cellscribe sentences``: the data and sentence flags of a run, and the file format."""
+    from ..core.plugins import get_host
+
+    plugin_params = plugin_options("sentences")
+    formats = sorted(get_host().registry.names("format"))
+    params: list[click.Parameter] = [
+        _input_argument(),
+        click.Option(["-o", "--output"], required=True, type=click.Path(dir_okay=False), help="Output file."),
+        click.Option(["--format", "format_"], type=click.Choice(formats), default="jsonl", show_default=True,
+                     help="cellreasoner: CellReasoner JSON; cellpuzzles: CellPuzzles JSONL; jsonl: plain."),
+        click.Option(["--label-key"], default=None, help="obs column with labels (written as the answer)."),
+        click.Option(["--reasoning"], is_flag=True, help="CellReasoner reasoning-mode instruction."),
+        click.Option(["--sentence"], default=None, help="Sentence strategy (default: the format's own)."),
+        click.Option(["--modality"], default="rna", show_default=True, help="Modality plugin (rna, atac, ...)."),
+        *run_options(("n_genes", "sentence_options", *DATA_FLAGS)),
+        click.Option(["--format-option"], multiple=True, metavar="KEY=VALUE", help="Format option (repeat)."),
+        _force_option(),
+        *plugin_params,
+    ]
+
+    @friendly_errors
+    def sentences(input_path: str, output: str, format_: str, force: bool, **kw: Any) -> None:
+        from ..core.run import read_input, write_sentences
+        from ..core.spec import DataSpec
+        from ._files import atomic_output, check_output
+
+        extra = split_plugin_values(kw, plugin_params)
+        label_key, reasoning, sentence = kw.pop("label_key"), kw.pop("reasoning"), kw.pop("sentence")
+        format_options = parse_pairs(kw.pop("format_option"), "--format-option")
+        values = run_values(kw, ("n_genes", "sentence_options", *DATA_FLAGS))
+        n_genes, sentence_options = values.pop("n_genes"), values.pop("sentence_options")
+        data_spec = DataSpec(modality=kw.pop("modality"), **{**values, "modality_options": {
+            **values["modality_options"], **extra}})
+        out = check_output(output, inputs=(input_path,), force=force)
+        data = read_input(input_path, backed="r", **data_spec.modality_options)
+        with atomic_output(out) as tmp:
+            n = write_sentences(
+                data, tmp, data_spec, sentence=sentence, n_genes=n_genes, sentence_options=sentence_options,
+                format=format_, label_key=label_key, reasoning=reasoning, format_options=format_options,
+            )
+        click.echo(f"wrote {n} records to {out}")
+
+    return click.Command(
+        "sentences", params=params, callback=sentences,
+        help="Write the cell sentences of INPUT to OUTPUT, streaming chunks of cells (bounded memory).",
+    )
+
+
+def activity_command() -> click.Command:
+    """``cellscribe activity``: the gene activity the sentences rank (``tl.gene_activity``)."""
+    plugin_params = plugin_options("activity")
+    params: list[click.Parameter] = [
+        _input_argument(),
+        click.Option(["-o", "--output"], required=True, type=click.Path(dir_okay=False),
+                     help="Output .h5ad (cells x genes; never INPUT)."),
+        click.Option(["--modality"], default="atac", show_default=True, help="Modality plugin that makes the genes."),
+        *run_options(DATA_FLAGS),
+        _force_option(),
+        *plugin_params,
+    ]
+
+    @friendly_errors
+    def activity(input_path: str, output: str, force: bool, **kw: Any) -> None:
+        from .. import tl
+        from ..core.run import read_input
+        from ._files import atomic_output, check_output
+
+        if not output.lower().endswith(".h5ad"):
+            raise click.UsageError("the gene activity is one AnnData: write it to a .h5ad file")
+        extra = split_plugin_values(kw, plugin_params)
+        values = run_values(kw, DATA_FLAGS)
+        options = {**values.pop("modality_options"), **extra}
+        out = check_output(output, inputs=(input_path,), force=force)
+        data = read_input(input_path, **options)
+        result = tl.gene_activity(data, modality=kw.pop("modality"), **values, **options)
+        with atomic_output(out) as tmp:
+            result.write_h5ad(tmp)
+        click.echo(f"wrote the gene activity of {result.n_obs} cells x {result.n_vars} genes to {out}")
+        click.echo(f"  X: what the cell sentences rank, from {result.uns['gene_activity']['source']}")
+        click.echo("  layers['counts']: the same genes before smoothing and normalisation; var['n_peaks']: "
+                   "input features per gene")
+
+    return click.Command(
+        "activity", params=params, callback=activity,
+        help="""Write the gene activity cellscribe ranks for the cells of INPUT (peaks, fragments or a MuData)
+        to OUTPUT, to inspect in scanpy or muon.
+
+        X holds the smoothed, normalised activity the sentences are made of, layers['counts'] the
+        aggregated counts, var['n_peaks'] the peaks per gene (cellscribe.tl.gene_activity). OUTPUT is
+        written atomically (temporary file, then rename).""",
+    )

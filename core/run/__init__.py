@@ -1,0 +1,128 @@
+"""The run: data -> modality -> sentences -> prompts -> model -> decoder -> results, in five steps.
+
+=============  ==================  =================================================================
+step           module              what it does
+=============  ==================  =================================================================
+1. data        :mod:`.data`,       the modality prepares the cells x genes matrix (of the query, of
+               :mod:`.sentences`   each modality, of a reference); the sentence strategy ranks it
+2. plan        :mod:`.plan`        the spec completed by the model (manifest, preferences), units,
+                                   prompt arguments: everything before a model is loaded
+3. execute     :mod:`.execute`     the model loads (or is reused), the prompts run in checkpointed
+                                   batches (:mod:`.checkpoint`), the decoders read the answers
+4. results     :mod:`.results`     per-cell columns, group votes (:mod:`.units`), ontology terms
+5. record      :mod:`.record`      ``obs``/``uns`` of the data, the sidecar, the parameters
+=============  ==================  =================================================================
+
+A run is defined by one :class:`~cellscribe.core.spec.RunSpec`; :func:`annotate` is what
+``cellscribe.tl.annotate`` and ``cellscribe annotate`` call. Every step looks its components up in the
+plugin registry by name; nothing here is specific to a modality, strategy or model. Stored CellPuzzles
+files are solved by :mod:`.puzzles`, labels transferred without a model by :mod:`.transfer`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from ..plugins import Host, get_host
+from ..spec import DataSpec, RunSpec, SentenceSpec
+from .data import is_mudata, label_column, measured_mask, prepare_data, read_input, select_modality_data
+from .execute import decode_all, execute, model_for
+from .plan import RunPlan, plan_run
+from .record import h5_safe, new_run_id, run_params, sidecar_path, write_results, write_sidecar
+from .results import EMPTY_NOTE, results_frame
+from .sentences import prepare_sentences, sentence_chunks, sentences_frame
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "annotate",
+    "plan_run",
+    "RunPlan",
+    "prepare_sentences",
+    "write_sentences",
+    "read_input",
+    "select_modality_data",
+    "is_mudata",
+    "measured_mask",
+    "sentences_frame",
+    "EMPTY_NOTE",
+]
+
+
+def annotate(data: Any, spec: RunSpec | None = None, *, host: Host | None = None, **params: Any) -> dict[str, Any]:
+    """Annotate ``data`` in place as ``spec`` (or the run parameters as keywords) says, and return the
+    run's summary. See :func:`cellscribe.tl.annotate` for the parameters and what is written."""
+    host = host or get_host()
+    spec = spec if spec is not None else RunSpec.from_kwargs(**params)
+    run_id = new_run_id()
+    plan = plan_run(data, spec, host=host, build_prompts=False)             # 1-2: data, sentences, plan
+    execution = execute(plan, model_for(plan, host))                         # 3: the model answers
+    by_unit = decode_all(plan.prompts, execution.generations, host)
+    frame, summary = results_frame(plan, by_unit, plan.spec.output.key_added)  # 4: results
+
+    out = plan.spec.output                                                   # 5: record
+    sidecar = sidecar_path(out.sidecar, out.key_added, run_id)
+    if sidecar is not None:
+        write_sidecar(sidecar, plan.prompts, execution.generations, by_unit)
+    summary.update({"seconds_generation": round(execution.seconds, 3), "n_prompts": len(plan.prompts),
+                    "sidecar": str(sidecar) if sidecar else None})
+    entry = {
+        "params": h5_safe(run_params(plan, execution, run_id)),
+        "summary": h5_safe({k: v for k, v in summary.items() if k != "clusters"}),
+        "sidecar": str(sidecar) if sidecar else "",
+    }
+    if "clusters" in summary:
+        entry["clusters"] = h5_safe(summary["clusters"])
+    if execution.observability:
+        entry["observability"] = h5_safe(dict(execution.observability))
+    write_results(data, plan, frame, entry)
+    log.info(
+        "annotated %d cells: %d ok, %d unresolved (%d prompts, %.1f s generation)",
+        summary["n_cells"], summary["n_ok"], summary["n_unresolved"], len(plan.prompts), execution.seconds,
+    )
+    return summary
+
+
+def write_sentences(
+    data: Any,
+    output: str | Path,
+    data_spec: DataSpec,
+    *,
+    sentence: str | None = None,
+    n_genes: int | None = None,
+    sentence_options: dict[str, Any] | None = None,
+    format: str = "jsonl",
+    label_key: str | None = None,
+    reasoning: bool = False,
+    format_options: dict[str, Any] | None = None,
+    host: Host | None = None,
+) -> int:
+    """Stream cell sentences of ``data`` to ``output`` in the file format ``format``.
+
+    Chunks of cells go from the modality through the sentence strategy into the format writer one at a
+    time, so memory stays bounded on backed files. ``sentence=None`` uses the format's own strategy
+    (``ranked-hvg`` for ``cellreasoner``, ``top-expressed`` for ``cellpuzzles``) or ``auto``. Writes
+    only ``output`` (the caller makes it atomic). Returns the number of records written.
+    """
+    host = host or get_host()
+    fmt = host.registry.get("format", format)
+    component = host.registry.get("modality", data_spec.modality)
+    adata, _ = select_modality_data(data, component, data_spec.mod)
+    labels = None
+    if label_key is not None:
+        labels = label_column(adata.obs, label_key, "the data")
+        labels.index = labels.index.astype(str)
+    elif fmt.needs_labels:
+        raise ValueError(f"format {format!r} needs labels: pass --label-key COLUMN (an obs column)")
+    sentence_spec = SentenceSpec(sentence=sentence or fmt.sentence or "auto", n_genes=n_genes,
+                                 sentence_options=sentence_options)
+    prepared = prepare_data(adata, attrs.evolve(data_spec, mod=None), host=host)
+    chunks = sentence_chunks(prepared.features, sentence_spec, state={}, host=host, chunk_size=data_spec.chunk_size)
+    with open(output, "wb") as fh:
+        n = fmt.write(fh, chunks, labels=labels, obs=adata.obs, reasoning=reasoning, **dict(format_options or {}))
+    log.info("wrote %d %s records to %s", n, format, output)
+    return n

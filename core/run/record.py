@@ -1,0 +1,140 @@
+"""Step 5, record: write the results where the user finds them, and what re-creates the run.
+
+Into the annotated AnnData: the per-cell columns in ``obs``, and ``uns[key_added]`` with ``"params"``
+(the run's resolved :class:`~cellscribe.core.spec.RunSpec`, serialised, plus what the run found: matrix,
+strategies, model info, versions; :meth:`RunSpec.from_params` reads the spec back), ``"summary"``,
+``"sidecar"`` (every prompt and raw output, JSONL) and, when present, ``"clusters"`` and
+``"observability"``. For a MuData the columns are mirrored to ``mdata.obs`` as ``"{mod}:{column}"``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import numpy as np
+import pandas as pd
+
+from ..types import Annotation, Generation, Prompt
+
+
+def new_run_id() -> str:
+    """``YYYYmmdd-HHMMSS-xxxxxx``: when the run started, and a random suffix."""
+    return _dt.datetime.now().strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+
+
+def versions() -> dict[str, str]:
+    """Python's and the main libraries' versions (those installed)."""
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("cellscribe", "anndata", "numpy", "scanpy", "mudata", "torch", "transformers", "peft"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            continue
+    return out
+
+
+def h5_safe(value: Any) -> Any:
+    """Make a parameter tree writable to h5ad/h5mu ``uns``: no None, no empty dict, no mixed lists."""
+    if isinstance(value, Mapping):
+        out = {str(k): h5_safe(v) for k, v in value.items() if v is not None}
+        return {k: v for k, v in out.items() if not (isinstance(v, dict) and not v)}
+    if isinstance(value, (list, tuple)):
+        items = [h5_safe(v) for v in value if v is not None]
+        if all(isinstance(v, str) for v in items):
+            return np.array(items, dtype=object) if items else np.array([], dtype=object)
+        if all(isinstance(v, (int, float, bool, np.number)) for v in items):
+            return np.asarray(items)
+        return json.dumps(value, default=str)
+    if isinstance(value, (np.generic,)):
+        return value.item()
+    if isinstance(value, (str, int, float, bool, np.ndarray)):
+        return value
+    return str(value)
+
+
+def sidecar_path(sidecar: str | bool | None, key_added: str, run_id: str) -> Path | None:
+    """Where the raw outputs go: the given path, none (``False``), or a new file in ``./cellscribe_runs``."""
+    if sidecar is False:
+        return None
+    if sidecar not in (None, True):
+        return Path(sidecar)
+    folder = Path("cellscribe_runs")
+    folder.mkdir(exist_ok=True)
+    return folder / f"{key_added}-{run_id}.jsonl"
+
+
+def write_sidecar(path: Path, prompts: Sequence[Prompt], generations: Sequence[Generation],
+                  by_unit: Mapping[str, Annotation]) -> None:
+    """One JSON record per prompt: its units, messages, raw output, token counts and decoded answers."""
+    with path.open("w", encoding="utf-8") as fh:
+        for i, (p, g) in enumerate(zip(prompts, generations)):
+            record = {
+                "prompt_index": i,
+                "unit_ids": list(p.unit_ids),
+                "strategy": p.strategy,
+                "messages": [dict(m) for m in p.messages],
+                "response_prefix": p.response_prefix,
+                "output": g.text,
+                "error": g.error,
+                "n_prompt_tokens": g.n_prompt_tokens,
+                "n_output_tokens": g.n_output_tokens,
+                "answers": [attrs.asdict(by_unit[u]) for u in p.unit_ids if u in by_unit],
+            }
+            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def run_params(plan: Any, execution: Any, run_id: str) -> dict[str, Any]:
+    """``uns[key_added]["params"]``: the resolved spec, what the plan found, and what the model was
+    (its load options as used: those of a model loaded beforehand, too)."""
+    loaded = execution.model.loaded
+    options = execution.model.options
+    modality = plan.spec.data.modality
+    return {
+        **plan.params,
+        "resumed_batches": execution.resumed,
+        "generation_defaults": dict(plan.prompts[0].generation) if plan.prompts else {},
+        "model_info": dict(loaded.info()),
+        "adapter": options["adapters"].get(modality),
+        "adapters": dict(options["adapters"]),
+        "batch_size": options["batch_size"],
+        "device": options["device"],
+        "dtype": options["dtype"],
+        "trust_remote_code": options["trust_remote_code"],
+        "tissue": options["tissue"],
+        "model_options": dict(options["model_options"]),
+        "versions": versions(),
+        "run_id": run_id,
+        "started": run_id[:15],
+    }
+
+
+def write_results(data: Any, plan: Any, frame: pd.DataFrame, entry: Mapping[str, Any]) -> None:
+    """The per-cell columns into the annotated AnnData's ``obs`` (cells the run did not cover, in a
+    several-modality run, get missing values) and ``entry`` into its ``uns``; mirrored into a MuData."""
+    key_added = plan.spec.output.key_added
+    adata = plan.adata
+    target = pd.Index(adata.obs_names.astype(str))
+    if not frame.index.equals(target):  # several modalities: only the cells present in all were run
+        frame = frame.reindex(target)
+    for column in frame.columns:
+        values = frame[column]
+        adata.obs[column] = values.values if isinstance(values.dtype, pd.CategoricalDtype) else values.to_numpy()
+    adata.uns[key_added] = dict(entry)
+    if plan.mod is not None:
+        mirror_to_mudata(data, plan.mod, list(frame.columns), key_added, dict(entry))
+
+
+def mirror_to_mudata(mdata: Any, mod: str, columns: list[str], key_added: str, entry: dict) -> None:
+    """Pull a modality's new obs columns into ``mdata.obs`` as ``"{mod}:{column}"`` (mudata's own
+    ``pull_obs``, so the MuData stays consistent) and record the entry in ``mdata.uns``."""
+    mdata.pull_obs(columns=columns, mods=[mod])
+    mdata.uns[f"{mod}:{key_added}"] = entry
