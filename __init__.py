@@ -1,7 +1,8 @@
 """cellscribe: annotate single cells with reasoning language models, across modalities.
 
 Plugin authors need only ``from cellscribe import hookimpl``; analysts use ``cellscribe.tl`` (and
-``cellscribe.load_model`` to load a model once for several runs).
+``cellscribe.load_model`` to load a model once for several runs; ``cellscribe.finetune`` to train a
+LoRA adapter from labelled cells, ``cellscribe.export_training_set`` to write the training records).
 Heavy libraries (torch, transformers, scanpy) are imported only when a run needs them.
 """
 
@@ -19,6 +20,8 @@ __all__ = [
     "pl",
     "load_model",
     "Model",
+    "finetune",
+    "export_training_set",
     "Annotation",
     "CellSentences",
     "Example",
@@ -37,4 +40,7 @@ def __getattr__(name: str):
         return importlib.import_module(f"{__name__}.{name}")
     if name in ("load_model", "Model"):
         return getattr(importlib.import_module(f"{__name__}.core.models"), name)
+    if name in ("finetune", "export_training_set"):
+        module = importlib.import_module(f"{__name__}.core.run.finetune")
+        return module.train_adapter if name == "finetune" else module.export
     raise AttributeError(f"module 'cellscribe' has no attribute {name!r}")

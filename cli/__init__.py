@@ -67,6 +67,8 @@ _LAZY_COMMANDS: dict[str, tuple[Any, str]] = {
     "annotate": (_lazy("_run", "annotate_command"), "Annotate the cells of INPUT and write the result to OUTPUT."),
     "sentences": (_lazy("_run", "sentences_command"), "Write the cell sentences of INPUT to OUTPUT, streaming..."),
     "activity": (_lazy("_run", "activity_command"), "Write the gene activity cellscribe ranks for the cells of..."),
+    "finetune": (_lazy("_finetune", "finetune_command"), "Train a LoRA adapter on the labelled cells of INPUT..."),
+    "export": (_lazy("_finetune", "export_command"), "Write the labelled cells of INPUT as a training set..."),
     "grade": (_lazy("_eval", "grade_command"), "Grade (truth, prediction) pairs on CellReasoner's scale."),
     "evaluate": (_lazy("_eval", "evaluate_command"), "Measure annotated files against the true labels in obs[TRUTH]."),
 }
@@ -158,10 +160,15 @@ puzzles_solve.params[1:1] = run_options(SOLVE_FLAGS)
 
 
 @main.command(name="adapters")
+@click.argument("folders", nargs=-1, type=click.Path(exists=True, file_okay=False), metavar="[ADAPTER_DIR]...")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def adapters_command(as_json: bool) -> None:
+def adapters_command(folders: tuple[str, ...], as_json: bool) -> None:
     """List the model manifests (shipped in adapters/manifests and in $CELLSCRIBE_MANIFESTS folders):
-    the names usable as --model, with their base model, formats and LoRA adapter."""
+    the names usable as --model, with their base model, formats and LoRA adapter. With ADAPTER_DIR
+    folders (made by cellscribe finetune), show what each adapter was trained on and how it validated."""
+    if folders:
+        _show_adapters(folders, as_json)
+        return
     from ..core.domain.manifests import list_manifests
 
     manifests = list_manifests(errors="warn")
@@ -173,6 +180,32 @@ def adapters_command(as_json: bool) -> None:
         click.echo(f"{m.name}: {m.description}")
         click.echo(f"    base {m.base_model}; modality {m.modality}; prompt {m.prompt}; sentence {m.sentence}{genes}; "
                    f"decoder {m.decoder}; adapter {m.adapter or 'none'}")
+
+
+def _show_adapters(folders: tuple[str, ...], as_json: bool) -> None:
+    from ..core.domain.adapters import ADAPTER_MANIFEST, read_adapter_manifest
+
+    found = []
+    for folder in folders:
+        manifest = read_adapter_manifest(folder)
+        if manifest is None:
+            raise click.ClickException(f"{folder} has no {ADAPTER_MANIFEST}: not an adapter made by cellscribe finetune")
+        found.append(manifest)
+    if as_json:
+        click.echo(json.dumps([m.to_dict() for m in found], indent=2))
+        return
+    for m in found:
+        t, v = m.training, m.validation
+        click.echo(f"{m.path}: {m.modality} adapter on {m.base_model} ({m.base_fingerprint or 'no fingerprint'})")
+        click.echo(f"    sentence {m.sentence} ({m.n_genes} genes); prompt {m.prompt}, mode {m.mode}; "
+                   f"{len(m.labels)} labels from obs[{m.label_key!r}]")
+        click.echo(f"    trained on {t.get('n_train')} cells ({t.get('method')}), data {t.get('fingerprint')}; "
+                   f"{m.trainer.get('name')}: {m.trainer.get('steps')} steps, {m.trainer.get('epochs')} epochs, "
+                   f"lr {m.trainer.get('learning_rate')}, r {m.trainer.get('lora_rank')}")
+        if v:
+            click.echo(f"    validation ({v.get('n_cells')} cells, decode={v.get('decode')}): accuracy "
+                       f"{v.get('accuracy'):.3f}, lineage {v.get('lineage_accuracy'):.3f}, macro F1 {v.get('macro_f1'):.3f}")
+        click.echo(f"    cellscribe {m.cellscribe_version}, {m.created}")
 
 
 @main.command(name="plugins")

@@ -62,6 +62,7 @@ def split_plugin_values(kwargs: dict[str, Any], plugin_params: list[click.Option
 _TYPES = {
     "str": None,
     "int": int,
+    "float": float,
     "file": click.Path(exists=True, dir_okay=False),
     "path": click.Path(dir_okay=False),
     "dir": click.Path(file_okay=False),

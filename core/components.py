@@ -162,6 +162,18 @@ class LoadedModel(Protocol):
         return a report of what of the model's knowledge they show (``uns[key]["observability"]``)."""
         return None
 
+    def trainable(self) -> Mapping[str, Any] | None:
+        """What a trainer needs to fine-tune this model: ``{"model": the framework's model (a torch
+        module), "tokenizer": its tokenizer, "device": where it runs, "base": what was loaded}``.
+        ``None``: this model cannot be fine-tuned here (a server, a knowledge-based model)."""
+        return None
+
+    def encode_example(self, prompt: Prompt, answer: str) -> tuple[list[int], list[int]] | None:
+        """One training example: the token ids of ``prompt`` exactly as :meth:`generate` feeds it (the
+        same rendering and tokenisation), and those of ``answer`` followed by the end-of-sequence token
+        that stops generation. ``None``: the model has no tokenizer."""
+        return None
+
     def survey(self, prompts: Sequence[Prompt]) -> Mapping[str, Any] | None:
         """Look at the whole run before answering (a tissue context); return what was found."""
         return None
@@ -231,6 +243,27 @@ class SentenceFormat(Protocol):
     needs_labels: bool = False
 
 
+@runtime_checkable
+class Trainer(Protocol):
+    """Fine-tunes a loaded model on training examples and writes an adapter (``cellscribe finetune``).
+
+    ``train(examples, *, model, output, spec, seed, resume, progress, **options)``: ``examples`` are
+    ``{"prompt_ids", "answer_ids"}`` token-id lists (the model's own
+    :meth:`LoadedModel.encode_example`; the loss belongs on the answer ids only); ``model`` the
+    :class:`LoadedModel` (its ``trainable()`` gives the framework model); ``output`` the adapter folder
+    to write (PEFT's ``adapter_config.json`` and ``adapter_model.safetensors``; checkpoints in
+    ``output / "checkpoints"``); ``spec`` the :class:`~cellscribe.core.spec.FinetuneSpec`;
+    ``resume`` continue from the last checkpoint there; ``progress`` show a bar. Returns the settings
+    it used and what happened (steps, final loss, seconds), recorded in the adapter's manifest. Input
+    it cannot train on raises ``ValueError`` before any step.
+    """
+
+    name: str
+    description: str
+
+    def train(self, examples: Sequence[Mapping[str, Any]], **options: Any) -> Mapping[str, Any]: ...
+
+
 def optional_members(protocol: type) -> dict[str, Any]:
     """The optional members a protocol declares, with their defaults (plain functions for methods)."""
     return {
@@ -249,6 +282,7 @@ _REQUIRED: dict[type, tuple[str, ...]] = {
     Backend: ("handles", "load"),
     Decoder: ("decode",),
     SentenceFormat: ("write",),
+    Trainer: ("train",),
 }
 
 
@@ -299,6 +333,7 @@ KINDS: Mapping[str, tuple[str, type, tuple[str, ...]]] = {
     "cellscribe_register_backends": ("backend", Backend, _REQUIRED[Backend]),
     "cellscribe_register_decoders": ("decoder", Decoder, _REQUIRED[Decoder]),
     "cellscribe_register_formats": ("format", SentenceFormat, _REQUIRED[SentenceFormat]),
+    "cellscribe_register_trainers": ("trainer", Trainer, _REQUIRED[Trainer]),
 }
 
 __all__ = [
@@ -310,6 +345,7 @@ __all__ = [
     "Backend",
     "Decoder",
     "SentenceFormat",
+    "Trainer",
     "KINDS",
     "optional_members",
     "with_defaults",

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
         Reader,
         SentenceFormat,
         SentenceStrategy,
+        Trainer,
     )
 
 hookspec = pluggy.HookspecMarker("cellscribe")
@@ -143,6 +144,17 @@ def cellscribe_register_formats(register: Callable[[SentenceFormat], None]) -> N
         ``"jsonl"``). A format writes cell sentences (streamed chunk by chunk) with their labels as the
         training/inference records of some model. See
         :class:`cellscribe.core.components.SentenceFormat`.
+    """
+
+
+@hookspec
+def cellscribe_register_trainers(register: Callable[[Trainer], None]) -> None:
+    """Register trainers: objects that fine-tune a loaded model on training examples and write an
+    adapter (``cellscribe finetune --trainer NAME``).
+
+    :param register: call ``register(trainer)`` once per trainer (``"lora"``: peft LoRA with
+        transformers' Trainer). Heavy imports belong in ``train``. See
+        :class:`cellscribe.core.components.Trainer`.
     """
 
 

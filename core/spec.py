@@ -661,3 +661,156 @@ def split(params: Mapping[str, Any], parts: Sequence[str]) -> dict[str, Any]:
         raise TypeError(f"unexpected keyword argument(s) {', '.join(map(repr, unknown))}; "
                         f"accepted: {', '.join(known)}")
     return {part: PARTS[part](**{k: v for k, v in params.items() if known[k] == part}) for part in parts}
+
+# -------------------------------------------------------------------------------------------------
+# Fine-tuning (``cellscribe finetune``, ``cellscribe export``): the training parameters, declared as the
+# run parameters are. Not a part of RunSpec: a training run also takes the data, sentence and prompt
+# parts of a RunSpec (the records are rendered exactly as a run renders its prompts); these say what
+# the answers are, how cells are split and how the adapter is trained.
+# -------------------------------------------------------------------------------------------------
+
+#: The ``obs`` columns tried, in order, to hold out whole donors or batches for validation.
+SPLIT_COLUMNS = ("donor_id", "donor", "individual", "patient", "subject", "sample_id", "sample", "batch")
+
+
+def _fraction(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f"{attribute.name} must be a number in [0, 1), got {value!r}")
+
+
+def _positive_number(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{attribute.name} must be a positive number, got {value!r}")
+
+
+def _float(value: Any) -> Any:
+    value = _plain(value)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
+@attrs.frozen(kw_only=True)
+class FinetuneSpec:
+    """What a fine-tuning run learns and how (``cellscribe.finetune``; see :mod:`cellscribe.core.run.finetune`)."""
+
+    label_key: str = param(
+        validator=_text,
+        doc="The ``obs`` column of true labels: the answers the adapter learns, and its label vocabulary.",
+        flag=Flag(("--label-key",), "obs column of true labels (the answers learned)."),
+    )
+    base: str | None = param(
+        validator=_optional_text,
+        doc="The base model the adapter is trained on: a local model folder or a hub id (transformers). "
+            "``cellscribe export`` uses it, when given, to count prompt tokens and to add the rendered "
+            "prompt text to each record.",
+        flag=Flag(("--base",), "Base model (local folder or hub id) the adapter is trained on."),
+    )
+    split_key: str | None = param(
+        validator=_optional_text,
+        doc="An ``obs`` column of donors or batches: whole groups are held out for validation. Default: "
+            "the first of " + ", ".join(SPLIT_COLUMNS) + " that the data has, else a random split "
+            "stratified by label.",
+        flag=Flag(("--split-key",), "obs column of donors/batches held out whole (default: donor_id, "
+                  "donor, ... when present, else a stratified random split)."),
+    )
+    validation_fraction: float = param(
+        0.3, converter=_float, validator=_fraction,
+        doc="Share of the labelled cells held out for validation (0: train on every cell, no validation).",
+        flag=Flag(("--validation-fraction",), "Share of labelled cells held out for validation.", type="float",
+                  show_default=True),
+    )
+    epochs: float = param(
+        1.0, converter=_float, validator=_positive_number,
+        doc="Passes over the training records.",
+        flag=Flag(("--epochs",), "Passes over the training records.", type="float", show_default=True),
+    )
+    learning_rate: float = param(
+        1e-3, converter=_float, validator=_positive_number,
+        doc="Peak learning rate (linear decay after a short warm-up).",
+        flag=Flag(("--learning-rate",), "Peak learning rate.", type="float", show_default=True),
+    )
+    lora_rank: int = param(
+        8, converter=_integer, validator=_positive,
+        doc="LoRA rank ``r``.",
+        flag=Flag(("--lora-rank",), "LoRA rank r.", type="int", show_default=True),
+    )
+    lora_alpha: int = param(
+        16, converter=_integer, validator=_positive,
+        doc="LoRA scaling ``alpha``.",
+        flag=Flag(("--lora-alpha",), "LoRA alpha.", type="int", show_default=True),
+    )
+    lora_dropout: float = param(
+        0.05, converter=_float, validator=_fraction,
+        doc="Dropout on the LoRA inputs while training.",
+        flag=Flag(("--lora-dropout",), "LoRA dropout.", type="float", show_default=True),
+    )
+    lora_layers: int | None = param(
+        converter=_optional_int, validator=_positive,
+        doc="Put LoRA weights only on the last N transformer layers (default: every layer). Fewer layers "
+            "train faster: the backward pass stops at the lowest adapted layer.",
+        flag=Flag(("--lora-layers",), "Adapt only the last N layers (default: all).", type="int"),
+    )
+    train_batch_size: int | None = param(
+        converter=_optional_int, validator=_positive,
+        doc="Training records per optimiser step (default: 8 on CPU; on GPU as many as fit the token "
+            "budget ``trainer_options={\"max_batch_tokens\": N}``, default 16,384).",
+        flag=Flag(("--train-batch-size",), "Records per optimiser step (default: 8 on CPU, by tokens on GPU).",
+                  type="int"),
+    )
+    save_steps: int = param(
+        50, converter=_integer, validator=_positive,
+        doc="Write a checkpoint every N optimiser steps (``resume=True`` continues from the last one).",
+        flag=Flag(("--save-steps",), "Checkpoint every N optimiser steps.", type="int", show_default=True),
+    )
+    resume: bool = param(
+        False, converter=_bool, validator=_is_bool,
+        doc="Continue an interrupted run in the same output folder from its last checkpoint (its data, "
+            "base and settings must be the same).",
+        flag=Flag(("--resume",), "Continue an interrupted run in OUTPUT from its last checkpoint.", kind="flag"),
+    )
+    reasoning_from: str | None = param(
+        validator=_optional_text,
+        doc="A teacher model (any ``model=``: ``\"markers\"``, ``\"openai:NAME\"``, a folder) that writes "
+            "the reasoning of each training answer; needs ``mode=\"reasoning\"`` (or puzzles). Its "
+            "reasoning is kept where its answer agrees with the true label; the other records get the "
+            "answer alone. Stored with the dataset (``reasoning.jsonl``).",
+        flag=Flag(("--reasoning-from",), "Teacher model writing the reasoning of the answers (markers, "
+                  "openai:NAME, a model folder)."),
+    )
+    eval_decode: str = param(
+        "score", validator=_one_of(DECODE_MODES),
+        doc="How the final validation annotates the held-out cells with the new adapter.",
+        flag=Flag(("--eval-decode",), "Decode mode of the final validation.", type="choice",
+                  choices=DECODE_MODES, show_default=True),
+    )
+    max_eval_cells: int | None = param(
+        converter=_optional_int, validator=_positive,
+        doc="Validate on at most N held-out cells (a seeded sample; default: all).",
+        flag=Flag(("--max-eval-cells",), "Validate on at most N held-out cells.", type="int"),
+    )
+    trainer: str = param(
+        "lora", validator=_text,
+        doc="The registered trainer (``cellscribe plugins`` lists them; ``lora``: peft LoRA with "
+            "transformers' Trainer).",
+        flag=Flag(("--trainer",), "Registered trainer.", show_default=True),
+    )
+    trainer_options: Mapping[str, Any] = param(
+        converter=_options,
+        doc="Trainer-specific settings (``target_modules``, ``warmup_ratio``, ``weight_decay``, "
+            "``max_batch_tokens``, ``keep_checkpoints`` ...).",
+        flag=Flag(("--trainer-option",), "Trainer option (repeat).", kind="pairs", metavar="KEY=VALUE"),
+    )
+
+    def to_params(self) -> dict[str, Any]:
+        """The settings as plain, JSON-able values (objects in ``trainer_options`` as their text)."""
+        out = {a.name: getattr(self, a.name) for a in attrs.fields(FinetuneSpec)}
+        # Objects (callbacks) are not settings: left out, so two runs with the same settings compare equal.
+        out["trainer_options"] = {str(k): _jsonable(v) for k, v in self.trainer_options.items()
+                                  if _plain_tree(v) == _jsonable(v)}
+        return out
+
+
+def finetune_parameters() -> Iterator[attrs.Attribute]:
+    """The fine-tuning parameters in declaration order."""
+    return iter(attrs.fields(FinetuneSpec))

@@ -8,8 +8,10 @@ arguments. Every input check happens here or in the spec, before any model work.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -105,6 +107,17 @@ def resolve(spec: RunSpec, host: Host) -> tuple[RunSpec, Any, dict[str, Any]]:
         for key, value in chosen.items():
             log.info("model manifest %s sets %s=%r", manifest.name, key, value)
         spec = spec.replace(**chosen) if chosen else spec
+    adapter = adapter_manifest_for(spec)
+    if adapter is not None:  # a cellscribe-trained adapter: its records' settings, checked and applied
+        adapter.check(spec.kwargs(), defaults, modality=spec.data.modality, model=name)
+        chosen = {key: value for key, value in adapter.run_defaults().items()
+                  if spec[key] == defaults[key] or (key == "sentence" and spec[key] == "auto")}
+        for key, value in chosen.items():
+            log.info("adapter %s sets %s=%r", adapter.path, key, value if key != "candidates" else f"{len(value)} labels")
+        spec = spec.replace(**chosen) if chosen else spec
+        if spec.sentences.n_genes != adapter.n_genes:
+            warnings.warn(f"adapter {adapter.path} was trained on {adapter.n_genes}-gene sentences; this run "
+                          f"makes {spec.sentences.n_genes}-gene ones", UserWarning, stacklevel=3)
     backend = host.registry.backend_for(name)
     prefs = dict(backend.sentence_preferences or {})
     prefs.update(prefs.pop("modalities", {}).get(spec.data.modality, {}))  # a modality's own preferences win
@@ -117,6 +130,16 @@ def resolve(spec: RunSpec, host: Host) -> tuple[RunSpec, Any, dict[str, Any]]:
     set_by_model = {k: given.to_params()[k] for k, v in spec.kwargs().items()
                     if k != "reference" and given[k] is not v and given[k] != v}
     return spec, backend, set_by_model
+
+
+def adapter_manifest_for(spec: RunSpec) -> Any:
+    """The :class:`~cellscribe.core.domain.adapters.AdapterManifest` of the adapter a run of ``spec``
+    answers with (its ``adapter=``, or the loaded model's adapter for the run's modality), or ``None``."""
+    from ..domain.adapters import read_adapter_manifest
+
+    m = spec.model
+    path = m.adapter if m.handle is None else m.handle.options.get("adapters", {}).get(spec.data.modality)
+    return read_adapter_manifest(path) if path else None
 
 
 def plan_run(data: Any, spec: RunSpec | None = None, *, host: Host | None = None,
@@ -140,7 +163,9 @@ def plan_run(data: Any, spec: RunSpec | None = None, *, host: Host | None = None
     t0 = time.perf_counter()
     prepared = prepare_data(data, d, host=host, groupby=p.groupby)
     adata, features = prepared.adata, prepared.features
-    state: dict = {}
+    adapter = adapter_manifest_for(spec)
+    # A trained adapter's sentences reuse what its strategy learned on the training cells (a gene list).
+    state: dict = copy.deepcopy(dict(adapter.sentence_state)) if adapter is not None else {}
     ref_sentences = ref_labels = ref_source = ref_genes = None
     reference_modality = p.reference_modality
     if p.reference_key is not None:
@@ -202,6 +227,7 @@ def plan_run(data: Any, spec: RunSpec | None = None, *, host: Host | None = None
         "n_reference_cells": len(ref_labels) if ref_labels else None,
         "k": p.k if ref_labels else None,
         "assay": prepared.assay.summary(),
+        "adapter_manifests": {d.modality: adapter.summary()} if adapter is not None else None,
         "set_by_model": sorted(set_by_model),
         "as_given": set_by_model,
         "plugins": {
@@ -221,4 +247,4 @@ def plan_run(data: Any, spec: RunSpec | None = None, *, host: Host | None = None
     return plan
 
 
-__all__ = ["RunPlan", "plan_run", "resolve", "MANIFEST_OVERRIDABLE", "is_mudata"]
+__all__ = ["RunPlan", "plan_run", "resolve", "adapter_manifest_for", "MANIFEST_OVERRIDABLE", "is_mudata"]

@@ -16,6 +16,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from cellscribe.core.domain.adapters import ADAPTER_MANIFEST, read_adapter_manifest, same_base
+
 from ._backend import looks_like_hub_id
 
 log = logging.getLogger(__name__)
@@ -97,6 +99,16 @@ def check_adapter_base(model: Any, adapter_dir: Path, adapter: str) -> None:
     )
     config = _base_config(model)
     actual = getattr(config, "_name_or_path", None) or ""
+    manifest = read_adapter_manifest(adapter_dir)
+    if manifest is not None and actual:
+        # A cellscribe-trained adapter records its base's weights fingerprint: compare the weights.
+        if not same_base(manifest.base_model, manifest.base_fingerprint, str(actual)):
+            raise ValueError(
+                f"adapter {adapter!r} was trained on base model {manifest.base_model!r}, but the loaded model "
+                f"{actual!r} has other weights (its {ADAPTER_MANIFEST} records the base's fingerprint). Load "
+                f"it onto its own base: model={manifest.base_model!r}"
+            )
+        return
     if not recorded or not actual:
         log.info("adapter %s: base model not recorded, not checked", adapter)
         return

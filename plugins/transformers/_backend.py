@@ -429,6 +429,34 @@ class TransformersModel:
             "decode": list(self._last_decode),
         }
 
+    def trainable(self) -> dict[str, Any] | None:
+        """The torch model, tokenizer and device a trainer fine-tunes (``None`` once an adapter was
+        merged into the weights: the base model is gone)."""
+        if self.merged_adapter is not None:
+            return None
+        return {"model": self.model, "tokenizer": self.tokenizer, "device": self.device, "base": self.spec,
+                "eos_id": self._answer_end_id()}
+
+    def encode_example(self, prompt: Prompt, answer: str) -> tuple[list[int], list[int]]:
+        """``prompt`` rendered and tokenised exactly as :meth:`generate` does (chat template, removals,
+        response prefix, no added special tokens), and ``answer`` tokenised on its own (as constrained
+        decoding and scoring tokenise answers) followed by the end-of-sequence token generation stops at."""
+        prompt_ids = self.tokenizer(self.render(prompt), add_special_tokens=False)["input_ids"]
+        answer_ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"] if answer else []
+        return list(prompt_ids), [*answer_ids, self._answer_end_id()]
+
+    def _answer_end_id(self) -> int:
+        """The end-of-sequence id an answer ends with: the tokenizer's eos when generation stops at it,
+        else the first of the generation config's eos ids."""
+        eos = self._eos_ids()
+        if not eos:
+            raise ValueError("this model has no end-of-sequence token; set eos_token_id in its generation_config.json")
+        own = self.tokenizer.eos_token_id
+        if own in eos:
+            return int(own)
+        first = self.model.generation_config.eos_token_id
+        return int(first[0] if isinstance(first, (list, tuple)) else first)
+
     def use_modality(self, modality: str) -> None:
         """Answer with ``modality``'s adapter from now on.
 
