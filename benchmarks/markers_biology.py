@@ -24,10 +24,11 @@ cell, CL:0000988) on PBMC data, and for pbmc68k the calls per ``bulk_labels`` po
 of its "CD14+ Monocyte" cells called a monocyte (the term or a subtype). Accuracy against coverage:
 cells ordered by confidence, the accuracy (correct, graded) of the most confident 100/90/80/70/50 %.
 
-Cluster mode: ``groupby=`` runs with the default representative cells (5 per group, majority vote)
+Cluster mode: ``groupby=`` runs with the default representative cells (5 per group)
 and with ``sentence="cluster-markers"`` (one sentence per group: its top differentially expressed
-genes against the rest, ``scanpy.tl.rank_genes_groups``; the groups passed as
-``sentence_options={"groups": adata.obs[key]}``), scored per cell after the group's call.
+genes against the rest, ``scanpy.tl.rank_genes_groups``, over the run's ``groupby`` groups), scored
+per cell after the group's call (the group's label from its representatives' pooled label
+probabilities).
 """
 
 from __future__ import annotations
@@ -185,9 +186,8 @@ def run_clusters(data) -> None:
         adata, truth, _ = data[name]
         for sentence in ("default", "cluster-markers"):
             a = adata.copy()
-            # Until the pipeline hands a strategy with ``uses_groups`` the run's groups, pass them.
-            kwargs = {} if sentence == "default" else {
-                "sentence": "cluster-markers", "sentence_options": {"groups": a.obs[key]}}
+            # cluster-markers ranks genes per group: the run gives it its groupby column.
+            kwargs = {} if sentence == "default" else {"sentence": "cluster-markers"}
             start = time.perf_counter()
             _quiet(cellscribe.tl.annotate, a, groupby=key, sidecar=False, progress=False, **kwargs)
             seconds = time.perf_counter() - start

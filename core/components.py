@@ -175,7 +175,8 @@ class LoadedModel(Protocol):
         return None
 
     def survey(self, prompts: Sequence[Prompt]) -> Mapping[str, Any] | None:
-        """Look at the whole run before answering (a tissue context); return what was found."""
+        """Look at the whole run before answering (e.g. infer a tissue context for the prompts whose
+        ``tissue`` is empty); return what was found (``uns[key]["observability"]["context"]``)."""
         return None
 
 
@@ -187,7 +188,8 @@ class Backend(Protocol):
     ``config.json``, a hub id, ``"openai:gpt-x"``). ``load(spec, *, adapters, hook, **options)``
     returns a :class:`LoadedModel`; ``adapters`` maps modality -> adapter path; ``hook`` is the plugin
     manager's hook relay (to call ``cellscribe_load_adapter``, or hooks its plugin added);
-    ``tissue`` is the user's tissue hint or ``None``; other ``options`` come from ``model_options``.
+    other ``options`` come from ``model_options``. (The cells' tissue is not a load option: it travels
+    on each prompt, ``Prompt.tissue``.)
     """
 
     name: str

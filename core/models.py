@@ -92,7 +92,6 @@ def load_model(
     dtype: str | None = None,
     trust_remote_code: bool = False,
     batch_size: int | None = None,
-    tissue: str | None = None,
     model_options: Mapping[str, Any] | None = None,
     lazy: bool = False,
     host: Host | None = None,
@@ -107,8 +106,9 @@ def load_model(
     adapters
         Modality -> LoRA adapter (path or hub id), all loaded onto one base; each run answers with its
         modality's adapter (the base model for a modality without one).
-    device, dtype, trust_remote_code, batch_size, tissue, model_options
-        As in :func:`cellscribe.tl.annotate`; fixed for every run of the returned model.
+    device, dtype, trust_remote_code, batch_size, model_options
+        As in :func:`cellscribe.tl.annotate`; fixed for every run of the returned model. (The tissue is
+        not one of them: it belongs to the data, and each run gives its own, ``tissue=``.)
     lazy
         Load when the first run needs the model (after that run has checked its input), not now.
     host
@@ -128,15 +128,13 @@ def load_model(
         "dtype": dtype,
         "trust_remote_code": trust_remote_code,
         "batch_size": batch_size,
-        "tissue": tissue,
         "model_options": dict(model_options or {}),
     }
 
     def load() -> Any:
         return backend_c.load(
             name, adapters=options["adapters"] or None, hook=host.hook, device=device, dtype=dtype,
-            trust_remote_code=trust_remote_code, batch_size=batch_size, tissue=tissue,
-            **options["model_options"],
+            trust_remote_code=trust_remote_code, batch_size=batch_size, **options["model_options"],
         )
 
     handle = Model(name=name, backend=backend_c.name, options=options, load=load)

@@ -4,11 +4,11 @@ A :class:`RunSpec` is a frozen value made of six small parts, one per stage of a
 
     DataSpec        which data and matrix        modality, mod, layer, use_raw, modality_options, chunk_size
     SentenceSpec    cell sentences               sentence, n_genes, sentence_options
-    PromptSpec      prompts and units            prompt, mode, candidates, reference, reference_key,
+    PromptSpec      prompts and units            prompt, mode, candidates, tissue, reference, reference_key,
                                                  reference_modality, k, groupby, n_representatives, seed,
                                                  max_prompt_tokens, prompt_options
     ModelSpec       model and how to load it     model, adapter, device, dtype, trust_remote_code,
-                                                 batch_size, tissue, model_options
+                                                 batch_size, model_options
     GenerationSpec  how the model answers        generation, decode
     OutputSpec      where results go             key_added, sidecar, checkpoint, progress
 
@@ -276,6 +276,18 @@ class PromptSpec:
         doc="Allowed labels. Answers are matched to them; unmatched answers are unresolved.",
         flag=Flag(("--candidate",), "An allowed label (repeat the flag; or --candidates-file).", kind="multiple"),
     )
+    tissue: str | None = param(
+        validator=_optional_text,
+        doc="Tissue of origin of every cell (``\"blood\"``, ``\"pancreas\"``, an UBERON id or label); "
+            "knowledge-based models answer within its cell types. Default: the tissue the data state per "
+            "cell in a standard ``obs`` column (CELLxGENE's ``tissue_general``, ``tissue``, "
+            "``tissue_ontology_term_id``; also ``organ_tissue``, ``organ``), else the model infers a "
+            "likely context (the ``markers`` model: from the cells' markers). ``\"any\"``: no tissue, "
+            "nothing inferred. What the run used and where it came from is recorded in "
+            "``uns[key_added][\"params\"][\"tissue_stated\"]`` and ``[\"observability\"][\"context\"]``.",
+        flag=Flag(("--tissue",), "Tissue of origin of all cells (default: read from obs, else inferred; "
+                  "'any': no restriction)."),
+    )
     reference: Any = param(
         eq=False,
         doc="Labelled examples for ``k-shot``: an AnnData (or MuData). With ``reference=None`` and a "
@@ -306,7 +318,10 @@ class PromptSpec:
     groupby: str | None = param(
         validator=_optional_text,
         doc="An ``obs`` column of clusters: each group is annotated from ``n_representatives`` typical "
-            "cells and every cell receives its group's majority label.",
+            "cells and every cell receives its group's label: the label of highest mean probability over "
+            "the representatives when the model gives per-label probabilities (``markers``, "
+            "``decode=\"score\"``), else their majority vote. Sentence strategies that rank genes per "
+            "group (``cluster-markers``) get these groups.",
         flag=Flag(("--groupby",), "obs column of clusters: annotate per cluster."),
     )
     n_representatives: int | None = param(
@@ -348,7 +363,7 @@ class ModelSpec:
             "directory or a Hugging Face hub id (transformers backend), or ``\"openai:<name>\"`` for a "
             "serving engine. Or a model already loaded by :func:`cellscribe.load_model`, reused without "
             "loading it again (its load options are fixed: ``adapter``, ``device``, ``dtype``, "
-            "``trust_remote_code``, ``batch_size``, ``tissue`` and ``model_options`` must then be left out).",
+            "``trust_remote_code``, ``batch_size`` and ``model_options`` must then be left out).",
         flag=Flag(("--model",), "Backend name, manifest name, local model directory, hub id or openai:NAME "
                   "(default: markers)."),
     )
@@ -378,12 +393,6 @@ class ModelSpec:
         doc="Prompts per model call (default: the backend's choice; transformers fills batches up to a "
             "token budget, ``model_options={\"max_batch_tokens\": N}``).",
         flag=Flag(("--batch-size",), "Prompts per model call (default: the backend's).", type="int"),
-    )
-    tissue: str | None = param(
-        validator=_optional_text,
-        doc="Tissue of origin (``\"blood\"``, ``\"pancreas\"``): knowledge-based models restrict their cell "
-            "types to it.",
-        flag=Flag(("--tissue",), "Tissue of origin (knowledge-based models restrict to it)."),
     )
     model_options: Mapping[str, Any] = param(
         converter=_options,

@@ -373,6 +373,11 @@ class Prompt:
         k-shot examples shown before the query.
     context
         Free-text context (donor, tissue) when the strategy uses it.
+    tissue
+        The tissue of origin of the prompt's units as the run determined it (the run's ``tissue=``, or
+        a standard ``obs`` column; the general tissue's name, e.g. ``"pancreas"``), ``""`` when nothing
+        states it. The prompt's text does not change with it; models that weigh knowledge answer within
+        it (the ``markers`` model), and may infer one where it is empty (``LoadedModel.survey``).
     remove_from_rendered
         Strings deleted from the chat-template output before generation (CellReasoner deletes every
         ``<think>``; see FORMATS.md).
@@ -395,6 +400,7 @@ class Prompt:
     candidates: tuple[str, ...] = attrs.field(converter=_tuple_of_str, factory=tuple)
     examples: tuple[Example, ...] = attrs.field(converter=tuple, factory=tuple)
     context: str = ""
+    tissue: str = ""
     remove_from_rendered: tuple[str, ...] = attrs.field(converter=_tuple_of_str, factory=tuple)
     response_prefix: str = ""
     generation: Mapping[str, Any] = attrs.field(factory=dict)

@@ -76,3 +76,55 @@ def test_missing_groups_is_a_clear_error(pancreas):
         cellscribe.tl.sentences(pancreas, sentence="cluster-markers")
     with pytest.raises(ValueError, match="group labels for"):
         cellscribe.tl.sentences(pancreas, sentence="cluster-markers", sentence_options={"groups": ["a", "b"]})
+
+
+def test_groupby_gives_the_run_groups_to_the_strategy(pancreas, tmp_path):
+    """``uses_groups`` strategies get the run's groupby column: no sentence_options needed, from Python
+    and from the command line."""
+    from cellscribe.cli import main
+    from click.testing import CliRunner
+
+    human = pancreas[pancreas.obs["Batch"] == "human"].copy()
+    _annotate(human, groupby="Group", sentence="cluster-markers")
+    calls = _calls(human)
+    assert calls["alpha"] == "pancreatic A cell" and calls["beta"] == "type B pancreatic cell"
+    state = human.uns["cellscribe"]["params"]["sentence_state"]["cluster_markers"]
+    assert set(state["groups"]) == set(human.obs["Group"].astype(str))
+    src, out = tmp_path / "human.h5ad", tmp_path / "out.h5ad"
+    pancreas[pancreas.obs["Batch"] == "human"].copy().write_h5ad(src)
+    result = CliRunner().invoke(main, ["annotate", str(src), "-o", str(out), "--groupby", "Group",
+                                       "--sentence", "cluster-markers", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    import anndata as ad
+
+    written = ad.read_h5ad(out)
+    assert (written.obs.loc[written.obs["Group"] == "delta", "cellscribe"] == "pancreatic D cell").all()
+
+
+def test_a_group_call_pools_its_representatives_label_probabilities():
+    from cellscribe.core.run.units import pooled_vote
+
+    # Three representatives answer B, two A; but the two A answers are sure and the B answers torn
+    # between B and A: the group is most likely A (mean 0.58 against 0.42).
+    labels = ["B", "B", "B", "A", "A"]
+    scores = [{"B": 0.45, "A": 0.40}, {"B": 0.45, "A": 0.40}, {"B": 0.45, "A": 0.40}, {"A": 0.95}, {"A": 0.95}]
+    label, share, confidence, pooled = pooled_vote(labels, scores, [0.5, 0.5, 0.5, 0.9, 0.9])
+    assert label == "A" and share == pytest.approx(0.4) and confidence == pytest.approx(0.9)
+    assert pooled == pytest.approx((3 * 0.40 + 2 * 0.95) / 5)
+    # the markers model gives label scores: its group calls say they were pooled
+    import scanpy as sc
+
+    adata = sc.datasets.pbmc68k_reduced()
+    _annotate(adata, groupby="louvain")
+    assert adata.obs["cellscribe_note"].str.startswith("group label from the representatives' pooled").all()
+    clusters = adata.uns["cellscribe"]["clusters"]
+    assert "pooled_probability" in (clusters.columns if isinstance(clusters, pd.DataFrame)
+                                    else next(iter(clusters.values())))
+
+
+def _calls(adata) -> dict[str, str]:
+    """Group -> label of a groupby run (``uns[key]["clusters"]``, a table or a dict per group)."""
+    clusters = adata.uns["cellscribe"]["clusters"]
+    if isinstance(clusters, pd.DataFrame):
+        return {str(g): str(v) for g, v in clusters["label"].items()}
+    return {str(g): c["label"] for g, c in clusters.items()}

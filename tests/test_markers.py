@@ -215,7 +215,9 @@ def test_pancreas_with_tissue(human):
     _quiet_annotate(human, tissue="pancreas")
     correct = [_pancreas_correct(p, t) for p, t in zip(human.obs["cellscribe"].astype(str), human.obs["Group"])]
     assert np.mean(correct) >= 0.90  # measured 0.914 (v2: 0.897)
-    assert human.uns["cellscribe"]["params"]["model_info"]["tissue"] == "pancreas"
+    stated = human.uns["cellscribe"]["params"]["tissue_stated"]
+    assert stated["source"] == "tissue=" and dict(stated["cells"]) == {"pancreas": 175}
+    assert human.uns["cellscribe"]["observability"]["context"]["tissue"] == "pancreas"
     # Pancreas macrophages are macrophages, not the spleen's (14 of them without the tissue).
     assert "splenic red pulp macrophage" not in set(human.obs["cellscribe"].astype(str))
     assert (human.obs["cellscribe"] == "macrophage").sum() >= 25  # measured 31 of 35
@@ -438,8 +440,8 @@ def test_knowledge_hook_contributes_tables(with_plugin, human):
     # the table records no tissue: its type stays among the pancreas types
     (generation,) = model.generate([_zero_shot("g", ["GLT1X", "GLT2X"])])
     assert generation.text.endswith("\n\nglitter cell")
-    _quiet_annotate(human, tissue="pancreas")  # through the pipeline: the hook is called at load
-    assert seen == ["pancreas", "pancreas"]
+    _quiet_annotate(human, tissue="pancreas")  # through the pipeline: called at load, with no tissue
+    assert seen == ["pancreas", None]  # (a run's tissue is per run; the table's types record none)
     assert human.uns["cellscribe"]["params"]["model_info"]["extra_tables"] == 1
 
 

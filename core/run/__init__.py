@@ -34,6 +34,7 @@ from .execute import decode_all, execute, model_for
 from .plan import RunPlan, plan_run
 from .record import h5_safe, new_run_id, run_params, sidecar_path, write_results, write_sidecar
 from .results import EMPTY_NOTE, results_frame
+from .units import unit_label_scores
 from .sentences import prepare_sentences, sentence_chunks, sentences_frame
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,8 @@ def annotate(data: Any, spec: RunSpec | None = None, *, host: Host | None = None
     plan = plan_run(data, spec, host=host, build_prompts=False)             # 1-2: data, sentences, plan
     execution = execute(plan, model_for(plan, host))                         # 3: the model answers
     by_unit = decode_all(plan.prompts, execution.generations, host)
-    frame, summary = results_frame(plan, by_unit, plan.spec.output.key_added)  # 4: results
+    frame, summary = results_frame(plan, by_unit, plan.spec.output.key_added,  # 4: results
+                                   unit_label_scores(plan.prompts, execution.generations))
 
     out = plan.spec.output                                                   # 5: record
     sidecar = sidecar_path(out.sidecar, out.key_added, run_id)

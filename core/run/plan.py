@@ -19,6 +19,7 @@ import attrs
 import numpy as np
 import pandas as pd
 
+from ..domain.tissues import StatedTissues, stated_tissues
 from ..plugins import Host, get_host
 from ..spec import RunSpec
 from ..types import Assay, CellSentences, FeatureMatrix, Prompt
@@ -53,6 +54,7 @@ class RunPlan:
     prompt_args: dict[str, Any]
     assay: Assay
     found: dict[str, Any]
+    tissues: StatedTissues | None = None  # per row of ``sentences``: the tissue the run gives the model
     prompts: list[Prompt] = attrs.field(factory=list)
 
     @property
@@ -63,7 +65,8 @@ class RunPlan:
     def make_prompts(self, count_tokens: Callable[[str], int | None] | None = None) -> list[Prompt]:
         """Build the prompts of the prompted units (``count_tokens`` from the model's tokenizer)."""
         units = self.sentences.take(self.unit_rows)
-        self.prompts = self.prompt_strategy.build(units, count_tokens=count_tokens, **self.prompt_args)
+        prompts = self.prompt_strategy.build(units, count_tokens=count_tokens, **self.prompt_args)
+        self.prompts = with_tissues(prompts, self.tissues, self.sentences.cell_ids)
         return self.prompts
 
     def summary(self) -> dict[str, Any]:
@@ -180,7 +183,7 @@ def plan_run(data: Any, spec: RunSpec | None = None, *, host: Host | None = None
         else:  # the labelled cells of the query itself
             labels = label_column(adata.obs, p.reference_key, "the query")
             ref_source = "query"
-    sentences = sentences_of(prepared, s, state=state, host=host, chunk_size=d.chunk_size)
+    sentences = sentences_of(prepared, s, state=state, host=host, chunk_size=d.chunk_size, groupby=p.groupby)
     log.info("%d cell sentences (%s) in %.2f s", len(sentences), sentences.strategy, time.perf_counter() - t0)
     if ref_source is not None:
         if ref_sentences is None:
@@ -200,6 +203,10 @@ def plan_run(data: Any, spec: RunSpec | None = None, *, host: Host | None = None
         unit_rows = np.array(sorted(r for rows in representatives.values() for r in rows), dtype=np.int64)
     else:
         unit_rows = np.flatnonzero(~sentences.empty())
+
+    # The cells' tissue: the run's tissue=, else what a standard obs column states per cell (the model
+    # infers a context for the cells without one); "any" asks for no tissue at all.
+    tissues = stated_tissues(adata.obs, p.tissue, cells=sentences.cell_ids.astype(str))
 
     prompt_args = {
         "mode": p.mode,
@@ -227,6 +234,7 @@ def plan_run(data: Any, spec: RunSpec | None = None, *, host: Host | None = None
         "n_reference_cells": len(ref_labels) if ref_labels else None,
         "k": p.k if ref_labels else None,
         "assay": prepared.assay.summary(),
+        "tissue_stated": tissues.summary(),
         "adapter_manifests": {d.modality: adapter.summary()} if adapter is not None else None,
         "set_by_model": sorted(set_by_model),
         "as_given": set_by_model,
@@ -240,11 +248,26 @@ def plan_run(data: Any, spec: RunSpec | None = None, *, host: Host | None = None
     }
     plan = RunPlan(
         spec, adata, prepared.mod, features, sentences, unit_rows, groups, representatives, prompt_c,
-        prompt_args, prepared.assay, found,
+        prompt_args, prepared.assay, found, tissues,
     )
     if build_prompts:
         plan.make_prompts(count_tokens)
     return plan
 
 
-__all__ = ["RunPlan", "plan_run", "resolve", "adapter_manifest_for", "MANIFEST_OVERRIDABLE", "is_mudata"]
+def with_tissues(prompts: list[Prompt], tissues: StatedTissues | None, cell_ids: np.ndarray) -> list[Prompt]:
+    """``prompts`` with ``Prompt.tissue`` set from the tissue of their units' cells (that of the first
+    unit that has one; a prompt's units come from one data set). Prompts of units without a stated
+    tissue are returned as they are."""
+    if tissues is None or not (tissues.names != "").any():
+        return prompts
+    by_cell = dict(zip(cell_ids.astype(str).tolist(), tissues.names.tolist()))
+    out = []
+    for prompt in prompts:
+        tissue = next((t for t in (by_cell.get(u, "") for u in prompt.unit_ids) if t), "")
+        out.append(attrs.evolve(prompt, tissue=tissue) if tissue and tissue != prompt.tissue else prompt)
+    return out
+
+
+__all__ = ["RunPlan", "plan_run", "resolve", "adapter_manifest_for", "with_tissues", "MANIFEST_OVERRIDABLE",
+           "is_mudata"]

@@ -109,7 +109,6 @@ def run_params(plan: Any, execution: Any, run_id: str) -> dict[str, Any]:
         "device": options["device"],
         "dtype": options["dtype"],
         "trust_remote_code": options["trust_remote_code"],
-        "tissue": options["tissue"],
         "model_options": dict(options["model_options"]),
         "versions": versions(),
         "run_id": run_id,

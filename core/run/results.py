@@ -11,17 +11,22 @@ import pandas as pd
 
 from ..types import STATUS_OK, STATUS_UNRESOLVED, Annotation
 from .plan import RunPlan
-from .units import groupby_note, majority_vote
+from .units import groupby_note, majority_vote, pooled_note, pooled_vote
 
 #: The note of a cell with no expressed gene (never prompted, never dropped).
 EMPTY_NOTE = "no expressed gene in the cell sentence"
 
 
 def results_frame(
-    plan: RunPlan, by_unit: Mapping[str, Annotation], key_added: str
+    plan: RunPlan, by_unit: Mapping[str, Annotation], key_added: str,
+    label_scores: Mapping[str, Mapping[str, float]] | None = None,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Per-cell columns (label, confidence, reasoning, status, note, ontology term; with ``groupby`` the
-    group's majority label and each representative's own answer) and a summary of counts."""
+    group's label and each representative's own answer) and a summary of counts.
+
+    A group's label comes from its resolved representatives' pooled ``label_scores`` (unit id ->
+    per-label probabilities, :func:`~.units.pooled_vote`) when the model gave them for every one of
+    them, else from their majority vote."""
     cell_ids = plan.sentences.cell_ids
     n = len(cell_ids)
     label = np.full(n, None, dtype=object)
@@ -55,9 +60,13 @@ def results_frame(
                 a = by_unit.get(str(cell_ids[r]))
                 per_cell[r] = a.label if a is not None else None
             ok = [a for a in anns if a.status == STATUS_OK]
-            winner, share, mean_conf = majority_vote(
-                [a.label for a in ok], [np.nan if a.confidence is None else a.confidence for a in ok]
-            )
+            ok_scores = [(label_scores or {}).get(a.unit_id) for a in ok]
+            confidences = [np.nan if a.confidence is None else a.confidence for a in ok]
+            pooled = None
+            if ok and all(ok_scores):
+                winner, share, mean_conf, pooled = pooled_vote([a.label for a in ok], ok_scores, confidences)
+            else:
+                winner, share, mean_conf = majority_vote([a.label for a in ok], confidences)
             members = np.flatnonzero(codes == group)
             if winner is None:
                 status[members] = STATUS_UNRESOLVED
@@ -67,11 +76,12 @@ def results_frame(
                 label[members] = winner
                 status[members] = STATUS_OK
                 conf[members] = mean_conf
-                reasoning[members] = next(a.reasoning for a in ok if a.label == winner)
-                note[members] = f"{groupby_note(share, len(ok))}"
+                reasoning[members] = next((a.reasoning for a in ok if a.label == winner), ok[0].reasoning)
+                note[members] = groupby_note(share, len(ok)) if pooled is None else pooled_note(pooled, share, len(ok))
             clusters[group] = {
                 "label": winner or "",
                 "vote_share": share,
+                **({} if pooled is None else {"pooled_probability": round(float(pooled), 4)}),
                 "n_representatives": len(rows),
                 "representatives": [str(cell_ids[r]) for r in rows],
             }

@@ -1,17 +1,18 @@
 """Units: the cells that are prompted. Every cell with a sentence, or with ``groupby`` a few typical cells
-per group (:func:`pick_representatives`) whose answers are put together by :func:`majority_vote`."""
+per group (:func:`pick_representatives`) whose answers are put together: from their pooled per-label
+probabilities when the model gives them (:func:`pooled_vote`), else by :func:`majority_vote`."""
 
 from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ..types import CellSentences
+from ..types import CellSentences, Generation, Prompt
 
 
 def pick_representatives(
@@ -66,3 +67,43 @@ def majority_vote(labels: Sequence[str], confidences: Sequence[float]) -> tuple[
 
 def groupby_note(share: float, n: int) -> str:
     return f"group label by majority vote ({share:.0%} of {n} resolved representatives)"
+
+
+def unit_label_scores(prompts: Sequence[Prompt], generations: Sequence[Generation]) -> dict[str, Mapping[str, float]]:
+    """Each unit's per-label probabilities (``Generation.label_scores``), where the model gave them."""
+    out: dict[str, Mapping[str, float]] = {}
+    for prompt, generation in zip(prompts, generations):
+        scores = generation.label_scores
+        if scores and generation.error is None and len(scores) == len(prompt.unit_ids):
+            out.update((str(u), s) for u, s in zip(prompt.unit_ids, scores) if s)
+    return out
+
+
+def pooled_vote(
+    labels: Sequence[str], scores: Sequence[Mapping[str, float]], confidences: Sequence[float]
+) -> tuple[str | None, float, float, float]:
+    """A group's label from its representatives' per-label probabilities: the label of highest mean
+    probability over them (a label absent from a representative's scores counts 0 there), ties broken
+    by the number of representatives that answered it, then by name. Five representatives split
+    between two close subtypes still agree on what the group is most likely to be, which a count of
+    their answers can miss.
+
+    :return: ``(label, share of representatives that answered it, mean confidence of those (else its
+        mean probability), its mean probability)``.
+    """
+    if not labels:
+        return None, 0.0, math.nan, math.nan
+    pooled: dict[str, float] = {}
+    for s in scores:
+        for label, p in s.items():
+            pooled[str(label)] = pooled.get(str(label), 0.0) + float(p) / len(scores)
+    counts = Counter(labels)
+    best = sorted(pooled, key=lambda lab: (-round(pooled[lab], 12), -counts.get(lab, 0), lab))[0]
+    voters = [c for lab, c in zip(labels, confidences) if lab == best and not math.isnan(c)]
+    confidence = float(np.mean(voters)) if voters else pooled[best]
+    return best, counts.get(best, 0) / len(labels), confidence, pooled[best]
+
+
+def pooled_note(label_p: float, share: float, n: int) -> str:
+    return (f"group label from the representatives' pooled label probabilities (mean {label_p:.2f} over "
+            f"{n} resolved representatives; {share:.0%} of them answered it)")

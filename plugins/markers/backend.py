@@ -6,7 +6,7 @@ prompt's decoder expects, so decoding, ``obs`` columns and evaluation run exactl
 
 Per prompt type
     *zero-shot* (decoder ``cellreasoner``, no examples): every unit's sentence is scored against the
-    cell types of the knowledge (:mod:`.scoring`), restricted to the tissue given at load time, or
+    cell types of the knowledge (:mod:`.scoring`), restricted to the cells' tissue context (below), or
     against the prompt's candidates when it has some. The answer is the best type's Cell Ontology-style
     name, or the candidate string verbatim.
 
@@ -26,7 +26,7 @@ Candidates
     is_a ancestor that has markers (:meth:`MarkerKnowledge.locate`). A candidate the knowledge cannot
     place at all is scored *by elimination*: its score for a unit is the best score of the knowledge's
     types that no placed candidate explains (types that are not a placed candidate's type, nor its
-    ancestor or descendant; within the load-time tissue when one was given) minus
+    ancestor or descendant; within the units' tissue context) minus
     :data:`ELIMINATION_MARGIN`. A unit that none of the placed candidates explains, but some other cell
     type does, goes to the unplaced candidate; a unit a placed candidate explains stays with it. Two
     unplaced candidates tie; the first in the prompt's order wins a tie.
@@ -83,9 +83,16 @@ Measured genes and abstention
     decoders read as unresolved, with the reason in the note.
 
 Tissue context
-    Without ``tissue=``, :meth:`MarkersModel.survey` infers the organs the run's cells come from and
-    restricts answers to them (see its docstring); the inferred context is recorded in
-    ``uns[key]["observability"]["context"]``.
+    Each prompt carries its units' tissue (``Prompt.tissue``: the run's ``tissue=``, or what a standard
+    ``obs`` column of the data states per cell), and answers are restricted to that tissue's cell types
+    (plus immune, vascular and stromal ones; blood: hematopoietic cells only). For the cells whose
+    tissue nothing states, or states in words the knowledge does not know, :meth:`MarkersModel.survey`
+    infers the organs they come from and restricts their answers to them (see its docstring). What was
+    stated and inferred is recorded in ``uns[key]["observability"]["context"]``. An answer whose cell
+    type belongs to an organ outside the cell's stated or inferred context (a candidate, or a run with
+    too few cells to infer anything) says so in its note. A model loaded once serves runs of any
+    tissue: the tissue is per prompt, never fixed at load (``load(tissue=)`` only sets it for prompts
+    without one).
 """
 
 from __future__ import annotations
@@ -100,7 +107,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from os import PathLike
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -114,6 +121,8 @@ from . import reasoning as text
 from .calibration import Calibration, load_calibration, softmax
 from .knowledge import (
     HOUSEKEEPING_GENES,
+    RESIDENT_ORGANS,
+    SITE_SPECIFIC_TYPES,
     UBIQUITOUS_PATTERN,
     MarkerKnowledge,
     default_ubiquitous_genes,
@@ -164,6 +173,13 @@ CONTEXT_SAMPLE = 5_000
 CONTEXT_MIN_SHARE = 0.05
 #: Organs read as one blood context (only hematopoietic cells; see ``TISSUE_RESIDENTS``).
 BLOOD_ORGANS = frozenset({"Immune system", "Blood"})
+
+#: The tissue that asks for no tissue context (every cell type; nothing inferred).
+ANY_TISSUE = "any"
+#: Tissues named in messages as examples of what the model knows.
+_EXAMPLE_TISSUES = ("blood", "bone marrow", "pancreas", "lung", "brain", "liver")
+#: Organs whose cell types live in every tissue (their types never get an organ note).
+_RESIDENT = frozenset(RESIDENT_ORGANS)
 
 # load() options the pipeline passes to every backend, which this model has no use for.
 _PIPELINE_OPTIONS = frozenset({"device", "dtype", "trust_remote_code", "batch_size", "adapters"})
@@ -250,8 +266,9 @@ class MarkersBackend:
         :param spec: ``"markers"`` or ``"markers:PATH"`` (PATH: a marker table added to the knowledge).
         :param hook: the plugin manager's hook relay; every ``cellscribe_marker_knowledge(tissue=...)``
             result (a DataFrame, a CSV path, or a list of them) is added to the knowledge.
-        :param tissue: restrict zero-shot answers to this tissue's cell types (plus immune, vascular and
-            connective cells; see :meth:`MarkerKnowledge.restrict`).
+        :param tissue: the tissue of prompts that state none (``Prompt.tissue`` empty): their answers are
+            restricted to its cell types (plus immune, vascular and connective cells; see
+            :meth:`MarkerKnowledge.restrict`). Runs give the tissue per prompt instead.
         :param marker_table: a user marker table (CSV path or DataFrame) or a list of them
             (``--model-option marker_table=PATH``), added after the plugin tables.
         :raises ValueError: for an unknown tissue, a missing or malformed table.
@@ -280,6 +297,41 @@ class MarkersBackend:
         return model
 
 
+class _Context(NamedTuple):
+    """Where a group of units' answers come from: ``mask`` of the types allowed (``None``: all),
+    ``kind`` (``"stated"``, ``"inferred"``, ``"any"`` or ``"none"``) and ``what`` (the stated tissue, or
+    the inferred organs); ``key`` tells contexts apart in caches."""
+
+    key: str
+    mask: np.ndarray | None
+    kind: str
+    what: str
+
+    def allowed(self, n: int) -> np.ndarray:
+        return np.ones(n, dtype=bool) if self.mask is None else self.mask
+
+    def organ_note(self, label: str, organs: frozenset[str], row_allowed: bool) -> str:
+        """The note for an answer whose type belongs to ``organs`` (none of them resident everywhere)
+        when the context does not allow it (``""`` otherwise)."""
+        if row_allowed and self.kind in ("stated", "inferred"):
+            return ""
+        where = _organ_list(sorted(organs))
+        if self.kind == "stated":
+            return f"{label} is a cell type of the {where}, not of the stated tissue ({self.what})"
+        if self.kind == "inferred":
+            return f"{label} is a cell type of the {where}, outside the tissue context inferred for these cells ({self.what})"
+        if self.kind == "any":
+            return ""
+        return (f"{label} is a cell type of the {where}; no tissue was stated or could be inferred for this "
+                "cell (pass tissue= if the cells are not from there)")
+
+
+def _organ_list(organs: Sequence[str]) -> str:
+    """``"A"``, ``"A and B"``, ``"A, B and C"`` (organ names as the knowledge writes them, lower case)."""
+    names = [str(o).lower() for o in organs]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1] if names else "no organ"
+
+
 class _Options:
     """What the units of a group of prompts are compared with: knowledge rows, candidates, or k-shot
     labels, with the scores of each option computed from the type scores."""
@@ -298,6 +350,7 @@ class _Options:
         # Names as written in reasoning (display-safe), computed once per group of prompts.
         self.display = [text.safe(n) for n in (display if display is not None else self.names)]
         self._subtree: sp.csr_matrix | None = None
+        self.organ_notes: list[str] | None = None  # see MarkersModel._organ_notes
 
     def subtree(self, cl_ids: Sequence[str], ontology: Any) -> sp.csr_matrix:
         """``(options, options)``, 1 where option ``j`` is option ``i`` or one of its Cell Ontology
@@ -349,7 +402,7 @@ class MarkersModel:
         The :class:`~cellscribe.core.types.Assay` of the run being answered, or ``None`` (every gene
         counts as measured).
     tissue
-        The tissue zero-shot answers are restricted to, or ``None``.
+        The tissue of prompts that state none (see :meth:`MarkersBackend.load`), or ``None``.
     calibration
         The fixed :class:`~.calibration.Calibration`.
     """
@@ -374,11 +427,15 @@ class MarkersModel:
         self.tissue = tissue
         self.calibration = calibration or load_calibration()
         self.n_tables = n_tables
-        mask = scorer.tissue_mask(tissue)
-        self._tissue_allowed = np.ones(len(scorer.cell_types), dtype=bool) if mask is None else mask
-        self._allowed = self._tissue_allowed
         self._ontology = get_ontology()
-        self._options_cache: dict[tuple[str, ...], _Options] = {}
+        self._options_cache: dict[tuple, _Options] = {}
+        self._stated: dict[str, _Context | None] = {}
+        self._unrestricted = _Context("", None, "none", "")
+        self._inferred: _Context | None = None
+        if tissue is not None and self._stated_context(tissue) is None:
+            scorer.tissue_mask(tissue)  # raises the error naming the known tissues
+        default = self._context_of("")
+        self._allowed = default.allowed(len(scorer.cell_types))
 
     @property
     def knowledge(self) -> MarkerKnowledge:
@@ -408,44 +465,90 @@ class MarkersModel:
         return self.observability()
 
     def survey(self, prompts: Sequence[Prompt]) -> dict[str, Any]:
-        """Look at a run's prompts before answering them: without a tissue, infer the tissue context.
+        """Look at a run's prompts before answering them: check their tissues, infer a context for the
+        cells without one.
 
-        A cell type from another organ is the most visible error of a knowledge model (microglia in
-        blood, hepatocytes in a glioma). With no ``tissue=``, the open-vocabulary zero-shot units of the
-        run (at least :data:`CONTEXT_MIN_CELLS`; an even sample of :data:`CONTEXT_SAMPLE`) are scored
-        against every callable type, and the share of cells each organ of the knowledge accounts for is
-        estimated by expectation-maximisation: each cell's calibrated probabilities over the types are
-        re-weighted by the current organ shares (a type's share split evenly over its organs) until
-        the shares settle, so organs that only noise points to fade while organs many cells agree on
-        stay. The organs holding at least :data:`CONTEXT_MIN_SHARE` of the cells become the context
-        and answers are restricted to them as ``tissue=`` would (immune and blood organs together as
-        blood: hematopoietic cells only). Cell types without a recorded organ stay allowed.
+        Each prompt's ``tissue`` (the run's ``tissue=``, or what the data state per cell; the load-time
+        ``tissue`` for prompts without one) restricts its answers to that tissue's cell types as
+        :meth:`MarkerScorer.tissue_mask` does (``"any"``: no restriction). A tissue the knowledge does
+        not know (``"tumor"`` in an ``obs`` column) restricts nothing: a warning names it, and its cells
+        join those without a tissue.
 
-        :return: the context report recorded in ``uns[key]["observability"]["context"]``: the given
-            tissue, or the inferred organ shares and the organs kept, or why nothing was inferred.
+        For those, a cell type from another organ would be the most visible error of a knowledge model
+        (microglia in blood, hepatocytes in a glioma), so the context is inferred. Their units (at least
+        :data:`CONTEXT_MIN_CELLS`; an even sample of :data:`CONTEXT_SAMPLE`; every unit of every kind of
+        prompt: with candidates, examples or puzzles the context still decides which types a candidate
+        without markers is eliminated against, and which answers are noted) are scored against every
+        callable type, and the share of cells each organ of the knowledge accounts for is estimated by
+        expectation-maximisation: each cell's calibrated probabilities over the types are re-weighted
+        by the current organ shares (a type's share split evenly over its organs) until the shares
+        settle, so organs that only noise points to fade while organs many cells agree on stay. The
+        organs holding at least :data:`CONTEXT_MIN_SHARE` of the cells become the context and answers
+        are restricted to them as a tissue would (immune and blood organs together as blood:
+        hematopoietic cells only). Cell types without a recorded organ stay allowed.
+
+        :return: the context report recorded in ``uns[key]["observability"]["context"]``: ``tissue``
+            (the one stated tissue when every unit has it), ``stated`` (units per stated tissue the
+            knowledge knows), ``not_understood`` (units per stated tissue it does not), ``inferred``
+            and, when inferred, ``organs``, ``n_cells`` and ``organ_shares``, else ``why`` not.
         """
-        self._allowed = self._tissue_allowed
+        self._inferred = None
         self._options_cache.clear()
-        if self.tissue is not None:
-            return {"tissue": self.tissue, "inferred": False}
-        open_prompts = [p for p in prompts if not p.answer.tagged and not p.examples
-                        and not p.candidates and p.sentences]
-        if len(open_prompts) < CONTEXT_MIN_CELLS:
-            return {"tissue": "", "inferred": False,
-                    "why": f"{len(open_prompts)} open-vocabulary cells: too few to infer a tissue context"}
-        step = max(1, len(open_prompts) // CONTEXT_SAMPLE)
-        sentences = [p.sentences[0] for p in open_prompts[::step]]
-        shares = self._organ_shares(sentences)
+        units: dict[str, int] = defaultdict(int)
+        for p in prompts:
+            units[p.tissue or self.tissue or ""] += max(len(p.unit_ids), 1)
+        stated = {t: n for t, n in units.items() if t and self._stated_context(t) is not None}
+        unknown = {t: n for t, n in units.items() if t and t not in stated}
+        report: dict[str, Any] = {
+            "tissue": next(iter(stated)) if len(stated) == 1 and len(units) == 1 else "",
+            "stated": stated, "not_understood": unknown, "inferred": False,
+        }
+        if unknown:
+            warnings.warn(
+                f"the markers model knows no tissue named {', '.join(map(repr, list(unknown)[:5]))} "
+                f"({sum(unknown.values())} cells): their answers come from an inferred tissue context; pass "
+                f"tissue= with a tissue it knows (e.g. {', '.join(_EXAMPLE_TISSUES)}) to set it",
+                UserWarning, stacklevel=2,
+            )
+        sentences = [s for p in prompts if (p.tissue or self.tissue or "") not in stated for s in p.sentences if s]
+        if not sentences:
+            return report
+        if len(sentences) < CONTEXT_MIN_CELLS:
+            report["why"] = f"{len(sentences)} cells without a tissue: too few to infer a tissue context"
+            return report
+        step = max(1, len(sentences) // CONTEXT_SAMPLE)
+        sample = sentences[::step]
+        shares = self._organ_shares(sample)
         kept = sorted(o for o, share in shares.items() if share >= CONTEXT_MIN_SHARE)
         allowed = np.asarray([not ts for ts in self.knowledge.tissues], dtype=bool)
         for organ in kept:
-            allowed |= self.scorer.tissue_mask("blood" if organ in BLOOD_ORGANS else organ)
-        self._allowed = allowed
-        self._options_cache.clear()
+            allowed |= self._base_scorer.tissue_mask("blood" if organ in BLOOD_ORGANS else organ)
+        self._inferred = _Context("(inferred)", allowed, "inferred", _organ_list(kept))
         top = dict(sorted(shares.items(), key=lambda kv: -kv[1])[:8])
-        log.info("markers: inferred tissue context %s from %d cells (shares %s)", kept, len(sentences), top)
-        return {"tissue": "", "inferred": True, "organs": kept, "n_cells": len(sentences),
-                "organ_shares": {k: round(v, 4) for k, v in top.items()}}
+        log.info("markers: inferred tissue context %s from %d cells (shares %s)", kept, len(sample), top)
+        report.update({"inferred": True, "organs": kept, "n_cells": len(sample),
+                       "organ_shares": {k: round(v, 4) for k, v in top.items()}})
+        return report
+
+    def _stated_context(self, tissue: str) -> _Context | None:
+        """The context of a stated tissue (cached), ``None`` when the knowledge does not know it."""
+        if tissue not in self._stated:
+            if tissue.strip().casefold() == ANY_TISSUE:
+                self._stated[tissue] = _Context(ANY_TISSUE, None, "any", ANY_TISSUE)
+            else:
+                try:
+                    mask = self._base_scorer.tissue_mask(tissue)
+                except ValueError:
+                    mask = None
+                self._stated[tissue] = None if mask is None else _Context(f"tissue:{tissue}", mask, "stated", tissue)
+        return self._stated[tissue]
+
+    def _context_of(self, tissue: str) -> _Context:
+        """Where answers for units of ``tissue`` (``""``: none stated) come from: the stated tissue when
+        the knowledge knows it, else the inferred context of the run, else every type."""
+        tissue = tissue or self.tissue or ""
+        stated = self._stated_context(tissue) if tissue else None
+        return stated or self._inferred or self._unrestricted
 
     def _organ_shares(self, sentences: Sequence[str]) -> dict[str, float]:
         """Each organ's estimated share of the cells (see :meth:`survey`)."""
@@ -508,7 +611,6 @@ class MarkersModel:
             "backend": NAME,
             "knowledge": self.knowledge.version,
             "n_cell_types": int(len(self.scorer.cell_types)),
-            "n_tissue_cell_types": int(self._allowed.sum()),
             "tissue": self.tissue or "",
             "extra_tables": self.n_tables,
             "scoring": SCORING_VERSION,
@@ -550,7 +652,7 @@ class MarkersModel:
         """The scores a zero-shot answer is chosen from, as a DataFrame (one row per sentence, one
         column per cell type of the tissue, or per candidate; candidates the knowledge cannot place
         get their elimination score). Apply :meth:`Calibration.probabilities` for probabilities."""
-        options = self._options(list(candidates) if candidates else None)
+        options = self._options(list(candidates) if candidates else None, self._context_of(""))
         units = self.scorer.parse(list(sentences))
         return pd.DataFrame(options.scores(self.scorer.score(units)), columns=options.names)
 
@@ -562,7 +664,7 @@ class MarkersModel:
         best-scoring type or candidate) and ``p`` (the probability of it and its subtypes, which the
         calibrated confidence is computed from; see "Confidence"). ``temperature`` replaces the
         calibrated one (for fitting the calibration)."""
-        options = self._options(list(candidates) if candidates else None)
+        options = self._options(list(candidates) if candidates else None, self._context_of(""))
         units = self.scorer.parse(list(sentences))
         best, mass, _ = self._decide(options.scores(self.scorer.score(units)), options, temperature)
         return pd.DataFrame({"label": np.asarray(options.names, dtype=object)[best], "p": mass})
@@ -584,25 +686,29 @@ class MarkersModel:
 
     def _answer(self, prompts: Sequence[Prompt], chunk: Sequence[int]) -> dict[int, Generation]:
         groups: dict[tuple, list[int]] = defaultdict(list)
+        contexts: dict[str, _Context] = {}
         for i in chunk:
             p = prompts[i]
+            context = self._context_of(p.tissue)
+            contexts[context.key] = context
             if p.answer.tagged:
-                groups[("puzzle",)].append(i)
+                groups[("puzzle", context.key)].append(i)
             elif p.examples:
                 # Examples are identified by cell, label and sentence length (cut sentences differ).
                 key = tuple((e.cell_id, e.label, len(e.sentence)) for e in p.examples)
-                groups[("k-shot", p.candidates, key)].append(i)
+                groups[("k-shot", context.key, p.candidates, key)].append(i)
             else:
-                groups[("zero-shot", p.candidates)].append(i)
+                groups[("zero-shot", context.key, p.candidates)].append(i)
         answers: dict[int, Generation] = {}
         for key, members in groups.items():
             group = [prompts[i] for i in members]
+            context = contexts[key[1]]
             if key[0] == "puzzle":
-                generations = self._puzzles(group)
+                generations = self._puzzles(group, context)
             elif key[0] == "k-shot":
-                generations = self._single(group, examples=group[0].examples)
+                generations = self._single(group, context, examples=group[0].examples)
             else:
-                generations = self._single(group)
+                generations = self._single(group, context)
             answers.update(zip(members, generations, strict=True))
         return answers
 
@@ -623,21 +729,22 @@ class MarkersModel:
                     )
         return explained
 
-    def _options(self, labels: Sequence[str] | None) -> _Options:
-        key = tuple(labels or ())
+    def _options(self, labels: Sequence[str] | None, context: _Context | None = None) -> _Options:
+        context = context if context is not None else self._context_of("")
+        key = (tuple(labels or ()), context.key)
         if key not in self._options_cache:
-            self._options_cache[key] = self._build_options(key)
+            self._options_cache[key] = self._build_options(key[0], context.allowed(len(self.scorer.cell_types)))
         return self._options_cache[key]
 
-    def _build_options(self, labels: Sequence[str]) -> _Options:
+    def _build_options(self, labels: Sequence[str], allowed: np.ndarray) -> _Options:
         callable_ = self.scorer.callable_types()
         if not labels:
-            rows = np.flatnonzero(self._allowed & callable_)
-            return _Options(self.scorer.cell_types[rows], rows, np.zeros(len(self._allowed), dtype=bool))
+            rows = np.flatnonzero(allowed & callable_)
+            return _Options(self.scorer.cell_types[rows], rows, np.zeros(len(allowed), dtype=bool))
         rows = self.scorer.locate(labels)
         # A candidate whose type the data cannot show is scored by elimination, like an unknown one.
         rows = np.where((rows >= 0) & callable_[np.maximum(rows, 0)], rows, -1)
-        other = self._allowed & callable_ & ~self._explained(rows)
+        other = allowed & callable_ & ~self._explained(rows)
         names = self.scorer.cell_types
         display = [
             label if r < 0 or names[r] == label else f"{label} [as {names[r]}]" for label, r in zip(labels, rows)
@@ -646,7 +753,7 @@ class MarkersModel:
 
     # ---------------------------------------------------------------- zero-shot and k-shot
 
-    def _single(self, prompts: Sequence[Prompt], examples: Sequence[Any] = ()) -> list[Generation]:
+    def _single(self, prompts: Sequence[Prompt], context: _Context, examples: Sequence[Any] = ()) -> list[Generation]:
         """Answers for CellReasoner-style prompts sharing candidates (and examples, for k-shot)."""
         labels = list(prompts[0].candidates)
         signatures: Signatures | None = None
@@ -654,7 +761,7 @@ class MarkersModel:
             if not labels:
                 labels = sorted({str(e.label) for e in examples})
             signatures = label_signatures(self.scorer, examples, labels)
-        options = self._options(labels)
+        options = self._options(labels, context)
         if len(options) == 0:
             reason = (
                 f"too little information for a call: no cell type of the knowledge has "
@@ -690,6 +797,7 @@ class MarkersModel:
         confidence = self.calibration.confidence(mass)
         label_scores = _label_scores(options.names, probabilities, bool(labels))
         doubts = self._doubts(options, best, scores, evidence, knowledge_only=signatures is None)
+        organ_notes = self._organ_notes(options, context)
         out = []
         for i, prompt in enumerate(prompts):
             lines = [text.header_line(int(first_units.n_genes[i]), int(first_units.n_skipped[i]))]
@@ -710,6 +818,9 @@ class MarkersModel:
             if abstain:
                 lines.append(f"{note[0].upper()}{note[1:]}.")
                 label = ABSTENTION
+            elif organ_notes[best[i]]:
+                lines.append(f"Note: {organ_notes[best[i]]}.")
+                note = "; ".join(x for x in (note, organ_notes[best[i]]) if x)
             out.append(
                 Generation(
                     text=text.cellreasoner_text("\n".join(lines), label, inside_think=inside),
@@ -719,6 +830,24 @@ class MarkersModel:
                 )
             )
         return out
+
+    def _organ_notes(self, options: _Options, context: _Context) -> list[str]:
+        """Per option, the note its answer gets when its type belongs to an organ outside the context
+        (:meth:`_Context.organ_note`; types of organs resident everywhere, and options without a type,
+        get none). Computed once per options."""
+        if options.organ_notes is None:
+            allowed = context.allowed(len(self.scorer.cell_types))
+            notes = []
+            for name, row in zip(options.names, options.rows.tolist()):
+                organs = self.knowledge.tissues[row] if row >= 0 else frozenset()
+                site = SITE_SPECIFIC_TYPES.get(str(self.scorer.cell_types[row])) if row >= 0 else None
+                if site:
+                    organs = frozenset(site)
+                elif organs & _RESIDENT:
+                    organs = frozenset()
+                notes.append(context.organ_note(name, organs, bool(allowed[row])) if organs else "")
+            options.organ_notes = notes
+        return options.organ_notes
 
     def _doubts(
         self, options: _Options, best: np.ndarray, scores: np.ndarray, evidence: Sequence[Sequence[Any]],
@@ -771,7 +900,7 @@ class MarkersModel:
 
     # ---------------------------------------------------------------- puzzles
 
-    def _puzzles(self, prompts: Sequence[Prompt]) -> list[Generation]:
+    def _puzzles(self, prompts: Sequence[Prompt], context: _Context) -> list[Generation]:
         """Answers for CellPuzzles prompts: all their cells are scored at once, each puzzle solved
         jointly."""
         from scipy.optimize import linear_sum_assignment
@@ -787,7 +916,7 @@ class MarkersModel:
             if not labels or counts[k] == 0:
                 plans.append(None)
                 continue
-            options = self._options(labels)
+            options = self._options(labels, context)
             cells = slice(starts[k], starts[k + 1])
             scores = options.scores(type_scores[cells])
             log_p = np.log(np.maximum(self.calibration.probabilities(scores), 1e-300))

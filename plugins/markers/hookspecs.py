@@ -18,7 +18,10 @@ def cellscribe_marker_knowledge(tissue: str | None) -> Any | None:
 
     Called when a ``markers`` model loads, with the hook relay its backend is given.
 
-    :param tissue: the user's tissue hint (``tissue=`` / ``--tissue``) or ``None``.
+    :param tissue: the tissue the model was loaded for (``MarkersBackend.load(tissue=...)``), or ``None``:
+        a run's tissue (``tissue=`` / ``--tissue``, or the data's own) is per run, so a model loaded by a
+        run or by :func:`cellscribe.load_model` gets ``None``. Record the tissue of your types in the
+        table's ``tissue`` column: the model then answers with them only for cells of that tissue.
     :return: ``None``, or a table (a ``pandas.DataFrame`` or the path of a CSV) with columns
         ``cell_type``, ``gene`` and optionally ``weight`` (negative: expected absent), ``cl_id``,
         ``tissue``, ``source``. All results are combined, after the model's own knowledge.

@@ -14,8 +14,9 @@ so with ``groupby=`` each representative cell carries it; cells without a group 
 Counts (``FeatureMatrix.value_kind == "counts"``) are normalised to 10,000 per cell and log1p-
 transformed first, as scanpy's test expects; log data and gene activity are tested as they are.
 
-The groups come from ``groups=`` (``sentence_options={"groups": adata.obs["leiden"]}``: a Series
-indexed by cell id, or a sequence aligned with the cells). What each group's sentence is, and how it
+The groups are the run's ``groupby`` column (the pipeline gives them to strategies that declare
+``uses_groups``), or ``groups=`` (``sentence_options={"groups": adata.obs["leiden"]}``: a Series
+indexed by cell id, or a sequence aligned with the cells), which wins. What each group's sentence is, and how it
 was made, is written to ``state["cluster_markers"]`` (recorded in the run's
 ``uns[key]["params"]["sentence_state"]``).
 
@@ -59,9 +60,9 @@ def _excluded(names: np.ndarray, exclude: Any) -> np.ndarray:
 def _group_codes(features: FeatureMatrix, groups: Any) -> pd.Categorical:
     if groups is None:
         raise ValueError(
-            "sentence strategy 'cluster-markers' needs the cells' groups: pass "
-            "sentence_options={'groups': adata.obs['leiden']} (a Series indexed by cell id, or one "
-            "label per cell), with groupby='leiden' to prompt once per group"
+            "sentence strategy 'cluster-markers' needs the cells' groups: pass groupby='leiden' (an obs "
+            "column of clusters; --groupby on the command line), or sentence_options={'groups': "
+            "adata.obs['leiden']} (a Series indexed by cell id, or one label per cell)"
         )
     if isinstance(groups, pd.Series) and not isinstance(groups.index, pd.RangeIndex):
         if not groups.index.is_unique:
