@@ -41,6 +41,7 @@ __all__ = [
     "grades",
     "embedding",
     "reliability",
+    "coverage",
     "report_figures",
 ]
 
@@ -413,8 +414,10 @@ def reliability(
 ) -> Any:
     """Reliability diagram: accuracy against mean confidence per confidence bin, one line per run
     (marker area by the number of cells), the diagonal for perfect calibration and each run's ECE
-    in the legend. Runs without confidences are left out. ``data``: an annotated object (with
-    ``truth`` and ``keys``) or an :class:`~cellscribe.core.evaluation.evaluate.Evaluation`."""
+    in the legend. Accuracy here is the share *subtype correct*: the prediction is the true type or a
+    subtype of it (grade 1 of CellReasoner's scale), which is what the confidence claims; the figure
+    says so. Runs without confidences are left out. ``data``: an annotated object (with ``truth`` and
+    ``keys``) or an :class:`~cellscribe.core.evaluation.evaluate.Evaluation`."""
     import matplotlib.pyplot as plt
     from matplotlib import colormaps
 
@@ -438,9 +441,57 @@ def reliability(
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("mean confidence in bin")
-    ax.set_ylabel("accuracy in bin")
+    ax.set_ylabel("share correct in bin (true type or a subtype)")
     ax.set_title(title or f"calibration vs {evaluation.truth}", fontsize=10)
     ax.legend(loc="upper left", fontsize=7, frameon=False)
+    if own:
+        fig.tight_layout()
+    return _finish(fig, show=show, save=save, return_fig=return_fig, own=own)
+
+
+def coverage(
+    data: Any,
+    truth: str | None = None,
+    keys: str | Sequence[str] | None = None,
+    *,
+    title: str | None = None,
+    ax: Any = None,
+    show: bool | None = None,
+    save: str | Path | None = None,
+    return_fig: bool = False,
+) -> Any:
+    """Accuracy against coverage, one colour per run: the cells a run called, most confident first; at
+    each coverage (share of all cells called) the share *subtype correct* (solid: the true type or a
+    subtype of it) and *exact* (dashed: names the true type) among them, and the graded score (dotted).
+    A curve that rises to the left means the confidence ranks right answers first: abstaining on the
+    least confident cells buys accuracy. Runs without confidences are left out. ``data``: an annotated
+    object (with ``truth`` and ``keys``) or an :class:`~cellscribe.core.evaluation.evaluate.Evaluation`."""
+    import matplotlib.pyplot as plt
+    from matplotlib import colormaps
+
+    evaluation = _as_evaluation(data, truth, keys)
+    runs = [r for r in evaluation.runs.values() if r.coverage["accuracy"].notna().any()]
+    own = ax is None
+    if own:
+        fig, ax = plt.subplots(figsize=(5.6, 4.2))
+    fig = ax.figure
+    cmap = colormaps["Dark2"]
+    for i, run in enumerate(runs):
+        table = run.coverage[run.coverage["accuracy"].notna()]
+        x = table.index.to_numpy(dtype=float)
+        colour = cmap(i % cmap.N)
+        ax.plot(x, table["subtype_correct"], color=colour, linewidth=1.4, marker="o", markersize=3,
+                label=f"{_short(run.name)}: subtype correct")
+        ax.plot(x, table["accuracy"], color=colour, linewidth=1.0, linestyle="--", label="exact")
+        ax.plot(x, table["graded"], color=colour, linewidth=1.0, linestyle=":", label="graded")
+    if not runs:
+        ax.text(0.5, 0.5, "no run stored confidences", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlim(1.02, 0.0)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("coverage: share of cells called, most confident first")
+    ax.set_ylabel("accuracy among the cells called")
+    ax.set_title(title or f"accuracy against coverage vs {evaluation.truth}", fontsize=10)
+    ax.legend(loc="lower left", fontsize=7, frameon=False)
     if own:
         fig.tight_layout()
     return _finish(fig, show=show, save=save, return_fig=return_fig, own=own)
@@ -460,7 +511,8 @@ def report_figures(
     """Draw the report's figures as PNG files into ``out_dir/figures`` and return ``caption -> path``
     (in order) for :func:`cellscribe.core.evaluation.evaluate.write_report`.
 
-    Figures: grade distribution per run, reliability diagram, and per run the confusion heatmap and
+    Figures: grade distribution per run, reliability diagram, accuracy against coverage, and per run
+    the confusion heatmap and
     the embedding coloured by prediction and confidence (left out when the data has no 2-d
     embedding). Label colours are set once per object over the truth and all its runs
     (:func:`set_label_colors`), so a label keeps its colour across figures.
@@ -478,7 +530,10 @@ def report_figures(
         figures["Grade distribution per run"] = path
         path = folder / "reliability.png"
         reliability(evaluation, save=path, show=False)
-        figures["Reliability of the confidences"] = path
+        figures["Reliability of the confidences (correct: the true type or a subtype of it)"] = path
+        path = folder / "coverage.png"
+        coverage(evaluation, save=path, show=False)
+        figures["Accuracy against coverage (cells called most confident first)"] = path
         for label, obj in objects.items():
             # runs of this object, grouped by the object that holds them (a MuData's modality)
             holders: dict[int, tuple[Any, list[tuple[str, str]]]] = {}

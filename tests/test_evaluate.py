@@ -15,6 +15,7 @@ from cellscribe.core.evaluation.evaluate import (
     confusion_table,
     evaluate,
     evaluate_labels,
+    coverage_table,
     expected_calibration_error,
     find_runs,
     match_labels,
@@ -77,6 +78,21 @@ def test_reliability_table_and_ece():
     assert np.isnan(expected_calibration_error([np.nan], [True]))
     with pytest.raises(ValueError, match="n_bins"):
         reliability_table(conf, ok, n_bins=0)
+
+
+def test_coverage_table_by_hand():
+    # 6 cells: confidences .9 .8 .7 .6, one without, one unresolved (never called)
+    conf = np.array([0.9, 0.6, 0.8, 0.7, np.nan, 0.95])
+    correct = np.array([True, False, True, False, True, True])
+    grades = np.array([1.0, 0.5, 1.0, 1.0, 1.0, 0.0])
+    called = np.array([True, True, True, True, True, False])
+    table = coverage_table(conf, correct, grades, called, coverages=(1.0, 0.5, 1 / 3, 1 / 6))
+    assert np.isnan(table.loc[1.0, "accuracy"])  # only 4 of 6 cells were called
+    top3 = table.loc[0.5]  # .9, .8, .7
+    assert top3["n"] == 3 and top3["min_confidence"] == pytest.approx(0.7)
+    assert top3["accuracy"] == pytest.approx(2 / 3) and top3["subtype_correct"] == pytest.approx(1.0)
+    assert top3["graded"] == pytest.approx(1.0)
+    assert table.loc[1 / 6, "accuracy"] == 1.0 and table.loc[1 / 3, "n"] == 2
 
 
 def test_confusion_table_rows_sum_to_one_and_keep_unresolved():
@@ -195,6 +211,12 @@ def test_write_report(pbmc, tmp_path):
     summary = pd.read_csv(written["summary"], index_col=0)
     assert summary.loc["cellscribe", "accuracy"] == pytest.approx(evaluation["cellscribe"].accuracy)
     assert written["per_label:cellscribe"].exists()
+    # what each measure means, and accuracy against coverage from the confidences
+    assert "subtype correct: the prediction is the true type or a subtype of it" in markdown
+    assert "## Accuracy against coverage" in markdown and "### cellscribe" in markdown
+    coverage = pd.read_csv(written["coverage:cellscribe"], index_col=0)
+    assert coverage["accuracy"].dropna().tolist() == pytest.approx(
+        evaluation["cellscribe"].coverage["accuracy"].dropna().tolist())
 
 
 def test_grade_command(tmp_path):

@@ -186,12 +186,26 @@ def test_grade_bars_and_reliability_show_the_numbers(pbmc):
     assert legend[1] == f"cellscribe (ECE {evaluation['cellscribe'].ece:.3f})"
 
 
+def test_coverage_figure_draws_each_runs_table(pbmc):
+    evaluation = evaluate(pbmc, TRUTH)
+    fig = pl.coverage(evaluation, return_fig=True)
+    ax = fig.axes[0]
+    run = evaluation["cellscribe"]
+    drawn = ax.lines[0]  # the first run's "subtype correct" line
+    table = run.coverage.dropna()
+    assert np.allclose(drawn.get_xdata(), table.index.to_numpy(dtype=float))
+    assert np.allclose(drawn.get_ydata(), table["subtype_correct"].to_numpy())
+    assert "most confident first" in ax.get_xlabel()
+    assert "true type or a subtype" in pl.reliability(evaluation, return_fig=True).axes[0].get_ylabel()
+
+
 def test_report_figures(pbmc, tmp_path):
     evaluation = evaluate(pbmc, TRUTH)
     figures = pl.report_figures(pbmc, evaluation, tmp_path)
     assert list(figures) == [
         "Grade distribution per run",
-        "Reliability of the confidences",
+        "Reliability of the confidences (correct: the true type or a subtype of it)",
+        "Accuracy against coverage (cells called most confident first)",
         "Confusion: cellscribe",
         "Embedding: cellscribe",
         "Confusion: by_cluster",

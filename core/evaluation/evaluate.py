@@ -8,10 +8,23 @@ expected calibration error (ECE) of the confidences with its reliability table, 
 CellPuzzles metrics (:mod:`cellscribe.core.evaluation.metrics`) when the run solved puzzles and its raw outputs
 are still in the run's sidecar file.
 
-A prediction is *correct* when it names the true cell type: the labels are equal once case,
-punctuation and plurals are normalised (:func:`~cellscribe.core.domain.ontology.normalise_label`), or both
-map to the same Cell Ontology term ("NK cells" for "NK"). Cells whose prediction is unresolved count
-as wrong; cells without a true label are left out.
+Three ways to be right, from strict to lenient, each reported:
+
+- *accuracy* (exact): the prediction names the true cell type: the labels are equal once case,
+  punctuation and plurals are normalised (:func:`~cellscribe.core.domain.ontology.normalise_label`),
+  or both map to the same Cell Ontology term ("NK cells" for "NK"). A finer answer than the truth's
+  vocabulary ("classical monocyte" for "CD14+ Monocyte" is exact; "CD4-positive, alpha-beta memory T
+  cell" for "CD4+ T" is not) counts as wrong here.
+- *subtype correct* (grade 1 of CellReasoner's scale): the prediction is the true type or a subtype of
+  it. This is what the confidence claims, so the reliability diagram, the ECE and the accuracy
+  against coverage judge the confidence by it.
+- *graded*: the mean grade on CellReasoner's scale (1 subtype correct, 0.5 major lineage correct, 0.25
+  partially correct, 0 incorrect; :mod:`cellscribe.core.evaluation.grading`).
+
+Cells whose prediction is unresolved count as wrong in all three; cells without a true label are left
+out. *Accuracy against coverage* (:func:`coverage_table`) orders the called cells by confidence and
+reports, for the most confident 100 %, 90 %, ... of all cells, the three measures among them: what
+share of the data a run calls at what accuracy when it abstains on its least confident cells.
 
 :func:`write_report` writes the numbers as a Markdown and a self-contained HTML report; it embeds
 figure files it is given (``cellscribe.pl.report_figures`` draws them): the core draws nothing.
@@ -50,6 +63,8 @@ __all__ = [
     "confusion_table",
     "reliability_table",
     "expected_calibration_error",
+    "COVERAGES",
+    "coverage_table",
     "evaluate_labels",
     "evaluate",
     "write_report",
@@ -282,6 +297,38 @@ def expected_calibration_error(confidence: Sequence[float], correct: Sequence[bo
     return float((filled["n"] * (filled["confidence"] - filled["accuracy"]).abs()).sum() / total)
 
 
+#: Shares of all cells, most confident first, at which :func:`coverage_table` reports accuracy.
+COVERAGES: tuple[float, ...] = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
+
+
+def coverage_table(
+    confidence: Sequence[float], correct: Sequence[bool], grades: Sequence[float],
+    called: Sequence[bool] | None = None, coverages: Sequence[float] = COVERAGES,
+) -> pd.DataFrame:
+    """Accuracy against coverage: the called cells (``called``, default all; a cell without a
+    confidence is never called) ordered by confidence, most confident first (ties in input order), and
+    for each coverage (a share of *all* cells) the most confident ones: how many, the lowest confidence
+    among them, and their accuracy (``correct``), share subtype correct (grade 1) and mean grade.
+    Coverages beyond the share called get ``NaN``.
+    """
+    conf = np.asarray(confidence, dtype=float)
+    grades = np.nan_to_num(np.asarray(grades, dtype=float), nan=0.0)
+    ok = np.asarray(correct, dtype=bool)
+    calls = np.isfinite(conf) & (np.ones(len(conf), dtype=bool) if called is None else np.asarray(called, dtype=bool))
+    order = np.flatnonzero(calls)[np.argsort(-conf[calls], kind="stable")]
+    rows = []
+    for c in coverages:
+        k = max(1, int(round(c * len(conf)))) if len(conf) else 0
+        if k == 0 or k > len(order):
+            rows.append((c, k, np.nan, np.nan, np.nan, np.nan))
+            continue
+        top = order[:k]
+        rows.append((c, k, float(conf[top].min()), float(ok[top].mean()),
+                     float(np.isclose(grades[top], 1.0).mean()), float(grades[top].mean())))
+    return pd.DataFrame(rows, columns=["coverage", "n", "min_confidence", "accuracy", "subtype_correct",
+                                       "graded"]).set_index("coverage")
+
+
 # ------------------------------------------------------------------------------------ results
 
 
@@ -292,9 +339,11 @@ class RunEvaluation:
     ``grades`` and ``correct`` are per evaluated cell, in ``cells`` order; ``grade_counts`` maps each
     grade of :data:`~cellscribe.core.evaluation.grading.GRADE_SCALE` to its number of cells; ``per_label`` has
     one row per true label (support, n_predicted, precision, recall, f1); ``reliability`` the
-    calibration bins (empty when the run has no confidences); ``puzzle`` Cell-o1's metrics or
-    ``None``. ``accuracy`` counts predictions naming exactly the true type (``correct``); ``ece`` and
-    ``reliability`` judge the confidence against grade 1 (the true type or a subtype of it).
+    calibration bins (empty when the run has no confidences); ``coverage`` the accuracy against
+    coverage (:func:`coverage_table`; empty without confidences); ``puzzle`` Cell-o1's metrics or
+    ``None``. ``accuracy`` counts predictions naming exactly the true type (``correct``); ``ece``,
+    ``reliability`` and ``coverage`` judge the confidence against grade 1 (the true type or a subtype of
+    it; see the module docstring).
     """
 
     name: str
@@ -311,6 +360,7 @@ class RunEvaluation:
     grades: np.ndarray = attrs.field(eq=False, repr=False)
     correct: np.ndarray = attrs.field(eq=False, repr=False)
     puzzle: PuzzleScores | None = None
+    coverage: pd.DataFrame = attrs.field(eq=False, repr=False, factory=lambda: coverage_table([], [], []))
 
     def summary(self) -> dict[str, Any]:
         """The headline numbers as a flat dict (grade shares as ``"share <grade name>"``)."""
@@ -323,6 +373,9 @@ class RunEvaluation:
             "graded_score": self.graded_score,
             "ece": self.ece,
         }
+        for c in (0.8, 0.5):  # how much better the most confident calls are
+            value = self.coverage["subtype_correct"].get(c, float("nan")) if len(self.coverage) else float("nan")
+            out[f"subtype correct, top {c:.0%}"] = value
         for grade in sorted(GRADE_SCALE, reverse=True):
             count = self.grade_counts.get(grade, 0)
             out[f"share {GRADE_NAMES[grade]}"] = count / self.n_cells if self.n_cells else float("nan")
@@ -376,6 +429,8 @@ def evaluate_labels(
     # vocabulary ("CD4-positive, alpha-beta memory T cell" for "CD4+ T") is not counted wrong.
     right = np.isclose(np.nan_to_num(grades, nan=0.0), 1.0)
     reliability = reliability_table(conf, right, n_bins) if has_conf else reliability_table([], [], n_bins)
+    coverage = coverage_table(conf, correct, grades, called=[p is not None for p in preds]) if has_conf \
+        else coverage_table([], [], [])
     n = len(truths_a)
     puzzle = None
     if puzzle_outputs is not None and puzzle_answers is not None:
@@ -395,6 +450,7 @@ def evaluate_labels(
         grades=grades,
         correct=correct,
         puzzle=puzzle,
+        coverage=coverage,
     )
 
 
@@ -500,6 +556,18 @@ def _html_table(frame: pd.DataFrame) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+#: What the report's measures mean (see the module docstring), said at the top of every report.
+_DEFINITIONS = (
+    "- accuracy (exact): the prediction names the true cell type (equal labels after normalising case and "
+    "punctuation, or the same Cell Ontology term); a finer type than the truth's vocabulary counts as wrong.",
+    "- subtype correct: the prediction is the true type or a subtype of it (grade 1 of CellReasoner's "
+    "scale). The confidence claims this; the reliability diagram, the ECE (10 bins) and the accuracy against "
+    "coverage judge it by this.",
+    "- graded: the mean grade on CellReasoner's scale (1 subtype correct, 0.5 major lineage correct, 0.25 "
+    "partially correct, 0 incorrect; `cellscribe.core.evaluation.grading`).",
+    "- Unresolved cells count as wrong in all three.",
+)
+
 _CSS = (
     "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
     "table{border-collapse:collapse;margin:1em 0;font-size:.9em}td,th{border:1px solid #ccc;padding:.25em .6em;"
@@ -518,8 +586,9 @@ def write_report(
 
     :param figures: ``caption -> image file`` to embed, in order (Markdown links them relative to
         ``out_dir``; the HTML inlines them).
-    :return: paths written: ``"markdown"``, ``"html"``, ``"summary"`` (CSV) and
-        ``"per_label:<run>"`` (CSV per run).
+    :return: paths written: ``"markdown"``, ``"html"``, ``"summary"`` (CSV),
+        ``"per_label:<run>"`` (CSV per run) and ``"coverage:<run>"`` (CSV per run with confidences:
+        accuracy against coverage).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -534,10 +603,7 @@ def write_report(
             display[column] = [str(int(v)) if isinstance(v, (int, float, np.number)) and not pd.isna(v) else "–"
                                for v in display[column]]
     md += [
-        "Correct: the prediction names the true cell type (equal labels after normalising case and "
-        "punctuation, or the same Cell Ontology term). Graded: CellReasoner's scale (1 subtype correct, "
-        "0.5 major correct, 0.25 partially correct, 0 incorrect) from `cellscribe.core.evaluation.grading`. ECE: expected "
-        "calibration error of the confidences (10 bins).",
+        *_DEFINITIONS,
         "",
         "## Summary",
         "",
@@ -547,9 +613,24 @@ def write_report(
     parts_html = [
         f"<h1>{html.escape(title)}</h1>",
         f"<p>True labels: <code>obs[{html.escape(repr(evaluation.truth))}]</code>. Runs: {len(evaluation.runs)}.</p>",
+        *(f"<p>{html.escape(line.lstrip('- '))}</p>" for line in _DEFINITIONS),
         "<h2>Summary</h2>",
         _html_table(display.T.rename_axis("metric")),
     ]
+    with_coverage = [(name, run) for name, run in evaluation.runs.items() if run.coverage["n"].notna().any()
+                     and run.coverage["accuracy"].notna().any()]
+    if with_coverage:
+        intro = ("Accuracy against coverage: the cells a run called, most confident first; for each share of "
+                 "all cells (coverage), the lowest confidence among them and how many of them are right. A "
+                 "run that abstains below that confidence calls that share of the data at that accuracy.")
+        md += ["## Accuracy against coverage", "", intro, ""]
+        parts_html += ["<h2>Accuracy against coverage</h2>", f"<p>{html.escape(intro)}</p>"]
+        for name, run in with_coverage:
+            table = run.coverage.reset_index()
+            table["coverage"] = [f"{c:.0%}" for c in table["coverage"]]
+            table = table.set_index("coverage")
+            md += [f"### {name}", "", _markdown_table(table), ""]
+            parts_html += [f"<h3>{html.escape(name)}</h3>", _html_table(table)]
     if figures:
         md += ["## Figures", ""]
         parts_html.append("<h2>Figures</h2>")
@@ -570,6 +651,10 @@ def write_report(
         path = out / f"per_label_{safe}.csv"
         run.per_label.to_csv(path)
         written[f"per_label:{name}"] = path
+        if run.coverage["accuracy"].notna().any():
+            path = out / f"coverage_{safe}.csv"
+            run.coverage.to_csv(path)
+            written[f"coverage:{name}"] = path
         md += [f"## Per label: {name}", "", _markdown_table(run.per_label), ""]
         parts_html += [f"<h2>Per label: {html.escape(name)}</h2>", _html_table(run.per_label)]
     (out / "report.md").write_text("\n".join(md), encoding="utf-8")
