@@ -40,6 +40,8 @@ def __getattr__(name: str):
         return importlib.import_module(f"{__name__}.{name}")
     if name in ("load_model", "Model"):
         return getattr(importlib.import_module(f"{__name__}.core.models"), name)
+    if name == "FailedPromptsError":
+        return getattr(importlib.import_module(f"{__name__}.core.run"), name)
     if name in ("finetune", "export_training_set"):
         module = importlib.import_module(f"{__name__}.core.run.finetune")
         return module.train_adapter if name == "finetune" else module.export

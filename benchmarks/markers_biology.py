@@ -192,13 +192,13 @@ def run_clusters(data) -> None:
             _quiet(cellscribe.tl.annotate, a, groupby=key, sidecar=False, progress=False, **kwargs)
             seconds = time.perf_counter() - start
             terms = terms_of(a.obs["cellscribe"].astype(object).to_numpy())
-            clusters = a.uns["cellscribe"].get("clusters") or a.uns["cellscribe"]["summary"].get("clusters", {})
+            clusters = a.uns["cellscribe"]["clusters"]  # one row per group
             rows.append({
                 "data": name, "groupby": key, "sentences": sentence, "groups": len(clusters),
                 **{k: round(v, 3) for k, v in metrics(terms, truth).items()},
                 "seconds": round(seconds, 2),
             })
-            calls = {g: c["label"] for g, c in sorted(clusters.items())}
+            calls = dict(sorted(clusters["label"].items()))
             print(f"  {name} by {key}, {sentence}: " + "; ".join(f"{g} -> {c}" for g, c in calls.items()))
     print("\ncluster mode (per cell, after the group's call):")
     print(pd.DataFrame(rows).to_string(index=False))

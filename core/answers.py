@@ -32,7 +32,7 @@ from collections.abc import Sequence
 import attrs
 
 __all__ = ["AnswerFormat", "FREE", "TAGGED", "THINK_OPEN", "THINK_CLOSE", "ANSWER_OPEN", "ANSWER_CLOSE",
-           "SEPARATOR", "TAG_NAMES", "opens_think", "ends_in_think", "with_reasoning"]
+           "SEPARATOR", "TAG_NAMES", "printable", "opens_think", "ends_in_think", "with_reasoning"]
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
@@ -45,6 +45,21 @@ _LEGITIMATE = re.compile(r"^<think>.*?</think>\n<answer>.*?</answer>$", re.DOTAL
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _ANSWER_ANY_CASE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
 _ENDS_IN_THINK = re.compile(r"<think>\s*$")
+
+
+#: Characters an answer cannot carry into the results: C0 controls but tab, newline and carriage return
+#: (h5ad strings refuse NUL), DEL, C1 controls, and lone surrogates (not encodable as UTF-8).
+_UNPRINTABLE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def printable(text: str | None) -> tuple[str, int]:
+    """``text`` with every control character (NUL, escape, ...) except tab, newline and carriage return,
+    and every lone surrogate, replaced by a space; and how many were replaced. What a model answers is
+    stored in ``obs`` strings, which h5ad cannot write with a NUL in them."""
+    if not text:
+        return text or "", 0
+    cleaned, n = _UNPRINTABLE.subn(" ", text)
+    return cleaned, n
 
 
 def opens_think(text: str) -> bool:

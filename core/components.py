@@ -133,7 +133,9 @@ class LoadedModel(Protocol):
     ``generate(prompts, *, settings, progress)`` returns one :class:`Generation` per prompt, in order;
     ``settings`` are the user's generation overrides (merged over each prompt's ``generation``
     defaults by the backend); ``progress(n)`` is called as prompts finish. A failure of one batch is
-    reported in ``Generation.error`` rather than raised.
+    reported in ``Generation.error`` rather than raised; a model that cannot answer any prompt now (a
+    server down, a refused key) raises :class:`~cellscribe.core.types.ModelUnavailableError` with the
+    generations it finished, which stops the run (resumable from its checkpoint).
     """
 
     def generate(self, prompts: Sequence[Prompt], **options: Any) -> list[Generation]: ...
@@ -153,6 +155,14 @@ class LoadedModel(Protocol):
     def info(self) -> Mapping[str, Any]:
         """What identifies the model (recorded in the run parameters)."""
         return {}
+
+    def identity(self) -> Mapping[str, Any] | None:
+        """What determines its answers, for a checkpoint's identity (a run resumes only answers of the same
+        identity): e.g. a server's URL (without credentials), the served model, the rendering, but not
+        timeouts or concurrency. ``None`` (the default): its :meth:`info` and every model option count.
+        The run adds the model's name, adapter, dtype and the content of the local files it was loaded
+        from (:func:`cellscribe.core.run.execute.model_identity`)."""
+        return None
 
     def use_modality(self, modality: str) -> None:
         """Switch to the modality's adapter (the base model for a modality without one)."""

@@ -101,13 +101,36 @@ def _options(value: Any) -> dict[str, Any]:
 
 
 def _labels(value: Any) -> tuple[str, ...] | None:
+    """Candidate labels, stripped; ``None`` is unrestricted. Refused: a single string, an empty list, a
+    single label (every cell would get it, at full confidence), blank, repeated or unprintable labels."""
     if value is None:
         return None
     if isinstance(value, str):
         raise ValueError(
             f"candidates must be a list of labels, not the single string {value!r}; wrap it in a list"
         )
-    return tuple(str(v) for v in _plain(value))
+    labels = tuple(str(v).strip() for v in _plain(value))
+    if not labels:
+        raise ValueError("candidates is empty; give at least two labels, or none (candidates=None) to let the "
+                         "model answer freely")
+    blank = [i for i, label in enumerate(labels) if not label]
+    if blank:
+        raise ValueError(f"candidate label number {blank[0] + 1} of {len(labels)} is blank; remove the empty label")
+    from .answers import printable
+
+    bad = [label for label in labels if printable(label)[1] or "\n" in label or "\t" in label]
+    if bad:
+        raise ValueError(f"candidate label {bad[0]!r} holds a control character (tab, newline, NUL); one label per "
+                         "entry, printable text only")
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:
+        raise ValueError(f"duplicate candidate labels: {repeated}; give each label once")
+    if len(labels) == 1:
+        raise ValueError(
+            f"a single candidate ({labels[0]!r}) would give every cell that label; give at least two "
+            "candidates, or none to let the model answer freely"
+        )
+    return labels
 
 
 def _plain(value: Any) -> Any:
@@ -453,14 +476,17 @@ class OutputSpec:
     )
     sidecar: str | bool | None = param(
         converter=_sidecar,
-        doc="Where the full raw model outputs go (JSONL, one record per prompt). ``None``: a new file in "
-            "``./cellscribe_runs/``; ``False``: not written.",
+        doc="A file for every prompt and raw model output (JSONL, one record per prompt). ``None``: no file; "
+            "the raw outputs are kept in memory, in ``uns[key_added][\"raw\"]``; ``False``: not kept at all. "
+            "(The command line writes ``OUTPUT.cellscribe.jsonl``.)",
         flag=Flag(("--sidecar",), "Raw outputs JSONL (default: OUTPUT.cellscribe.jsonl).", type="path"),
     )
     checkpoint: str | None = param(
         converter=_path,
         doc="A folder where finished batches of outputs are saved as they complete; running the same call "
-            "again with the same folder resumes where it stopped (the CLI uses ``OUTPUT.cellscribe.ckpt``).",
+            "again with the same folder resumes where it stopped and sends again only the prompts whose model "
+            "call failed (the CLI uses ``OUTPUT.cellscribe.ckpt``). Answers of another model, server, adapter, "
+            "weights or data are never resumed, and one run at a time owns the folder.",
         flag=Flag(("--checkpoint",), "Folder of finished batches (default OUTPUT.cellscribe.ckpt); re-run "
                   "to resume.", type="dir"),
     )
@@ -670,6 +696,7 @@ def split(params: Mapping[str, Any], parts: Sequence[str]) -> dict[str, Any]:
         raise TypeError(f"unexpected keyword argument(s) {', '.join(map(repr, unknown))}; "
                         f"accepted: {', '.join(known)}")
     return {part: PARTS[part](**{k: v for k, v in params.items() if known[k] == part}) for part in parts}
+
 
 # -------------------------------------------------------------------------------------------------
 # Fine-tuning (``cellscribe finetune``, ``cellscribe export``): the training parameters, declared as the

@@ -32,6 +32,7 @@ __all__ = [
     "Prompt",
     "Generation",
     "Annotation",
+    "ModelUnavailableError",
     "sentence_genes",
     "STATUS_OK",
     "STATUS_UNRESOLVED",
@@ -76,6 +77,12 @@ class FeatureMatrix:
         Optional boolean mask over the output columns: the features this data set can show at all. A
         peak matrix measures only the genes some peak overlaps; ``None`` (the default, as for RNA) means
         every column is measured. See :class:`Assay`.
+    notes
+        What the modality did differently from what was asked, and why (a smaller smoothing
+        neighbourhood or another normalisation for a run of few cells); recorded in
+        ``uns[key_added]["params"]["matrix_notes"]``.
+
+    Reading a chunk that holds a NaN or infinite value raises a ``ValueError`` naming the cell and gene.
     """
 
     X: Any
@@ -88,6 +95,7 @@ class FeatureMatrix:
     measured: np.ndarray | None = attrs.field(
         default=None, converter=lambda v: None if v is None else np.asarray(v, dtype=bool)
     )
+    notes: tuple[str, ...] = attrs.field(converter=_tuple_of_str, factory=tuple)
 
     @property
     def measured_names(self) -> np.ndarray:
@@ -113,7 +121,28 @@ class FeatureMatrix:
         for start, stop, chunk in iter_row_chunks(self.X, chunk_size):
             if self.column_transform is not None:
                 chunk = (chunk @ self.column_transform).tocsr()
+            self._check_finite(start, stop, chunk)
             yield start, stop, chunk
+
+    def _check_finite(self, start: int, stop: int, chunk: Any) -> None:
+        """A ``ValueError`` naming the first NaN or infinite value of a chunk (its cell, gene and the
+        matrix it was read from): such a value cannot be ranked, and an inf would top its cell's sentence."""
+        bad = ~np.isfinite(chunk.data)
+        if not bad.any():
+            return
+        k = int(np.flatnonzero(bad)[0])
+        row = int(np.searchsorted(chunk.indptr, k, side="right")) - 1
+        value = float(chunk.data[k])
+        shown = "NaN" if np.isnan(value) else ("inf" if value > 0 else "-inf")
+        matrix = str(self.source).split(":")[0].split(";")[0].strip() or "the matrix"
+        more = int(bad.sum()) - 1
+        raise ValueError(
+            f"{matrix} holds {shown} for cell {str(self.cell_ids[start + row])!r} (row {start + row}) and gene "
+            f"{str(self.feature_names[chunk.indices[k]])!r}"
+            + (f", and {more} more NaN or infinite value(s) in rows {start}-{stop - 1}" if more else "")
+            + ": cell sentences rank genes by value and cannot rank NaN or infinite values; replace them "
+            "(e.g. numpy.nan_to_num) or choose another matrix with layer= or use_raw="
+        )
 
     def subset_rows(self, rows: np.ndarray) -> FeatureMatrix:
         """Return a new FeatureMatrix holding only ``rows`` (an integer index), read into memory."""
@@ -448,6 +477,21 @@ class Generation:
     n_output_tokens: int | None = None
     error: str | None = None
     notes: tuple[str, ...] | None = None
+
+
+class ModelUnavailableError(RuntimeError):
+    """The model cannot answer any prompt now (a server that is down or stops answering, a refused API
+    key, an unknown model name): raised by ``LoadedModel.generate`` to stop the run instead of failing
+    every remaining prompt one by one.
+
+    ``generations``: one entry per prompt of the call, the :class:`Generation` of those answered before
+    the failure and ``None`` for the others (or ``None`` when the backend kept nothing); the run saves the
+    answered ones, so a re-run once the model is back sends only the rest.
+    """
+
+    def __init__(self, message: str, generations: Sequence[Generation | None] | None = None) -> None:
+        super().__init__(message)
+        self.generations = list(generations) if generations is not None else None
 
 
 @attrs.frozen

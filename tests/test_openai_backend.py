@@ -22,6 +22,7 @@ import cellscribe as cs  # noqa: E402
 import cellscribe.plugins.openai as openai_plugin  # noqa: E402
 from cellscribe import Prompt  # noqa: E402
 from cellscribe.core import plugins  # noqa: E402
+from cellscribe.core.types import ModelUnavailableError  # noqa: E402
 from cellscribe.plugins.openai import OpenAIBackend, retry_after_seconds  # noqa: E402
 
 KEY = "sk-test-5f1c0a9e7d2b4c6a8e0f1a2b3c4d5e6f"
@@ -360,8 +361,11 @@ def test_api_key_is_sent_but_never_logged_shown_or_echoed(monkeypatch, caplog):
     # A server that rejects the key and repeats it in its error message (as hosted APIs do).
     with OpenAIServer(api_key="another-key") as server:
         model = connect(server, api_key_env="CELLSCRIBE_TEST_KEY", max_concurrency=1)
-        generations = model.generate([chat(f"GENE{i}") for i in range(5)])
-        assert len(server.requests) == 1  # a 401 fails the rest of the run without more requests
+        with pytest.raises(ModelUnavailableError) as stopped:  # a 401 stops the run: every request would get it
+            model.generate([chat(f"GENE{i}") for i in range(5)])
+        generations = stopped.value.generations
+        assert len(server.requests) == 1  # no more requests after the 401
+        assert KEY not in str(stopped.value)
     assert all("HTTP 401" in g.error and "CELLSCRIBE_TEST_KEY" in g.error for g in generations)
     shown = [g.error for g in generations] + [caplog.text, repr(model), json.dumps(model.info())]
     assert KEY not in "\n".join(shown)

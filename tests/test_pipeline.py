@@ -93,9 +93,9 @@ def test_groupby_majority_vote(pancreas, rules):
     per_group = obs.groupby("Group", observed=True)["cellscribe"].agg(lambda s: s.astype(str).unique().tolist())
     assert all(len(v) == 1 for v in per_group)
     assert obs["cellscribe_cell"].notna().sum() == 15
-    clusters = pancreas.uns["cellscribe"]["clusters"]
-    assert set(clusters) == set(obs["Group"].astype(str))
-    assert clusters["alpha"]["label"] == "alpha"
+    clusters = pancreas.uns["cellscribe"]["clusters"]  # a table indexed by group
+    assert set(clusters.index) == set(obs["Group"].astype(str))
+    assert clusters.loc["alpha", "label"] == "alpha" and clusters.loc["alpha", "n_representatives"] == 3
 
 
 def test_k_shot_from_the_query_labelled_cells(pancreas, rules):
@@ -179,6 +179,9 @@ class _Killer:
     def __init__(self, model, after):
         self.model, self.after, self.seen = model, after, 0
 
+    def __getattr__(self, name):  # the same model in every other respect (its identity too)
+        return getattr(self.model, name)
+
     def generate(self, prompts, **kw):
         if self.seen + len(prompts) > self.after:
             raise KeyboardInterrupt
@@ -197,7 +200,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(pancreas, with_plugin, t
     plugin.backend.model = _Killer(real, after=100)
     with pytest.raises(KeyboardInterrupt):
         cs.tl.annotate(pancreas, checkpoint=tmp_path / "ckpt", **kw)
-    saved = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    saved = sorted(p.name for p in (tmp_path / "ckpt").glob("batch-*.json"))
     assert len(saved) == 6  # 6 finished batches of 16 prompts before the 'kill' at prompt 100
 
     plugin.backend.model = real
@@ -222,7 +225,10 @@ def test_a_failing_batch_is_split_and_only_its_bad_prompt_lost(pancreas, with_pl
         return original(prompts, **kw)
 
     model.generate = flaky
-    cs.tl.annotate(pancreas, model="rules", batch_size=4, sidecar=False, progress=False)
+    with pytest.raises(cs.FailedPromptsError, match="1 of 350 prompts got no answer") as failed:
+        cs.tl.annotate(pancreas, model="rules", batch_size=4, sidecar=False, progress=False)
+    assert failed.value.summary["n_failed_prompts"] == 1
+    assert pancreas.uns["cellscribe"]["summary"]["n_failed_prompts"] == 1  # written before the error
     obs = pancreas.obs
     assert obs.loc[bad, "cellscribe_status"] == "unresolved"
     assert "out of memory" in obs.loc[bad, "cellscribe_note"]

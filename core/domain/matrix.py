@@ -61,6 +61,7 @@ class MatrixSummary:
     max: float
     all_integer: bool
     empty_rows: int
+    non_finite: int = 0
 
     @property
     def has_negative(self) -> bool:
@@ -68,17 +69,24 @@ class MatrixSummary:
 
 
 def summarize(X: Any, chunk_size: int = DEFAULT_CHUNK) -> MatrixSummary:
-    """Scan ``X`` chunk by chunk: min, max, whether every stored value is an integer, empty rows."""
-    lo, hi, nnz, empty, integer = np.inf, -np.inf, 0, 0, True
+    """Scan ``X`` chunk by chunk: min, max and integrality of the finite stored values, empty rows, and
+    how many values are NaN or infinite (reading the matrix as cells refuses those, naming them)."""
+    lo, hi, nnz, empty, integer, non_finite = np.inf, -np.inf, 0, 0, True, 0
     for _, _, chunk in iter_row_chunks(X, chunk_size):
         data = chunk.data
         empty += int(np.count_nonzero(np.diff(chunk.indptr) == 0)) if data.size else chunk.shape[0]
         if data.size == 0:
             continue
         nnz += int(np.count_nonzero(data))
+        finite = np.isfinite(data)
+        if not finite.all():
+            non_finite += int(data.size - np.count_nonzero(finite))
+            data = data[finite]
+            if data.size == 0:
+                continue
         lo, hi = min(lo, float(data.min())), max(hi, float(data.max()))
         if integer and data.dtype.kind == "f":
             integer = bool(np.all(np.mod(data, 1) == 0))
-    if nnz == 0:
+    if lo > hi:
         lo = hi = 0.0
-    return MatrixSummary(int(X.shape[0]), int(X.shape[1]), nnz, lo, hi, integer, empty)
+    return MatrixSummary(int(X.shape[0]), int(X.shape[1]), nnz, lo, hi, integer, empty, non_finite)

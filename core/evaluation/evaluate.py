@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -455,28 +454,27 @@ def evaluate_labels(
 
 
 def _puzzle_inputs(data: Any, key: str, truth: pd.Series) -> tuple[list[str], list[list[str]]] | None:
-    """Raw outputs and gold labels of a puzzle run, from its sidecar (``None`` if it is no puzzle run
-    or the sidecar is gone)."""
+    """Raw outputs and gold labels of a puzzle run, from its sidecar file or, without one, the raw outputs
+    kept in ``uns`` (``None`` if it is no puzzle run or neither is there)."""
+    from ..run.record import raw_records
+
     holder, column = resolve_run(data, key)
     entry = holder.uns.get(column, data.uns.get(key, {}))
     params = entry.get("params", {}) if isinstance(entry, Mapping) else {}
     if str(params.get("prompt", "")) != "puzzle":
         return None
-    path = Path(str(entry.get("sidecar") or ""))
-    if not str(entry.get("sidecar") or "") or not path.is_file():
-        log.warning("run %r solved puzzles but its sidecar %s is missing: no CellPuzzles metrics", key, path)
+    records = raw_records(entry)
+    if records is None:
+        log.warning("run %r solved puzzles but its raw outputs are gone (sidecar %r): no CellPuzzles metrics",
+                    key, str(entry.get("sidecar") or ""))
         return None
     outputs, answers = [], []
-    with path.open(encoding="utf-8") as fh:
-        for line in fh:
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            units = [str(u) for u in record.get("unit_ids", [])]
-            if not units or not all(u in truth.index for u in units):
-                continue
-            outputs.append(str(record.get("output") or ""))
-            answers.append([str(truth[u]) for u in units])
+    for record in records:
+        units = [str(u) for u in record.get("unit_ids", [])]
+        if not units or not all(u in truth.index for u in units):
+            continue
+        outputs.append(str(record.get("output") or ""))
+        answers.append([str(truth[u]) for u in units])
     return (outputs, answers) if outputs else None
 
 

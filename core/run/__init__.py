@@ -32,7 +32,17 @@ from ..spec import DataSpec, RunSpec, SentenceSpec
 from .data import is_mudata, label_column, measured_mask, prepare_data, read_input, select_modality_data
 from .execute import decode_all, execute, model_for
 from .plan import RunPlan, plan_run
-from .record import h5_safe, new_run_id, run_params, sidecar_path, write_results, write_sidecar
+from .record import (
+    clusters_table,
+    h5_safe,
+    new_run_id,
+    raw_outputs,
+    run_params,
+    sidecar_path,
+    without_credentials,
+    write_results,
+    write_sidecar,
+)
 from .results import EMPTY_NOTE, results_frame
 from .units import unit_label_scores
 from .sentences import prepare_sentences, sentence_chunks, sentences_frame
@@ -41,6 +51,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "annotate",
+    "FailedPromptsError",
     "plan_run",
     "RunPlan",
     "prepare_sentences",
@@ -54,37 +65,69 @@ __all__ = [
 ]
 
 
+class FailedPromptsError(RuntimeError):
+    """Some prompts got no answer because their model call failed (a server error or timeout, a server
+    that went down, a refused key): raised by ``cellscribe.tl.annotate`` after everything else was
+    written. ``summary`` is the run's summary (``n_failed_prompts``, ``n_failed_units``, ``stopped``,
+    ``first_error``); ``data`` the annotated copy when ``copy=True`` was asked, else ``None``."""
+
+    def __init__(self, summary: dict[str, Any], *, key_added: str, checkpoint: str | None, data: Any = None) -> None:
+        self.summary, self.data = summary, data
+        why = summary.get("stopped") or summary.get("first_error") or "model call failed"
+        resume = (
+            f"run the same call again (checkpoint={checkpoint!r}) to send only the failed prompts"
+            if checkpoint else "pass checkpoint=FOLDER to keep the answers, so that a re-run sends only the failed ones"
+        )
+        super().__init__(
+            f"{summary['n_failed_prompts']} of {summary['n_prompts']} prompts got no answer from the model ({why}); "
+            f"their {summary['n_failed_units']} units are unresolved with the error in obs['{key_added}_note'] and "
+            f"everything else is written{' (the annotated copy is this error' + chr(39) + 's .data)' if data is not None else ''}; "
+            f"{resume}"
+        )
+
+
 def annotate(data: Any, spec: RunSpec | None = None, *, host: Host | None = None, **params: Any) -> dict[str, Any]:
     """Annotate ``data`` in place as ``spec`` (or the run parameters as keywords) says, and return the
-    run's summary. See :func:`cellscribe.tl.annotate` for the parameters and what is written."""
+    run's summary. See :func:`cellscribe.tl.annotate` for the parameters and what is written.
+
+    Prompts whose model call failed leave their cells unresolved and are counted in the summary
+    (``n_failed_prompts``, ``n_failed_units``; ``stopped`` says why the model stopped answering, if it
+    did); this function does not raise for them (``tl.annotate`` does, the command line exits 3)."""
     host = host or get_host()
     spec = spec if spec is not None else RunSpec.from_kwargs(**params)
     run_id = new_run_id()
     plan = plan_run(data, spec, host=host, build_prompts=False)             # 1-2: data, sentences, plan
-    execution = execute(plan, model_for(plan, host))                         # 3: the model answers
+    execution = execute(plan, model_for(plan, host), run_id)                 # 3: the model answers
     by_unit = decode_all(plan.prompts, execution.generations, host)
     frame, summary = results_frame(plan, by_unit, plan.spec.output.key_added,  # 4: results
                                    unit_label_scores(plan.prompts, execution.generations))
 
     out = plan.spec.output                                                   # 5: record
-    sidecar = sidecar_path(out.sidecar, out.key_added, run_id)
+    sidecar = sidecar_path(out.sidecar)
     if sidecar is not None:
         write_sidecar(sidecar, plan.prompts, execution.generations, by_unit)
+    failed_units = sum(len(p.unit_ids) for p, g in zip(plan.prompts, execution.generations) if g.error)
     summary.update({"seconds_generation": round(execution.seconds, 3), "n_prompts": len(plan.prompts),
+                    "n_failed_prompts": execution.failed, "n_failed_units": failed_units,
+                    "stopped": execution.stopped or "",
+                    "first_error": next((g.error for g in execution.generations if g.error), ""),
                     "sidecar": str(sidecar) if sidecar else None})
     entry = {
-        "params": h5_safe(run_params(plan, execution, run_id)),
+        "params": h5_safe(without_credentials(run_params(plan, execution, run_id))),
         "summary": h5_safe({k: v for k, v in summary.items() if k != "clusters"}),
         "sidecar": str(sidecar) if sidecar else "",
     }
+    if sidecar is None and out.sidecar is not False:  # no file unless asked: the raw outputs stay in uns
+        entry["raw"] = raw_outputs(plan.prompts, execution.generations)
     if "clusters" in summary:
-        entry["clusters"] = h5_safe(summary["clusters"])
+        entry["clusters"] = clusters_table(summary["clusters"])
     if execution.observability:
         entry["observability"] = h5_safe(dict(execution.observability))
     write_results(data, plan, frame, entry)
     log.info(
-        "annotated %d cells: %d ok, %d unresolved (%d prompts, %.1f s generation)",
-        summary["n_cells"], summary["n_ok"], summary["n_unresolved"], len(plan.prompts), execution.seconds,
+        "annotated %d cells: %d ok, %d unresolved (%d prompts, %d failed, %.1f s generation)",
+        summary["n_cells"], summary["n_ok"], summary["n_unresolved"], len(plan.prompts), execution.failed,
+        execution.seconds,
     )
     return summary
 

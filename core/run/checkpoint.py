@@ -1,40 +1,160 @@
-"""Running prompts in batches that survive interruption and failure.
+"""Running prompts in batches that survive interruption and failure, in a folder one run owns.
 
 Prompts are cut into fixed batches by position (the partition never depends on what is already done),
 each batch's outputs are written to its own file in a checkpoint folder as soon as it finishes, and a
 re-run of the same plan loads finished batches instead of generating them again. With greedy decoding
 (or a per-batch seed derived from the run's seed) a resumed run therefore ends with exactly the result of
-an uninterrupted one. A batch whose call raises is retried in halves down to single prompts; a prompt
-that still fails becomes an error :class:`~cellscribe.core.types.Generation` (its units unresolved), and
-the rest of the run goes on.
+an uninterrupted one.
+
+What a checkpoint may give back is decided by its **identity**: a hash of everything that determines the
+answers (the model and how it is reached: its name, backend, what the backend reports as its identity,
+such as a server's URL without credentials, the adapter, the content of every local weight, adapter or
+table file the model is loaded from, and the assay), stored in ``run.json``. A folder holding another
+run's answers is emptied before use, never resumed; each batch file also carries the hash of its prompts,
+settings and that identity. A folder is **owned** by one run at a time: ``LOCK`` is held with an
+exclusive ``flock`` while the run lives (the kernel releases it when the process dies, even by
+``kill -9``), and ``OWNER`` names the holder, so a second run on the same folder stops with
+:class:`CheckpointInUse` before any model work.
+
+Failures: a batch whose call raises is retried in halves down to single prompts; a prompt that still
+fails becomes an error :class:`~cellscribe.core.types.Generation` (its units unresolved) and is saved as
+failed, so a re-run sends only the failed prompts again. A model that cannot answer at all
+(:class:`~cellscribe.core.types.ModelUnavailableError`: a server down, a refused key) stops the run: the
+answers finished so far are saved, the prompts not sent are reported as failed, and the re-run resumes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime as _dt
 import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+import socket
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import attrs
 
-from ..types import Generation, Prompt
+from ..types import Generation, ModelUnavailableError, Prompt
+
+try:  # POSIX; elsewhere folders are not locked (a second run is not detected)
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 
+__all__ = [
+    "Checkpoint",
+    "CheckpointInUse",
+    "BatchOutcome",
+    "fingerprint",
+    "identity_digest",
+    "path_digest",
+    "generate_safely",
+    "run_batches",
+    "hold_folder",
+]
+
+#: Files up to this size are hashed whole; larger ones (model weights) by size, modification time, the
+#: safetensors header (tensor names, shapes, dtypes, offsets) and :data:`SAMPLED_BLOCKS` blocks of
+#: :data:`BLOCK` bytes spread over the file: ~1 MB read per file, milliseconds for a 15 GB shard.
+WHOLE_FILE_LIMIT = 64 * 2**20
+SAMPLED_BLOCKS = 16
+BLOCK = 64 * 2**10
+#: Most files of one folder that a digest reads (a model folder holds a few dozen).
+MAX_FILES = 10_000
+#: A folder is read as model files only when it holds one of these (so a value that happens to name
+#: an unrelated folder in the working directory is not walked).
+MODEL_FILE_MARKERS = ("config.json", "adapter_config.json", "tokenizer.json", "tokenizer_config.json")
+MODEL_FILE_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".csv", ".tsv", ".json", ".jinja")
+
+MANIFEST = "run.json"
+LOCK = "LOCK"
+OWNER = "OWNER"
+
+
+class CheckpointInUse(RuntimeError):
+    """Another live run owns the checkpoint folder."""
+
+
+# -------------------------------------------------------------------------------------------------
+# Identity
+# -------------------------------------------------------------------------------------------------
+
+
+def file_digest(path: Path) -> str:
+    """Content hash of one file: whole up to :data:`WHOLE_FILE_LIMIT`, else size, mtime, safetensors
+    header and sampled blocks (a retrained or replaced weight file changes at least one of them)."""
+    st = path.stat()
+    h = hashlib.sha256(str(st.st_size).encode())
+    with path.open("rb") as fh:
+        if st.st_size <= WHOLE_FILE_LIMIT:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+            return h.hexdigest()
+        h.update(str(st.st_mtime_ns).encode())
+        if path.suffix == ".safetensors":
+            n = int.from_bytes(fh.read(8), "little")
+            if 0 < n <= min(st.st_size - 8, 100 * 2**20):
+                h.update(fh.read(n))
+        last = st.st_size - BLOCK
+        for i in range(SAMPLED_BLOCKS + 1):
+            fh.seek(i * last // SAMPLED_BLOCKS)
+            h.update(fh.read(BLOCK))
+    return h.hexdigest()
+
+
+def path_digest(value: Any) -> str | None:
+    """Content hash of the local file or model folder ``value`` names (every file below it, hidden
+    ones excepted), or ``None`` when it names none."""
+    if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
+        return None
+    try:
+        path = Path(value).expanduser()
+        if path.is_file():
+            return file_digest(path)
+        if not path.is_dir():
+            return None
+        top = [p.name for p in path.iterdir()]
+        if not any(n in MODEL_FILE_MARKERS or n.endswith(MODEL_FILE_SUFFIXES) for n in top):
+            return None
+        files = []
+        for p in sorted(path.rglob("*")):
+            rel = p.relative_to(path)
+            if p.is_file() and not any(part.startswith(".") for part in rel.parts):
+                files.append((str(rel), p))
+            if len(files) >= MAX_FILES:
+                log.warning("checkpoint identity: only the first %d files of %s are fingerprinted", MAX_FILES, path)
+                break
+        h = hashlib.sha256()
+        for rel, p in files:
+            h.update(rel.encode())
+            h.update(file_digest(p).encode())
+        return h.hexdigest()
+    except OSError as exc:  # unreadable: the value still counts, by name
+        log.debug("cannot fingerprint %s: %s", value, exc)
+        return None
+
+
+def identity_digest(identity: Mapping[str, Any]) -> str:
+    """The hash of a run identity (a JSON-able mapping)."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+
 
 def fingerprint(prompts: Sequence[Prompt], model: str, settings: Mapping[str, Any]) -> str:
-    """A hash of everything that determines a batch's outputs (prompt texts, model, settings)."""
+    """A hash of everything that determines a batch's outputs: its prompts (texts, prefix, edits,
+    defaults, candidates, tissue, units), the model's identity (``model``) and the settings."""
     h = hashlib.sha256()
     h.update(json.dumps({"model": model, "settings": dict(settings)}, sort_keys=True, default=str).encode())
     for p in prompts:
         h.update(
             json.dumps(
                 [list(map(dict, p.messages)), p.response_prefix, list(p.remove_from_rendered), dict(p.generation),
-                 list(p.candidates), list(p.unit_ids)],
+                 list(p.candidates), list(p.unit_ids), p.tissue],
                 sort_keys=True,
                 default=str,
             ).encode()
@@ -42,8 +162,137 @@ def fingerprint(prompts: Sequence[Prompt], model: str, settings: Mapping[str, An
     return h.hexdigest()
 
 
-def _to_json(g: Generation) -> dict[str, Any]:
-    return attrs.asdict(g)
+# -------------------------------------------------------------------------------------------------
+# Ownership
+# -------------------------------------------------------------------------------------------------
+
+#: Folders this process holds: resolved path -> [open lock file, hold count]. A folder held by the
+#: command line is held again by the run it starts.
+_HELD: dict[Path, list[Any]] = {}
+
+
+def _owner_text(path: Path) -> str:
+    try:
+        owner = json.loads((path / OWNER).read_text(encoding="utf-8"))
+        return (f"run {owner.get('run', '?')} (process {owner.get('pid', '?')} on {owner.get('host', '?')}, "
+                f"started {owner.get('started', '?')})")
+    except (OSError, ValueError):
+        return "another run"
+
+
+@contextlib.contextmanager
+def hold_folder(folder: str | os.PathLike, run: str = "") -> Iterator[Path]:
+    """Own ``folder`` (made if missing) for the duration of the block.
+
+    Raises :class:`CheckpointInUse` naming the owner when another process holds it. Holding is
+    re-entrant within a process. On exit the lock is released and ``OWNER`` removed (the folder is
+    left, unless the block removed it).
+    """
+    path = Path(folder)
+    path.mkdir(parents=True, exist_ok=True)
+    key = path.resolve()
+    if key in _HELD:
+        _HELD[key][1] += 1
+        try:
+            yield path
+        finally:
+            _HELD[key][1] -= 1
+        return
+    handle = open(path / LOCK, "a+")  # noqa: SIM115 - held across the block
+    if fcntl is not None:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise CheckpointInUse(
+                f"the checkpoint folder {path} is in use by {_owner_text(path)}; two runs must not share one: "
+                "wait for that run to end, or give this one another output or --checkpoint folder "
+                "(checkpoint= in Python)"
+            ) from None
+    owner = {"run": run, "pid": os.getpid(), "host": socket.gethostname(),
+             "started": _dt.datetime.now().isoformat(timespec="seconds")}
+    (path / OWNER).write_text(json.dumps(owner), encoding="utf-8")
+    _HELD[key] = [handle, 1]
+    try:
+        yield path
+    finally:
+        del _HELD[key]
+        with contextlib.suppress(OSError):
+            (path / OWNER).unlink()
+        handle.close()  # releases the flock
+
+
+@attrs.define
+class Checkpoint:
+    """An owned checkpoint folder of one run identity (see the module docstring).
+
+    Open it with :meth:`open` (a context manager): the folder is held for the block, and batch files
+    of another identity are removed before any is read.
+    """
+
+    path: Path
+    identity: str
+
+    @classmethod
+    @contextlib.contextmanager
+    def open(cls, folder: str | os.PathLike, identity: Mapping[str, Any], *, run: str = "") -> Iterator[Checkpoint]:
+        """Hold ``folder`` and make it the checkpoint of ``identity`` (written to ``run.json``)."""
+        digest = identity_digest(identity)
+        with hold_folder(folder, run) as path:
+            manifest = path / MANIFEST
+            previous = None
+            if manifest.exists():
+                try:
+                    previous = json.loads(manifest.read_text(encoding="utf-8")).get("identity")
+                except (OSError, ValueError):
+                    previous = "unreadable"
+            batches = sorted(path.glob("batch-*.json"))
+            if batches and previous != digest:
+                log.warning(
+                    "checkpoint folder %s holds %d batch(es) of another run (model, weights, server, adapter or "
+                    "data differ): they are discarded, not resumed", path, len(batches),
+                )
+                for file in batches:
+                    file.unlink()
+            if previous != digest:
+                _write_json(manifest, {"identity": digest, "what": dict(identity)})
+            yield cls(path, digest)
+
+    def file(self, index: int) -> Path:
+        return self.path / f"batch-{index:06d}.json"
+
+    def load(self, index: int, key: str) -> list[Generation] | None:
+        """The saved generations of batch ``index`` when its fingerprint is ``key``, else ``None``."""
+        file = self.file(index)
+        if not file.exists():
+            return None
+        try:
+            saved = json.loads(file.read_text(encoding="utf-8"))
+            if saved.get("fingerprint") != key:
+                log.info("checkpoint %s is for other prompts; running the batch again", file.name)
+                return None
+            return [_from_json(g) for g in saved["generations"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            log.warning("unreadable checkpoint %s; running the batch again", file)
+            return None
+
+    def save(self, index: int, key: str, generations: Sequence[Generation]) -> None:
+        """Write batch ``index`` atomically (a temporary file, then a rename)."""
+        _write_json(self.file(index), {"fingerprint": key, "generations": [attrs.asdict(g) for g in generations]})
+
+    def failed_prompts(self) -> int:
+        """Prompts saved as failed (what a re-run sends again)."""
+        n = 0
+        for file in self.path.glob("batch-*.json"):
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                n += sum(bool(g.get("error")) for g in json.loads(file.read_text(encoding="utf-8"))["generations"])
+        return n
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    tmp = path.with_suffix(".partial")
+    tmp.write_text(json.dumps(payload, default=str), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _from_json(d: Mapping[str, Any]) -> Generation:
@@ -58,16 +307,25 @@ def _from_json(d: Mapping[str, Any]) -> Generation:
     )
 
 
+# -------------------------------------------------------------------------------------------------
+# Running the batches
+# -------------------------------------------------------------------------------------------------
+
+
 def generate_safely(
     loaded: Any, prompts: Sequence[Prompt], settings: Mapping[str, Any], progress: Callable[[int], None] | None
 ) -> list[Generation]:
-    """``loaded.generate`` that never raises for a bad batch: halves it until single prompts fail alone."""
+    """``loaded.generate`` that never raises for a bad batch: halves it until single prompts fail alone.
+
+    :class:`~cellscribe.core.types.ModelUnavailableError` is not a bad batch: it propagates (halving
+    would only send the same failing requests again).
+    """
     try:
         out = loaded.generate(list(prompts), settings=dict(settings), progress=progress)
         if len(out) != len(prompts):
             raise RuntimeError(f"backend returned {len(out)} outputs for {len(prompts)} prompts")
         return list(out)
-    except (KeyboardInterrupt, SystemExit):
+    except (KeyboardInterrupt, SystemExit, ModelUnavailableError):
         raise
     except Exception as exc:  # noqa: BLE001 - a failing batch must not end the run
         if len(prompts) == 1:
@@ -82,6 +340,30 @@ def generate_safely(
         )
 
 
+@attrs.frozen(eq=False)
+class BatchOutcome:
+    """What :func:`run_batches` did: one generation per prompt (in order), the batches loaded whole
+    from the checkpoint, and why the run stopped early (``None`` when it did not)."""
+
+    generations: list[Generation]
+    resumed: int
+    stopped: str | None = None
+
+    @property
+    def failed(self) -> int:
+        """Prompts without an answer (their model call failed, or was never made)."""
+        return sum(1 for g in self.generations if g.error)
+
+
+def _unavailable(exc: ModelUnavailableError, n: int) -> list[Generation]:
+    """The generations a :class:`ModelUnavailableError` carries for a batch of ``n`` prompts (the
+    finished ones kept), every other prompt failed with its message."""
+    partial = list(exc.generations or [])
+    if len(partial) != n:
+        partial = [None] * n
+    return [g if g is not None else Generation(text="", error=f"model unavailable: {exc}") for g in partial]
+
+
 def run_batches(
     loaded: Any,
     prompts: Sequence[Prompt],
@@ -89,46 +371,54 @@ def run_batches(
     settings: Mapping[str, Any],
     model: str,
     batch_prompts: int,
-    folder: str | os.PathLike | None = None,
+    checkpoint: Checkpoint | None = None,
     progress: Callable[[int], None] | None = None,
-) -> tuple[list[Generation], int]:
-    """Generate for every prompt, ``batch_prompts`` at a time, checkpointing to ``folder`` when given.
+) -> BatchOutcome:
+    """Generate for every prompt, ``batch_prompts`` at a time, saving each batch to ``checkpoint``.
 
     When ``settings`` has a ``seed``, batch ``i`` runs with ``seed + i`` so sampling is reproducible
-    batch by batch. Returns the generations in prompt order and how many batches were loaded from the
-    checkpoint.
+    batch by batch. A saved batch is resumed whole; one saved with failed prompts sends only those
+    again. After a :class:`~cellscribe.core.types.ModelUnavailableError` nothing more is sent: saved
+    batches are still read, the other prompts are returned as failed, and ``stopped`` says why.
     """
     out: list[Generation] = []
     resumed = 0
-    path = Path(folder) if folder is not None else None
-    if path is not None:
-        path.mkdir(parents=True, exist_ok=True)
+    stopped: str | None = None
     for index, start in enumerate(range(0, len(prompts), batch_prompts)):
         batch = prompts[start : start + batch_prompts]
         batch_settings = dict(settings)
         if "seed" in batch_settings:
             batch_settings["seed"] = int(batch_settings["seed"]) + index
         key = fingerprint(batch, model, batch_settings)
-        file = path / f"batch-{index:06d}.json" if path is not None else None
-        if file is not None and file.exists():
+        saved = checkpoint.load(index, key) if checkpoint is not None else None
+        if saved is not None and len(saved) == len(batch):
+            todo = [i for i, g in enumerate(saved) if g.error]
+            if progress and len(batch) - len(todo):
+                progress(len(batch) - len(todo))
+            if not todo:
+                out.extend(saved)
+                resumed += 1
+                continue
+            log.info("checkpoint %s: %d failed prompt(s) sent again", checkpoint.file(index).name, len(todo))
+        else:
+            saved, todo = [Generation(text="", error="not sent")] * len(batch), list(range(len(batch)))
+        if stopped is not None:
+            fresh = [Generation(text="", error=f"not sent: {stopped}")] * len(todo)
+            if progress:
+                progress(len(todo))
+        else:
             try:
-                saved = json.loads(file.read_text(encoding="utf-8"))
-                if saved.get("fingerprint") == key and not any(g.get("error") for g in saved["generations"]):
-                    out.extend(_from_json(g) for g in saved["generations"])
-                    resumed += 1
-                    if progress:
-                        progress(len(batch))
-                    continue
-                log.info("checkpoint %s is for other prompts or has errors; running the batch again", file.name)
-            except (json.JSONDecodeError, KeyError, TypeError):
-                log.warning("unreadable checkpoint %s; running the batch again", file)
-        generations = generate_safely(loaded, batch, batch_settings, progress)
-        if file is not None:
-            tmp = file.with_suffix(".partial")
-            tmp.write_text(json.dumps({"fingerprint": key, "generations": [_to_json(g) for g in generations]}),
-                           encoding="utf-8")
-            os.replace(tmp, file)
+                fresh = generate_safely(loaded, [batch[i] for i in todo], batch_settings, progress)
+            except ModelUnavailableError as exc:
+                stopped = str(exc)
+                log.error("the model cannot answer: %s; no more prompts are sent", stopped)
+                fresh = _unavailable(exc, len(todo))
+        generations = list(saved)
+        for i, g in zip(todo, fresh, strict=True):
+            generations[i] = g
+        if checkpoint is not None and any(not g.error for g in fresh):
+            checkpoint.save(index, key, generations)
         out.extend(generations)
     if resumed:
-        log.info("resumed %d finished batch(es) from %s", resumed, path)
-    return out, resumed
+        log.info("resumed %d finished batch(es) from %s", resumed, checkpoint.path if checkpoint else None)
+    return BatchOutcome(out, resumed, stopped)

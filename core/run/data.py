@@ -58,10 +58,38 @@ def read_input(path: str | Path, host: Host | None = None, **options: Any) -> An
     host = host or get_host()
     name = str(path).lower()
     for reader in host.registry.all("reader").values():
-        if any(name.endswith(s) for s in reader.suffixes):
+        suffix = next((s for s in reader.suffixes if name.endswith(s)), None)
+        if suffix is None:
+            continue
+        try:
             return reader.read(str(path), **options)
+        except (ValueError, KeyError, TypeError, FileNotFoundError):
+            raise  # the reader's own message names the problem
+        except (OSError, EOFError) as exc:
+            raise ValueError(f"cannot read {path} as a {suffix} file: {_read_problem(exc)}") from exc
+        except BaseException as exc:
+            if type(exc).__name__ != "PanicException":  # a Rust panic (snapatac2) is a BaseException
+                raise
+            raise ValueError(f"cannot read {path} as a {suffix} file: {_read_problem(exc)}") from None
     known = sorted({s for r in host.registry.all("reader").values() for s in r.suffixes})
     raise ValueError(f"no reader for {path}; readable file types: {', '.join(known)}")
+
+
+def _read_problem(exc: BaseException) -> str:
+    """What is wrong with a file a reader could not open, in one line (the library's words kept)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    lowered = text.lower()
+    if "truncated file" in lowered:
+        return f"the file is truncated (an interrupted copy or download?); copy it again ({text})"
+    if "file signature not found" in lowered:
+        return "it is not an HDF5 file (.h5ad and .h5mu files are HDF5), or it is damaged"
+    if "not a gzipped file" in lowered or "bad gzip" in lowered:
+        return "it is not gzip-compressed (fragment files are .tsv.gz, compressed with bgzip or gzip)"
+    if isinstance(exc, EOFError) or "compressed file ended" in lowered:
+        return f"the compressed file ends early (truncated?); copy it again ({text})"
+    if isinstance(exc, PermissionError):
+        return f"permission denied ({text})"
+    return text
 
 
 def label_column(obs: pd.DataFrame, key: str, what: str) -> pd.Series:
@@ -99,13 +127,19 @@ class Prepared:
     ``adata``: where results go (the AnnData of the modality, or the MuData for several modalities);
     ``mod``: the MuData key read (``None`` for an AnnData or several modalities); ``parts``: one
     ``(label, component name, FeatureMatrix)`` per modality, rows = the cells annotated (for several
-    modalities, those present in every one, in the MuData's order); ``assay``: what they measure.
+    modalities, those present in every one, in the MuData's order); ``assay``: what they measure;
+    ``rows``: the position in ``adata`` of each of those cells.
+
+    The FeatureMatrix cell ids are the run's unit ids: the obs names, made unique when some repeat
+    (:func:`unique_cell_ids`), so every cell's answer is its own.
     """
 
     adata: Any
     mod: str | None
     parts: tuple[tuple[str, str, FeatureMatrix], ...]
     assay: Assay
+    #: Row of ``adata`` of each annotated cell (results are written by position, never by name).
+    rows: np.ndarray = attrs.field(factory=lambda: np.zeros(0, dtype=np.int64))
 
     @property
     def features(self) -> FeatureMatrix:
@@ -130,8 +164,9 @@ def prepare_data(data: Any, spec: DataSpec, *, host: Host, groupby: str | None =
             raise ValueError("the data has no cells")
         check_groupby(adata, groupby)
         features = make_features(component, adata, **read)
+        features = attrs.evolve(features, cell_ids=unique_cell_ids(adata.obs_names, "the data"))
         return Prepared(adata, mod, ((component.sentence_label or spec.modality.upper(), spec.modality, features),),
-                        Assay.from_features(features))
+                        Assay.from_features(features), np.arange(adata.n_obs, dtype=np.int64))
     if not is_mudata(data):
         raise TypeError(f"modality={spec.modality!r} needs a MuData holding each of {names}; got an AnnData")
     check_groupby(data, groupby)
@@ -139,7 +174,13 @@ def prepare_data(data: Any, spec: DataSpec, *, host: Host, groupby: str | None =
     prepared = []
     for name, key in zip(names, keys):
         component = host.registry.get("modality", name)
-        adata_i, _ = select_modality_data(data, component, key)
+        adata_i, key_i = select_modality_data(data, component, key)
+        if not adata_i.obs_names.is_unique:
+            raise ValueError(
+                f"modality {key_i!r} repeats obs names (e.g. {_repeated(adata_i.obs_names)!r}): "
+                f"modality={spec.modality!r} pairs each cell's modalities by name. Make them unique first "
+                "(mdata.obs_names_make_unique(), or each modality's obs_names_make_unique())"
+            )
         prepared.append((component, adata_i, make_features(component, adata_i, **read)))
     common = pd.Index(data.obs_names)
     for _, adata_i, _ in prepared:
@@ -150,7 +191,39 @@ def prepare_data(data: Any, spec: DataSpec, *, host: Host, groupby: str | None =
         (component.sentence_label or name.upper(), name, features_i.subset_rows(adata_i.obs_names.get_indexer(common)))
         for (component, adata_i, features_i), name in zip(prepared, names)
     )
-    return Prepared(data, None, parts, Assay.from_features(*(f for _, _, f in prepared)))
+    rows = np.flatnonzero(pd.Index(data.obs_names).isin(common)).astype(np.int64)
+    return Prepared(data, None, parts, Assay.from_features(*(f for _, _, f in prepared)), rows)
+
+
+def _repeated(names: pd.Index) -> str:
+    return str(names[names.duplicated()][0])
+
+
+def unique_cell_ids(names: pd.Index, what: str) -> np.ndarray:
+    """The cells' ids for a run: ``names`` (obs names), with repeats made unique as
+    ``anndata.utils.make_index_unique(join="#")`` does (``GSM1#1``, ``GSM1#2``) and a warning.
+
+    Repeated obs names are common after concatenation and in published files; results are written by
+    position, so each cell still gets its own answer. The ids with a suffix appear in the sidecar and
+    checkpoint."""
+    index = pd.Index(names.astype(str))
+    if index.is_unique:
+        return index.to_numpy(dtype=object)
+    import warnings
+
+    from anndata.utils import make_index_unique
+
+    n = int(index.duplicated(keep=False).sum())
+    warnings.warn(
+        f"{n} cells of {what} share their obs name with another cell (e.g. {_repeated(index)!r}); each gets "
+        "its own answer (results are written by position), and the sidecar names the repeats "
+        f"'{_repeated(index)}#1', ... Call obs_names_make_unique() to give the cells unique names",
+        UserWarning,
+        stacklevel=4,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # anndata's own note on suffixes that already exist
+        return make_index_unique(index, join="#").to_numpy(dtype=object)
 
 
 # -------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ as an attribute: the protocol declares its default (:mod:`cellscribe.core.compon
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -15,10 +16,11 @@ from typing import Any
 
 import attrs
 
+from ..answers import printable
 from ..models import Model, load_model
 from ..plugins import Host
 from ..types import Annotation, Generation, Prompt
-from .checkpoint import run_batches
+from .checkpoint import Checkpoint, identity_digest, path_digest, run_batches
 from .plan import RunPlan
 
 log = logging.getLogger(__name__)
@@ -30,13 +32,20 @@ CHECKPOINT_BATCHES = 8
 @attrs.frozen(eq=False)
 class Execution:
     """What the model did: one generation per prompt, the batches resumed from a checkpoint, the
-    seconds spent generating, and what the model reported about the data (``observability``)."""
+    seconds spent generating, what the model reported about the data (``observability``), and why the
+    run stopped before every prompt was sent (``stopped``, ``None`` when it did not)."""
 
     model: Model
     generations: list[Generation]
     resumed: int
     seconds: float
     observability: Mapping[str, Any] | None
+    stopped: str | None = None
+
+    @property
+    def failed(self) -> int:
+        """Prompts whose model call failed (or was never made): their units are unresolved."""
+        return sum(1 for g in self.generations if g.error)
 
 
 def model_for(plan: RunPlan, host: Host) -> Model:
@@ -49,6 +58,35 @@ def model_for(plan: RunPlan, host: Host) -> Model:
     return load_model(m.name, adapters=adapters, host=host, **m.load_options())
 
 
+def model_identity(plan: RunPlan, model: Model) -> dict[str, Any]:
+    """What determines the answers of ``model`` to this run's prompts, for its checkpoint: name, backend,
+    the loaded model's own identity (``LoadedModel.identity``; by default its ``info`` and every model
+    option), the adapter, dtype, the content digest of every local file or model folder it was loaded
+    from (weights, adapter, tokenizer, marker table) and the assay. Credentials never enter it."""
+    from .record import without_credentials
+
+    loaded, options = model.loaded, model.options
+    adapter = options["adapters"].get(plan.spec.data.modality)
+    own = loaded.identity()
+    if own is None:
+        own = {"info": dict(loaded.info()), "model_options": dict(options["model_options"])}
+    sources = {"model": model.name, "adapter": adapter,
+               **{f"model_options.{k}": v for k, v in options["model_options"].items()}}
+    if isinstance(own, Mapping) and isinstance(own.get("base_model"), str):
+        sources["base_model"] = own["base_model"]
+    files = {where: digest for where, value in sources.items() if (digest := path_digest(value)) is not None}
+    return without_credentials({
+        "model": model.name,
+        "backend": model.backend,
+        "loaded": dict(own),
+        "adapter": adapter,
+        "dtype": options["dtype"],
+        "trust_remote_code": options["trust_remote_code"],
+        "files": files,
+        "assay": plan.assay.digest,
+    })
+
+
 def batch_prompts(loaded: Any, batch_size: int | None) -> int:
     """Prompts per checkpointed batch: what the model asks for (``prompts_per_call``), else enough to
     keep every concurrent request of a serving backend busy for several calls."""
@@ -57,8 +95,12 @@ def batch_prompts(loaded: Any, batch_size: int | None) -> int:
     return max(1, batch_size or 8, loaded.max_concurrency) * CHECKPOINT_BATCHES
 
 
-def execute(plan: RunPlan, model: Model) -> Execution:
-    """Build the plan's prompts for ``model`` and generate every answer (see the module docstring)."""
+def execute(plan: RunPlan, model: Model, run_id: str = "") -> Execution:
+    """Build the plan's prompts for ``model`` and generate every answer (see the module docstring).
+
+    With ``spec.output.checkpoint`` the folder is owned by this run while it generates
+    (:class:`~cellscribe.core.run.checkpoint.CheckpointInUse` when another run holds it) and keeps
+    every finished batch; nothing is removed here."""
     spec = plan.spec
     loaded = model.loaded
     loaded.use_modality(spec.data.modality)  # the modality's adapter when the model has one, else the base
@@ -83,21 +125,40 @@ def execute(plan: RunPlan, model: Model) -> Execution:
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
+    identity = model_identity(plan, model)
     disable = None if spec.output.progress else True  # None: a bar only on a terminal, drawn once
-    with tqdm(total=len(plan.prompts), desc="cellscribe", unit="prompt", disable=disable) as bar:
-        generations, resumed = run_batches(
-            loaded, plan.prompts, settings=settings, model=f"{model.name}|assay:{plan.assay.digest}",
+    with contextlib.ExitStack() as stack:
+        checkpoint = None
+        if spec.output.checkpoint is not None:
+            checkpoint = stack.enter_context(Checkpoint.open(spec.output.checkpoint, identity, run=run_id))
+        bar = stack.enter_context(tqdm(total=len(plan.prompts), desc="cellscribe", unit="prompt", disable=disable))
+        outcome = run_batches(
+            loaded, plan.prompts, settings=settings, model=identity_digest(identity),
             batch_prompts=batch_prompts(loaded, model.options["batch_size"]),
-            folder=spec.output.checkpoint, progress=bar.update,
+            checkpoint=checkpoint, progress=bar.update,
         )
-    return Execution(model, generations, resumed, time.perf_counter() - started, observability)
+    if outcome.failed:
+        log.warning(
+            "%d of %d prompts got no answer from the model%s; their cells are unresolved%s",
+            outcome.failed, len(plan.prompts), f" ({outcome.stopped})" if outcome.stopped else "",
+            f"; with the checkpoint {spec.output.checkpoint}, the same run again sends only them"
+            if checkpoint is not None else "",
+        )
+    return Execution(model, outcome.generations, outcome.resumed, time.perf_counter() - started, observability,
+                     outcome.stopped)
 
 
 def decode_all(prompts: Sequence[Prompt], generations: Sequence[Generation], host: Host) -> dict[str, Annotation]:
     """Decode every prompt with the decoder it names (the labels it matches to are the prompt's
-    candidates); a decoder that raises makes its units unresolved instead of stopping the run."""
+    candidates); a decoder that raises makes its units unresolved instead of stopping the run. Control
+    characters in an answer (a NUL, which h5ad cannot store) are replaced by spaces first, and the
+    units' note says so; the generations themselves (the sidecar, the checkpoint) keep the raw text."""
     by_unit: dict[str, Annotation] = {}
     for prompt, generation in zip(prompts, generations, strict=True):
+        text, removed = printable(generation.text)
+        if removed or (generation.error and printable(generation.error)[1]):
+            # Control characters (a NUL) cannot be stored in h5ad strings; the sidecar keeps the raw text.
+            generation = attrs.evolve(generation, text=text, error=printable(generation.error)[0] or None)
         try:
             decoder = host.registry.get("decoder", prompt.decoder)
             annotations = decoder.decode(generation, prompt)
@@ -112,5 +173,8 @@ def decode_all(prompts: Sequence[Prompt], generations: Sequence[Generation], hos
                 Annotation.unresolved(u, raw=generation.text, note=f"decoder error: {exc}") for u in prompt.unit_ids
             ]
         for annotation in annotations:
+            if removed:
+                note = f"the answer held {removed} control character(s), replaced by spaces (raw text in the sidecar)"
+                annotation = attrs.evolve(annotation, note="; ".join(n for n in (annotation.note, note) if n))
             by_unit[annotation.unit_id] = annotation
     return by_unit

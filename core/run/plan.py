@@ -56,6 +56,8 @@ class RunPlan:
     found: dict[str, Any]
     tissues: StatedTissues | None = None  # per row of ``sentences``: the tissue the run gives the model
     prompts: list[Prompt] = attrs.field(factory=list)
+    #: Row of ``adata`` of each row of ``sentences`` (results are written by position).
+    rows: np.ndarray | None = None
 
     @property
     def params(self) -> dict[str, Any]:
@@ -166,6 +168,8 @@ def plan_run(data: Any, spec: RunSpec | None = None, *, host: Host | None = None
     t0 = time.perf_counter()
     prepared = prepare_data(data, d, host=host, groupby=p.groupby)
     adata, features = prepared.adata, prepared.features
+    # obs of the annotated cells by position, indexed by their unit ids (unique even where obs names repeat)
+    cell_obs = adata.obs.iloc[prepared.rows].set_axis(pd.Index(features.cell_ids.astype(str)))
     adapter = adapter_manifest_for(spec)
     # A trained adapter's sentences reuse what its strategy learned on the training cells (a gene list).
     state: dict = copy.deepcopy(dict(adapter.sentence_state)) if adapter is not None else {}
@@ -197,7 +201,7 @@ def plan_run(data: Any, spec: RunSpec | None = None, *, host: Host | None = None
     # Units: every cell with a sentence, or representative cells of each group.
     groups = representatives = None
     if p.groupby is not None:
-        groups = adata.obs[p.groupby].reindex(pd.Index(sentences.cell_ids.astype(str)))
+        groups = cell_obs[p.groupby]
         per_group = p.n_representatives or prompt_c.representatives_per_group
         representatives = pick_representatives(sentences, groups, per_group)
         unit_rows = np.array(sorted(r for rows in representatives.values() for r in rows), dtype=np.int64)
@@ -206,7 +210,7 @@ def plan_run(data: Any, spec: RunSpec | None = None, *, host: Host | None = None
 
     # The cells' tissue: the run's tissue=, else what a standard obs column states per cell (the model
     # infers a context for the cells without one); "any" asks for no tissue at all.
-    tissues = stated_tissues(adata.obs, p.tissue, cells=sentences.cell_ids.astype(str))
+    tissues = stated_tissues(cell_obs, p.tissue, cells=sentences.cell_ids.astype(str))
 
     prompt_args = {
         "mode": p.mode,
@@ -215,7 +219,7 @@ def plan_run(data: Any, spec: RunSpec | None = None, *, host: Host | None = None
         "reference_labels": ref_labels,
         "k": p.k,
         "seed": p.seed,
-        "obs": adata.obs.reindex(pd.Index(sentences.cell_ids[unit_rows].astype(str))),
+        "obs": cell_obs.iloc[unit_rows],
         "max_prompt_tokens": p.max_prompt_tokens,
         "options": dict(p.prompt_options),
     }
@@ -227,6 +231,7 @@ def plan_run(data: Any, spec: RunSpec | None = None, *, host: Host | None = None
         "sentence_params": dict(sentences.params),
         "sentence_state": state,
         "matrix": features.source,
+        "matrix_notes": [note for _, _, f in prepared.parts for note in f.notes],
         "value_kind": features.value_kind,
         "reference": ref_source,
         "reference_modality": reference_modality or (d.modality if ref_source is not None else None),
@@ -248,7 +253,7 @@ def plan_run(data: Any, spec: RunSpec | None = None, *, host: Host | None = None
     }
     plan = RunPlan(
         spec, adata, prepared.mod, features, sentences, unit_rows, groups, representatives, prompt_c,
-        prompt_args, prepared.assay, found, tissues,
+        prompt_args, prepared.assay, found, tissues, rows=prepared.rows,
     )
     if build_prompts:
         plan.make_prompts(count_tokens)
@@ -269,5 +274,4 @@ def with_tissues(prompts: list[Prompt], tissues: StatedTissues | None, cell_ids:
     return out
 
 
-__all__ = ["RunPlan", "plan_run", "resolve", "adapter_manifest_for", "with_tissues", "MANIFEST_OVERRIDABLE",
-           "is_mudata"]
+__all__ = ["RunPlan", "plan_run", "resolve", "adapter_manifest_for", "with_tissues", "MANIFEST_OVERRIDABLE", "is_mudata"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import platform
+import re
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -61,15 +62,77 @@ def h5_safe(value: Any) -> Any:
     return str(value)
 
 
-def sidecar_path(sidecar: str | bool | None, key_added: str, run_id: str) -> Path | None:
-    """Where the raw outputs go: the given path, none (``False``), or a new file in ``./cellscribe_runs``."""
-    if sidecar is False:
+def sidecar_path(sidecar: str | bool | None) -> Path | None:
+    """The file the raw outputs go to: the path the user named, else none (a Python call writes no file
+    unless asked; ``sidecar=None`` keeps them in ``uns``, see :func:`raw_outputs`)."""
+    if sidecar in (None, True, False):
         return None
-    if sidecar not in (None, True):
-        return Path(sidecar)
-    folder = Path("cellscribe_runs")
-    folder.mkdir(exist_ok=True)
-    return folder / f"{key_added}-{run_id}.jsonl"
+    return Path(sidecar)
+
+
+def raw_outputs(prompts: Sequence[Prompt], generations: Sequence[Generation]) -> pd.DataFrame:
+    """Every prompt's raw model output, in memory (``uns[key_added]["raw"]`` when no sidecar file is
+    named): one row per prompt with its units (``" | "``-joined), the output text, the error of a failed
+    call and the token counts. The prompts themselves are not kept (the sidecar file has them). Control
+    characters, which h5ad cannot store, are replaced by spaces (a sidecar file keeps them)."""
+    from ..answers import printable
+
+    return pd.DataFrame({
+        "unit_ids": [" | ".join(map(str, p.unit_ids)) for p in prompts],
+        "output": [printable(g.text)[0] for g in generations],
+        "error": [printable(g.error)[0] for g in generations],
+        "n_prompt_tokens": pd.array([g.n_prompt_tokens for g in generations], dtype="Int64"),
+        "n_output_tokens": pd.array([g.n_output_tokens for g in generations], dtype="Int64"),
+    }, index=pd.Index([str(i) for i in range(len(prompts))], name="prompt_index"))
+
+
+def raw_records(entry: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+    """A finished run's raw outputs, ``{"unit_ids": [...], "output": ..., "error": ...}`` per prompt, from
+    its sidecar file (``entry["sidecar"]``) or, without one, from ``entry["raw"]``; ``None`` when neither
+    is there (``sidecar=False``, or the file is gone)."""
+    path = str(entry.get("sidecar") or "")
+    if path and Path(path).is_file():
+        with Path(path).open(encoding="utf-8") as fh:
+            return [json.loads(line) for line in fh if line.strip()]
+    raw = entry.get("raw")
+    if isinstance(raw, pd.DataFrame):
+        return [{"unit_ids": str(row.unit_ids).split(" | "), "output": str(row.output), "error": str(row.error)}
+                for row in raw.itertuples()]
+    return None
+
+
+def clusters_table(clusters: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
+    """``uns[key_added]["clusters"]``: one row per group, indexed by the group's name (names are data, so
+    any name, ``"CD4+/CD25 T Reg"`` included, survives h5ad), with its label, vote share, number of
+    representatives and their ids (``" | "``-joined); more columns when the vote gave more."""
+    table = pd.DataFrame.from_dict(
+        {str(g): {k: (" | ".join(map(str, v)) if isinstance(v, (list, tuple)) else v) for k, v in c.items()}
+         for g, c in clusters.items()},
+        orient="index",
+    )
+    table.index.name = "group"
+    return table
+
+
+#: ``scheme://user:password@`` in a URL, and query parameters that carry secrets (``?api-key=...``).
+_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/?#\s]*@")
+_SECRET_QUERY = re.compile(r"(?P<name>[?&][^=&#\s]*(?:key|token|secret|password|passwd|sig)[^=&#\s]*=)[^&#\s]*",
+                           re.IGNORECASE)
+
+
+def without_credentials(value: Any) -> Any:
+    """``value`` (a string or a tree of mappings and sequences) with every URL's user and password
+    removed and secret-looking query parameters replaced by ``***``: what a run records (``uns``, the
+    checkpoint) never holds a credential."""
+    if isinstance(value, str):
+        if "://" not in value:
+            return value
+        return _SECRET_QUERY.sub(r"\g<name>***", _USERINFO.sub(r"\g<scheme>", value))
+    if isinstance(value, Mapping):
+        return {k: without_credentials(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(without_credentials(v) for v in value)
+    return value
 
 
 def write_sidecar(path: Path, prompts: Sequence[Prompt], generations: Sequence[Generation],
@@ -117,13 +180,16 @@ def run_params(plan: Any, execution: Any, run_id: str) -> dict[str, Any]:
 
 
 def write_results(data: Any, plan: Any, frame: pd.DataFrame, entry: Mapping[str, Any]) -> None:
-    """The per-cell columns into the annotated AnnData's ``obs`` (cells the run did not cover, in a
-    several-modality run, get missing values) and ``entry`` into its ``uns``; mirrored into a MuData."""
+    """The per-cell columns into the annotated AnnData's ``obs``, by position (``plan.rows``: a repeated
+    obs name never mixes two cells' answers; cells the run did not cover, in a several-modality run, get
+    missing values) and ``entry`` into its ``uns``; mirrored into a MuData."""
     key_added = plan.spec.output.key_added
     adata = plan.adata
-    target = pd.Index(adata.obs_names.astype(str))
-    if not frame.index.equals(target):  # several modalities: only the cells present in all were run
-        frame = frame.reindex(target)
+    rows = np.arange(len(frame)) if plan.rows is None else np.asarray(plan.rows)
+    if len(rows) != adata.n_obs or not np.array_equal(rows, np.arange(adata.n_obs)):
+        where = np.full(adata.n_obs, -1, dtype=np.int64)  # several modalities: only the cells in all were run
+        where[rows] = np.arange(len(rows))
+        frame = frame.reset_index(drop=True).reindex(where)
     for column in frame.columns:
         values = frame[column]
         adata.obs[column] = values.values if isinstance(values.dtype, pd.CategoricalDtype) else values.to_numpy()

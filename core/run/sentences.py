@@ -52,8 +52,8 @@ def run_groups(prepared: Prepared, groupby: str | None) -> pd.Series | None:
     ``groupby``)."""
     if groupby is None:
         return None
-    groups = prepared.adata.obs[groupby]
-    return groups.set_axis(pd.Index(prepared.adata.obs_names.astype(str)))
+    groups = prepared.adata.obs[groupby].iloc[prepared.rows]
+    return groups.set_axis(pd.Index(prepared.features.cell_ids.astype(str)))
 
 
 def sentences_of(prepared: Prepared, spec: SentenceSpec, *, state: dict, host: Host,

@@ -71,12 +71,25 @@ prompts cannot be constrained this way.
 
 Failures
 --------
-A request that gets HTTP 429, 408 or 5xx, a connection error or no answer within ``timeout`` seconds is
-retried up to ``max_retries`` times, after ``backoff * 2**attempt`` seconds (capped at
-``max_backoff``, with random jitter) or after the server's ``Retry-After`` (or ``retry-after-ms``),
-honoured up to ``max_backoff``. Other HTTP errors are not retried; after a 401, 403 or 404 the prompts
-not yet sent fail with the same error without a request. A failed prompt gets a ``Generation`` with
-``error`` set (its units become unresolved); ``generate`` never raises for one prompt.
+Each request's failure is classified, and only what a retry can fix is retried:
+
+- HTTP 429, 408 and 5xx: retried up to ``max_retries`` times, after ``backoff * 2**attempt`` seconds
+  (capped at ``max_backoff``, with random jitter) or after the server's ``Retry-After`` (or
+  ``retry-after-ms``), honoured up to ``max_backoff``;
+- no connection (refused, unknown host) or a connection lost mid-answer: retried at most
+  :data:`CONNECT_RETRIES` times (a server that is down stays down longer than that is worth);
+- no answer within ``timeout`` seconds: retried at most :data:`TIMEOUT_RETRIES` time;
+- other 4xx (a prompt the server rejects, such as a 400 for a prompt over its context) and a 200 that
+  is not a completion (not JSON, no choices): that prompt fails at once, not retried.
+
+A failed prompt gets a ``Generation`` with ``error`` set (its units become unresolved, and a re-run
+from the checkpoint sends it again). Two failures stop the whole call with
+:class:`~cellscribe.core.types.ModelUnavailableError`, which stops the run (the answers already
+received are kept): a 401, 403 or 404, which every request would get, and :data:`DOWN_AFTER` (or
+``max_concurrency``, when larger) requests failing in a row without a server answer (no connection,
+timeouts, 5xx or 429 after their retries): a server that is down or was killed. With the defaults a
+server that refuses connections stops a run within a few seconds. Error texts never hold the API key
+or the credentials of ``base_url``.
 """
 
 from __future__ import annotations
@@ -104,7 +117,7 @@ import attrs
 
 from cellscribe import __version__
 from cellscribe.core.answers import opens_think, with_reasoning
-from cellscribe.core.types import Generation, Prompt
+from cellscribe.core.types import Generation, ModelUnavailableError, Prompt
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +147,17 @@ RESERVED_FIELDS = frozenset({"model", "messages", "prompt", "stream", "n"})
 
 #: HTTP statuses worth retrying: rate limit, request timeout, server errors (>= 500).
 RETRY_STATUSES = frozenset({408, 429})
-#: HTTP statuses that will fail every request of a run the same way.
+#: HTTP statuses that will fail every request of a run the same way: the run stops at the first.
 FATAL_STATUSES = frozenset({401, 403, 404})
+#: Retries of a request that found no server (connection refused, unknown host) or lost it mid-answer:
+#: a server that is down stays down longer than retries are worth waiting (at most ``max_retries``).
+CONNECT_RETRIES = 2
+#: Retries of a request that timed out (it already waited ``timeout`` seconds; at most ``max_retries``).
+TIMEOUT_RETRIES = 1
+#: Requests failing in a row without a server answer (no connection, timeouts, 5xx or 429 after their
+#: retries) after which the server counts as down and the run stops: this many, or ``max_concurrency``
+#: when larger (every request in flight failed).
+DOWN_AFTER = 3
 #: Longest server error message kept in a Generation's error.
 MAX_DETAIL = 300
 
@@ -199,10 +221,25 @@ class _Call:
 
 @attrs.define
 class _RunState:
-    """Shared by the requests of one ``generate`` call: cancellation and a run-wide failure."""
+    """Shared by the requests of one ``generate`` call: cancellation, a run-wide failure, and the
+    requests that failed in a row without a server answer."""
 
+    down_after: int = DOWN_AFTER
     stop: threading.Event = attrs.field(factory=threading.Event)
     fatal: str | None = None
+    in_a_row: int = 0
+    lock: threading.Lock = attrs.field(factory=threading.Lock)
+
+    def answered(self) -> None:
+        with self.lock:
+            self.in_a_row = 0
+
+    def unanswered(self, message: str) -> None:
+        """A request failed for want of a working server; after ``down_after`` in a row the run stops."""
+        with self.lock:
+            self.in_a_row += 1
+            if self.in_a_row >= self.down_after and self.fatal is None:
+                self.fatal = f"the server is not answering ({self.in_a_row} requests in a row failed; last: {message})"
 
 
 @attrs.define
@@ -351,6 +388,23 @@ class OpenAIModel:
             "served_model": self._served,
         }
 
+    def identity(self) -> dict[str, Any]:
+        """What determines the answers (a checkpoint resumes only answers of the same identity): the
+        server's URL without credentials, the served model, the request dialect, the rendering and its
+        tokenizer, guided choice and extra request fields; not timeouts, retries or concurrency."""
+        return {
+            "backend": BACKEND_NAME,
+            "base_url": self.base_url,
+            "model": self.model_name,
+            "served_model": self._served,
+            "dialect": self.dialect,
+            "render": self.render,
+            "tokenizer": self._tokenizer_source,
+            "guided_choice": self.guided_choice,
+            "extra_body": self._redact(json.dumps(self.extra_body, sort_keys=True, default=str)),
+            "adapters": dict(self.adapters),
+        }
+
     @property
     def decode_modes(self) -> tuple[str, ...]:
         """The ``decode`` values :meth:`generate` accepts with this configuration."""
@@ -388,8 +442,10 @@ class OpenAIModel:
         if not calls:
             return []
         t0 = time.perf_counter()
-        results = self._run(calls, progress)
+        results, fatal = self._run(calls, progress)
         failed = [g for g in results if g.error]
+        if fatal is not None:
+            raise ModelUnavailableError(fatal, results)
         if failed:
             log.warning("%d of %d prompts failed; first error: %s", len(failed), len(results), failed[0].error)
         log.info("%d prompts answered by %s in %.1f s", len(results), self.base_url, time.perf_counter() - t0)
@@ -540,9 +596,10 @@ class OpenAIModel:
 
     # -- sending ----------------------------------------------------------------------------------------
 
-    def _run(self, calls: Sequence[_Call], progress: Callable[[int], None] | None) -> list[Generation]:
-        """Send ``calls`` with at most ``max_concurrency`` in flight; results in call order."""
-        state = _RunState()
+    def _run(self, calls: Sequence[_Call], progress: Callable[[int], None] | None) -> tuple[list[Generation], str | None]:
+        """Send ``calls`` with at most ``max_concurrency`` in flight; results in call order, and the
+        run-wide failure that stopped them (``None`` when none did)."""
+        state = _RunState(down_after=max(DOWN_AFTER, self.max_concurrency))
         results: list[Generation | None] = [None] * len(calls)
         pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=min(self.max_concurrency, len(calls)), thread_name_prefix="cellscribe-openai"
@@ -564,10 +621,10 @@ class OpenAIModel:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
         pool.shutdown(wait=True)
-        return results  # type: ignore[return-value]
+        return results, state.fatal  # type: ignore[return-value]
 
     def _send(self, call: _Call, state: _RunState) -> Generation:
-        """One prompt's request with retries; always returns a Generation."""
+        """One prompt's request with retries; always returns a Generation (see *Failures*)."""
         url = self.base_url + call.path
         attempt = 0
         while True:
@@ -578,28 +635,34 @@ class OpenAIModel:
             retry_after = None
             status = None
             try:
-                return self._parse(self._post(url, call.body), call)
+                generation = self._parse(self._post(url, call.body), call)
+                state.answered()
+                return generation
             except urllib.error.HTTPError as exc:
                 status = exc.code
                 retry_after = retry_after_seconds(exc.headers)
                 message = self._http_error(exc, url, call)
-                retryable = status in RETRY_STATUSES or status >= 500
+                kind = "server" if status in RETRY_STATUSES or status >= 500 else "request"
             except _BadResponse as exc:
-                message, retryable = self._redact(f"unexpected response from {url}: {exc}"), False
+                message, kind = self._redact(f"unexpected response from {url}: {exc}"), "request"
             except TimeoutError:
-                message, retryable = f"no response from {url} within {self.timeout:g} s", True
+                message, kind = f"no response from {url} within {self.timeout:g} s", "timeout"
             except urllib.error.URLError as exc:
-                message, retryable = self._redact(f"cannot reach {url}: {exc.reason}"), True
+                message, kind = self._redact(f"cannot reach {url}: {exc.reason}"), "connection"
             except (OSError, http.client.HTTPException) as exc:
-                message, retryable = self._redact(f"connection to {url} failed: {_describe(exc)}"), True
-            if not retryable or attempt >= self.max_retries:
+                message, kind = self._redact(f"connection to {url} failed: {_describe(exc)}"), "connection"
+            limit = {"server": self.max_retries, "timeout": min(TIMEOUT_RETRIES, self.max_retries),
+                     "connection": min(CONNECT_RETRIES, self.max_retries)}.get(kind, 0)
+            if attempt >= limit:
+                tries = f" (after {attempt + 1} attempts)" if attempt else ""
                 if status in FATAL_STATUSES:
                     state.fatal = message
-                tries = f" (after {attempt + 1} attempts)" if attempt else ""
+                elif kind != "request":
+                    state.unanswered(message + tries)
                 log.info("request failed%s: %s", tries, message)
                 return Generation(text="", error=message + tries)
             delay = self._delay(attempt, retry_after)
-            log.info("%s; retry %d of %d in %.2f s", message, attempt + 1, self.max_retries, delay)
+            log.info("%s; retry %d of %d in %.2f s", message, attempt + 1, limit, delay)
             if state.stop.wait(delay):
                 return Generation(text="", error="cancelled")
             attempt += 1

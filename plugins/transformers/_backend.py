@@ -457,6 +457,13 @@ class TransformersModel:
         first = self.model.generation_config.eos_token_id
         return int(first[0] if isinstance(first, (list, tuple)) else first)
 
+    def identity(self) -> dict[str, Any]:
+        """What determines the answers, for a checkpoint's identity: :meth:`info` without what describes
+        how the last call ran (decode modes used, batching, device); the weights' own content is added
+        by the run from the model and adapter folders."""
+        volatile = ("decode", "batch_size", "max_batch_tokens", "device")
+        return {k: v for k, v in self.info().items() if k not in volatile}
+
     def use_modality(self, modality: str) -> None:
         """Answer with ``modality``'s adapter from now on.
 
