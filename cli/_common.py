@@ -15,16 +15,19 @@ from ..core.spec import Flag, parameters
 
 
 def friendly_errors(func):
-    """Show expected input errors as one clear message instead of a traceback."""
+    """Show expected errors (bad input, a file that cannot be read or written, a checkpoint folder in
+    use) as one clear message instead of a traceback (exit status 1)."""
     from ..core.plugins import PluginError
+    from ..core.run.checkpoint import CheckpointInUse
+    from ..core.types import ModelUnavailableError
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except (ValueError, KeyError, TypeError, FileNotFoundError, FileExistsError, PluginError) as exc:
+        except (ValueError, KeyError, TypeError, OSError, PluginError, CheckpointInUse, ModelUnavailableError) as exc:
             message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-            raise click.ClickException(str(message)) from exc
+            raise click.ClickException(" ".join(str(message).split())) from exc
 
     return wrapper
 
@@ -109,8 +112,16 @@ def read_candidates(values: Iterable[str], path: str | None) -> list[str] | None
     """The labels of ``--candidate`` and of ``--candidates-file`` (one per line); duplicates refused."""
     labels = list(values)
     if path:
-        text = Path(path).read_text(encoding="utf-8")
-        labels += [line.strip() for line in text.splitlines() if line.strip()]
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise click.BadParameter(f"{path} is not a UTF-8 text file (one label per line)",
+                                     param_hint="--candidates-file") from None
+        found = [line.strip() for line in text.splitlines() if line.strip()]
+        if not found:
+            raise click.BadParameter(f"{path} holds no label; write one label per line",
+                                     param_hint="--candidates-file")
+        labels += found
     if len(set(labels)) != len(labels):
         dupes = sorted({x for x in labels if labels.count(x) > 1})
         raise click.BadParameter(f"duplicate candidate labels: {dupes}", param_hint="--candidate")

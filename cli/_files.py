@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +18,9 @@ class OutputExistsError(FileExistsError):
 def check_output(output: str | os.PathLike, *, inputs: tuple[str | os.PathLike, ...] = (), force: bool = False) -> Path:
     """Validate an output path before any work is done.
 
-    Raises ``ValueError`` when ``output`` is one of ``inputs`` (cellscribe never writes to its input) and
-    :class:`OutputExistsError` when it exists and ``force`` is false.
+    Raises ``ValueError`` when ``output`` is one of ``inputs`` (cellscribe never writes to its input),
+    :class:`OutputExistsError` when it exists and ``force`` is false, and ``FileNotFoundError`` when its
+    folder does not exist.
     """
     out = Path(output)
     for src in inputs:
@@ -33,6 +34,89 @@ def check_output(output: str | os.PathLike, *, inputs: tuple[str | os.PathLike, 
     if not out.parent.exists():
         raise FileNotFoundError(f"output folder {out.parent} does not exist; create it first")
     return out
+
+
+def check_writable(folder: str | os.PathLike, what: str) -> None:
+    """A ``PermissionError`` naming ``folder`` unless a file can be made in it (tried, then removed),
+    so that a run never does its model work and then fails to write its result."""
+    path = Path(folder)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{what} folder {path} does not exist; create it first")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".cellscribe-write-test.", dir=path)
+    except OSError as exc:
+        raise PermissionError(
+            f"cannot write the {what} in {path} ({exc.strerror or exc}); choose a folder you can write to"
+        ) from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_output_format(data: Any, output: Path, mod: str | None, several: bool) -> None:
+    """A ``click.UsageError`` when the result of ``data`` cannot be written to ``output`` (checked
+    before any model work): the suffix, a MuData to ``.h5ad`` without ``--mod``, an AnnData to
+    ``.h5mu``."""
+    import click
+
+    from ..core.run import is_mudata
+
+    suffix = output.name.lower()
+    if not suffix.endswith((".h5ad", ".h5mu")):
+        raise click.UsageError(f"OUTPUT {output.name!r} must end in .h5ad (an AnnData) or .h5mu (a MuData)")
+    if is_mudata(data) and suffix.endswith(".h5ad"):
+        if several:
+            raise click.UsageError("several modalities are annotated into one MuData: write OUTPUT as .h5mu")
+        if mod is None:
+            raise click.UsageError("the input is a MuData: write OUTPUT as .h5mu, or to .h5ad with --mod KEY "
+                                   "(the modality to write)")
+    if not is_mudata(data) and suffix.endswith(".h5mu"):
+        raise click.UsageError("the input is an AnnData: write it to a .h5ad file")
+
+
+#: In a checkpoint folder: which OUTPUT a run left with failed prompts (so that the same command may
+#: replace it without --force).
+PARTIAL = "partial-output.json"
+
+
+def command_key(input_path: str, values: Mapping[str, Any], extra: Mapping[str, Any]) -> str:
+    """A hash of what defines an ``annotate`` command: its INPUT file (path, size, modification time),
+    its run values (credentials removed) and ``extra`` (limit, modalities, OUTPUT)."""
+    import hashlib
+    import json
+
+    from ..core.run.record import without_credentials
+
+    st = Path(input_path).stat()
+    described = {"input": str(Path(input_path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                 "values": without_credentials(dict(values)), **extra}
+    return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _file_state(path: Path) -> dict[str, Any]:
+    st = path.stat()
+    return {"output": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def is_partial_output(checkpoint: Path, output: Path, command: str) -> bool:
+    """Whether ``output`` is, unchanged, what this same command wrote last time with failed prompts."""
+    import json
+
+    try:
+        record = json.loads((checkpoint / PARTIAL).read_text(encoding="utf-8"))
+        return output.exists() and record == {**_file_state(output), "command": command}
+    except (OSError, ValueError):
+        return False
+
+
+def mark_partial_output(checkpoint: Path, output: Path, command: str | None) -> None:
+    """Record (``command``) or forget (``None``) that ``output`` holds a run with failed prompts."""
+    import json
+
+    file = checkpoint / PARTIAL
+    if command is None:
+        file.unlink(missing_ok=True)
+    else:
+        file.write_text(json.dumps({**_file_state(output), "command": command}), encoding="utf-8")
 
 
 def _umask() -> int:

@@ -58,8 +58,18 @@ def annotate_command() -> click.Command:
         from ..core.models import load_model
         from ..core.run import plan_run, read_input
         from ..core.run import annotate as run
+        from ..core.run.checkpoint import hold_folder
         from ..core.spec import LOAD_OPTIONS, RunSpec
-        from ._files import atomic_output, check_output, write_data
+        from ._files import (
+            atomic_output,
+            check_output,
+            check_output_format,
+            check_writable,
+            command_key,
+            is_partial_output,
+            mark_partial_output,
+            write_data,
+        )
 
         modality_extra = split_plugin_values(kw, plugin_params)
         limit, dry_run, force = kw.pop("limit"), kw.pop("dry_run"), kw.pop("force")
@@ -71,16 +81,29 @@ def annotate_command() -> click.Command:
         values["modality_options"] = {**values["modality_options"], **modality_extra}
         modalities = list(dict.fromkeys(values.pop("modality")))
         adapters = parse_adapters(values.pop("adapter"), modalities)
-        if len(modalities) > 1 and values["mod"] is not None:
+        several = len(modalities) > 1
+        if several and values["mod"] is not None:
             raise click.UsageError("--mod names one MuData modality; leave it out with several --modality "
                                    "(each is read from its usual key)")
         # Every parameter checked (one spec per modality) before any file is read.
         specs = {m: RunSpec.from_kwargs(**values, modality=m) for m in modalities}
-        out = check_output(output, inputs=(input_path, values["reference"]), force=force or dry_run)
+        out = Path(output)
+        checkpoint = Path(values["checkpoint"] or out.with_name(out.name + ".cellscribe.ckpt"))
+        sidecar = Path(values["sidecar"] or out.with_name(out.name + ".cellscribe.jsonl"))
+        command = command_key(input_path, {k: v for k, v in values.items() if k != "progress"},
+                              {"limit": limit, "modalities": modalities, "adapters": adapters,
+                               "output": str(out.resolve())})
+        # OUTPUT left by this same command with failed prompts is replaced by its re-run, as resumed.
+        resuming = not dry_run and not force and is_partial_output(checkpoint, out, command)
+        out = check_output(output, inputs=(input_path, values["reference"]), force=force or dry_run or resuming)
+        if not dry_run:
+            check_writable(out.parent, "output")
+            check_writable(sidecar.parent, "sidecar")
 
         data = read_input(input_path, **values["modality_options"])
         if limit is not None:
             data = data[: min(limit, data.n_obs)].copy()
+        check_output_format(data, out, values["mod"], several or any("+" in m for m in modalities))
         reference = None
         if values["reference"] is not None:
             reference = read_input(values["reference"], **values["modality_options"])
@@ -96,38 +119,72 @@ def annotate_command() -> click.Command:
                         click.echo(f"  [{m['role']}] {m['content'][:300]}{'...' if len(m['content']) > 300 else ''}")
             return
 
-        first = next(iter(specs.values())).model
-        # One model for every modality, loaded by the first run once it has checked its input.
-        model = load_model(first.name, adapters=adapters, lazy=True, **first.load_options())
-        per_run = {k: v for k, v in values.items() if k not in (*LOAD_OPTIONS, "model", "checkpoint", "sidecar")}
-        checkpoint = Path(values["checkpoint"] or out.with_name(out.name + ".cellscribe.ckpt"))
-        sidecar = Path(values["sidecar"] or out.with_name(out.name + ".cellscribe.jsonl"))
-        several = len(modalities) > 1
-        summaries = []
-        for modality in modalities:
-            suffix = f".{modality}" if several else ""
-            spec = RunSpec.from_kwargs(
-                **{**per_run, "reference": reference}, modality=modality, model=model,
-                checkpoint=str(checkpoint / modality if several else checkpoint),
-                sidecar=str(sidecar.with_name(f"{sidecar.stem}{suffix}{sidecar.suffix}")),
-            )
-            summaries.append((modality, run(data, spec)))
-        with atomic_output(out) as tmp:
-            write_data(data, tmp, values["mod"])
-        if values["checkpoint"] is None:  # the output now holds everything; a user-named folder is left alone
-            shutil.rmtree(checkpoint, ignore_errors=True)
+        with hold_folder(checkpoint, run=f"cellscribe annotate -o {out.name}"):
+            first = next(iter(specs.values())).model
+            # One model for every modality, loaded by the first run once it has checked its input.
+            model = load_model(first.name, adapters=adapters, lazy=True, **first.load_options())
+            per_run = {k: v for k, v in values.items() if k not in (*LOAD_OPTIONS, "model", "checkpoint", "sidecar")}
+            summaries = []
+            for modality in modalities:
+                suffix = f".{modality}" if several else ""
+                spec = RunSpec.from_kwargs(
+                    **{**per_run, "reference": reference}, modality=modality, model=model,
+                    checkpoint=str(checkpoint / modality if several else checkpoint),
+                    sidecar=str(sidecar.with_name(f"{sidecar.stem}{suffix}{sidecar.suffix}")),
+                )
+                summaries.append((modality, run(data, spec)))
+            n_prompts = sum(summary["n_prompts"] for _, summary in summaries)
+            failed = sum(summary["n_failed_prompts"] for _, summary in summaries)
+            why = next((s.get("stopped") or s.get("first_error") for _, s in summaries if s["n_failed_prompts"]), "")
+            if failed and failed == n_prompts:
+                raise click.exceptions.Exit(_no_answer(failed, why, out, checkpoint))
+            with atomic_output(out) as tmp:
+                write_data(data, tmp, values["mod"])
+            mark_partial_output(checkpoint, out, command if failed else None)
+            if not failed and values["checkpoint"] is None:
+                shutil.rmtree(checkpoint, ignore_errors=True)  # OUTPUT holds everything; a named folder stays
         for modality, summary in summaries:
             if several:
                 click.echo(f"{modality}:")
             _echo_summary(summary, out)
+        if failed:
+            click.echo(
+                f"error: {failed} of {n_prompts} prompts got no answer from the model ({why}); their cells are "
+                f"unresolved in {out} (the note column says why). Run the same command again once the model "
+                f"answers: it sends only those {failed} prompts (the answers are kept in {checkpoint}).",
+                err=True,
+            )
+            raise click.exceptions.Exit(EXIT_PARTIAL)
 
     return click.Command(
         "annotate", params=params, callback=annotate,
         help="""Annotate the cells of INPUT and write the result to OUTPUT.
 
         INPUT is read, never written; OUTPUT is written atomically (temporary file, then rename). Every
-        keyword of cellscribe.tl.annotate is a flag here.""",
+        keyword of cellscribe.tl.annotate is a flag here. Finished batches are kept in
+        OUTPUT.cellscribe.ckpt/ until OUTPUT is complete: the same command again resumes.
+
+        Exit status: 0 every prompt answered; 1 an error, nothing written; 2 a usage error; 3 some
+        prompts got no answer from the model (OUTPUT written, their cells unresolved; run the same
+        command again to send only them); 4 no prompt was answered (nothing written).""",
     )
+
+
+#: Exit statuses of ``cellscribe annotate`` (README, "Reliability"): 0 every prompt answered; 1 the run
+#: did not start or stopped on an error (nothing written); 2 a usage error; 3 some prompts got no answer
+#: (OUTPUT written, those cells unresolved, the checkpoint kept for a re-run); 4 no prompt was answered
+#: (nothing written, the checkpoint kept).
+EXIT_PARTIAL = 3
+EXIT_NO_ANSWER = 4
+
+
+def _no_answer(failed: int, why: str, out: Path, checkpoint: Path) -> int:
+    click.echo(
+        f"error: the model answered none of the {failed} prompts ({why}); nothing was written to {out}. Run the "
+        f"same command again once the model answers (the checkpoint {checkpoint} is kept).",
+        err=True,
+    )
+    return EXIT_NO_ANSWER
 
 
 def _echo_summary(summary: dict[str, Any], output: Path) -> None:
