@@ -3,8 +3,10 @@
 It answers ``POST /v1/chat/completions`` and ``POST /v1/completions`` with the text an ``answer``
 function gives for the request body, records every request (path, headers, JSON body), counts the
 requests in flight, and can be told to misbehave for the next requests (an HTTP error with or without
-``Retry-After``, a stall longer than the client's timeout). It is bounded: it shuts itself down after
-``lifetime`` seconds, and every sleep it does ends as soon as it is closed.
+``Retry-After``, a stall longer than the client's timeout, a 200 that is not JSON, a connection closed
+without an answer) or to die after a number of answers (:meth:`OpenAIServer.kill_after`; a new server on
+the same ``port`` is the server back). It is bounded: it shuts itself down after ``lifetime`` seconds,
+and every sleep it does ends as soon as it is closed.
 
 Usage::
 
@@ -17,7 +19,9 @@ Usage::
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
+import socket
 import threading
 from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -41,6 +45,8 @@ class _Action:
     headers: Mapping[str, str] = attrs.field(factory=dict)
     error: str = ""
     stall: float = 0.0
+    raw: bytes | None = None  # a 200 with this body instead of a completion
+    drop: bool = False  # close the connection without answering
 
 
 def user_text(body: Mapping[str, Any]) -> str:
@@ -66,6 +72,8 @@ class OpenAIServer:
         repeats the header they sent (as some hosted APIs do), to check clients redact it.
     lifetime
         Seconds after which the server closes itself.
+    port
+        The port to listen on (default: a free one); a closed server's port gives "the server is back".
     """
 
     def __init__(
@@ -75,6 +83,7 @@ class OpenAIServer:
         delay: float | Callable[[Mapping[str, Any]], float] = 0.0,
         api_key: str | None = None,
         lifetime: float = 30.0,
+        port: int = 0,
     ) -> None:
         self.answer = answer or (lambda body: "beta")
         self.delay = delay
@@ -82,10 +91,12 @@ class OpenAIServer:
         self.requests: list[Received] = []
         self.in_flight = 0
         self.max_in_flight = 0
+        self.answered = 0
+        self._kill_after: int | None = None
         self._script: collections.deque[_Action] = collections.deque()
         self._lock = threading.Lock()
         self._closed = threading.Event()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", port), _handler_for(self))
         self._httpd.daemon_threads = True
         self._httpd.block_on_close = False
         self._thread = threading.Thread(
@@ -98,6 +109,14 @@ class OpenAIServer:
     def base_url(self) -> str:
         host, port = self._httpd.server_address[:2]
         return f"http://{host}:{port}/v1"
+
+    @property
+    def port(self) -> int:
+        return int(self._httpd.server_address[1])
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
 
     def start(self) -> OpenAIServer:
         self._thread.start()
@@ -132,6 +151,22 @@ class OpenAIServer:
         with self._lock:
             self._script.extend([_Action(stall=seconds)] * times)
 
+    def garbage(self, body: bytes = b"<html><body>502 Bad Gateway</body></html>", *, times: int = 1) -> None:
+        """Answer the next ``times`` requests with HTTP 200 and ``body`` (not a JSON completion)."""
+        with self._lock:
+            self._script.extend([_Action(raw=body)] * times)
+
+    def drop(self, *, times: int = 1) -> None:
+        """Close the connection of the next ``times`` requests without answering (a crashing worker)."""
+        with self._lock:
+            self._script.extend([_Action(drop=True)] * times)
+
+    def kill_after(self, answers: int) -> None:
+        """Die (stop listening: later requests find no server) once ``answers`` requests were answered;
+        requests in flight then lose their connection."""
+        with self._lock:
+            self._kill_after = answers
+
     # -- serving -------------------------------------------------------------------------------------
 
     def _next_action(self) -> _Action:
@@ -159,8 +194,17 @@ class OpenAIServer:
             sent = headers.get("authorization", "")
             return 401, {}, {"error": {"message": f"Incorrect API key provided: {sent}", "type": "auth"}}
         action = self._next_action()
+        if action.drop:
+            return -1, {}, None
+        if action.raw is not None:
+            return 200, {}, action.raw
         if action.status != 200:
             return action.status, dict(action.headers), {"error": {"message": action.error, "code": action.status}}
+        with self._lock:
+            dying = self._kill_after is not None and self.answered >= self._kill_after
+        if dying:
+            threading.Thread(target=self.close, daemon=True).start()
+            return -1, {}, None
         self._sleep(action.stall)
         self._sleep(self.delay(body) if callable(self.delay) else self.delay)
         answer = self.answer(body)
@@ -179,6 +223,8 @@ class OpenAIServer:
             kind = "text_completion"
         reply = {"id": f"test-{len(self.requests)}", "object": kind, "model": body.get("model"),
                  "choices": [choice], "usage": usage}
+        with self._lock:
+            self.answered += 1
         return 200, {}, reply
 
 
@@ -206,7 +252,12 @@ def _handler_for(server: OpenAIServer) -> type[BaseHTTPRequestHandler]:
             self._send(*reply)
 
         def _send(self, status: int, headers: Mapping[str, str], payload: Any) -> None:
-            data = json.dumps(payload).encode()
+            if status < 0:  # no answer: the connection is closed under the client
+                self.close_connection = True
+                with contextlib.suppress(OSError):
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                return
+            data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
             try:
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
