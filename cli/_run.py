@@ -120,29 +120,37 @@ def annotate_command() -> click.Command:
             return
 
         with hold_folder(checkpoint, run=f"cellscribe annotate -o {out.name}"):
-            first = next(iter(specs.values())).model
-            # One model for every modality, loaded by the first run once it has checked its input.
-            model = load_model(first.name, adapters=adapters, lazy=True, **first.load_options())
-            per_run = {k: v for k, v in values.items() if k not in (*LOAD_OPTIONS, "model", "checkpoint", "sidecar")}
-            summaries = []
-            for modality in modalities:
-                suffix = f".{modality}" if several else ""
-                spec = RunSpec.from_kwargs(
-                    **{**per_run, "reference": reference}, modality=modality, model=model,
-                    checkpoint=str(checkpoint / modality if several else checkpoint),
-                    sidecar=str(sidecar.with_name(f"{sidecar.stem}{suffix}{sidecar.suffix}")),
-                )
-                summaries.append((modality, run(data, spec)))
-            n_prompts = sum(summary["n_prompts"] for _, summary in summaries)
-            failed = sum(summary["n_failed_prompts"] for _, summary in summaries)
-            why = next((s.get("stopped") or s.get("first_error") for _, s in summaries if s["n_failed_prompts"]), "")
-            if failed and failed == n_prompts:
-                raise click.exceptions.Exit(_no_answer(failed, why, out, checkpoint))
-            with atomic_output(out) as tmp:
-                write_data(data, tmp, values["mod"])
-            mark_partial_output(checkpoint, out, command if failed else None)
-            if not failed and values["checkpoint"] is None:
-                shutil.rmtree(checkpoint, ignore_errors=True)  # OUTPUT holds everything; a named folder stays
+            try:
+                first = next(iter(specs.values())).model
+                # One model for every modality, loaded by the first run once it has checked its input.
+                model = load_model(first.name, adapters=adapters, lazy=True, **first.load_options())
+                per_run = {k: v for k, v in values.items()
+                           if k not in (*LOAD_OPTIONS, "model", "checkpoint", "sidecar")}
+                summaries = []
+                for modality in modalities:
+                    suffix = f".{modality}" if several else ""
+                    spec = RunSpec.from_kwargs(
+                        **{**per_run, "reference": reference}, modality=modality, model=model,
+                        checkpoint=str(checkpoint / modality if several else checkpoint),
+                        sidecar=str(sidecar.with_name(f"{sidecar.stem}{suffix}{sidecar.suffix}")),
+                    )
+                    summaries.append((modality, run(data, spec)))
+                n_prompts = sum(summary["n_prompts"] for _, summary in summaries)
+                failed = sum(summary["n_failed_prompts"] for _, summary in summaries)
+                why = next((s.get("stopped") or s.get("first_error") for _, s in summaries if s["n_failed_prompts"]),
+                           "")
+                if failed and failed == n_prompts:
+                    raise click.exceptions.Exit(_no_answer(failed, why, out))
+                with atomic_output(out) as tmp:
+                    write_data(data, tmp, values["mod"])
+                mark_partial_output(checkpoint, out, command if failed else None)
+                if not failed and values["checkpoint"] is None:
+                    shutil.rmtree(checkpoint, ignore_errors=True)  # OUTPUT holds everything; a named folder stays
+            except BaseException:
+                if values["checkpoint"] is None and not any(checkpoint.rglob("batch-*.json")):
+                    shutil.rmtree(checkpoint, ignore_errors=True)  # no answer to resume: leave no folder
+                raise
+
         for modality, summary in summaries:
             if several:
                 click.echo(f"{modality}:")
@@ -173,15 +181,15 @@ def annotate_command() -> click.Command:
 #: Exit statuses of ``cellscribe annotate`` (README, "Reliability"): 0 every prompt answered; 1 the run
 #: did not start or stopped on an error (nothing written); 2 a usage error; 3 some prompts got no answer
 #: (OUTPUT written, those cells unresolved, the checkpoint kept for a re-run); 4 no prompt was answered
-#: (nothing written, the checkpoint kept).
+#: (no OUTPUT; the sidecar lists each request's error).
 EXIT_PARTIAL = 3
 EXIT_NO_ANSWER = 4
 
 
-def _no_answer(failed: int, why: str, out: Path, checkpoint: Path) -> int:
+def _no_answer(failed: int, why: str, out: Path) -> int:
     click.echo(
-        f"error: the model answered none of the {failed} prompts ({why}); nothing was written to {out}. Run the "
-        f"same command again once the model answers (the checkpoint {checkpoint} is kept).",
+        f"error: the model answered none of the {failed} prompts ({why}); nothing was written to {out} (the "
+        "sidecar lists each request's error). Run the same command again once the model answers.",
         err=True,
     )
     return EXIT_NO_ANSWER

@@ -115,7 +115,7 @@ def test_every_request_refused_exits_4_and_writes_nothing(tmp_path, server, stat
     result = invoke(annotate_args(out, server.base_url))
     assert result.exit_code == 4, result.output
     assert message in result.output and "nothing was written" in result.output
-    assert not out.exists() and _checkpoint(out).exists()  # kept: the same command again resumes
+    assert not out.exists() and not _checkpoint(out).exists()  # no answer to resume
     raw = [json.loads(line) for line in (tmp_path / "out.h5ad.cellscribe.jsonl").open(encoding="utf-8")]
     assert len(raw) == N_CELLS and all(r["error"] for r in raw)  # the sidecar says what each request got
     if requests == "all":  # a 400 is the prompt's own problem: each prompt once, never retried

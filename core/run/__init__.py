@@ -78,11 +78,11 @@ class FailedPromptsError(RuntimeError):
             f"run the same call again (checkpoint={checkpoint!r}) to send only the failed prompts"
             if checkpoint else "pass checkpoint=FOLDER to keep the answers, so that a re-run sends only the failed ones"
         )
+        copy = " (the annotated copy is this error's .data)" if data is not None else ""
         super().__init__(
             f"{summary['n_failed_prompts']} of {summary['n_prompts']} prompts got no answer from the model ({why}); "
             f"their {summary['n_failed_units']} units are unresolved with the error in obs['{key_added}_note'] and "
-            f"everything else is written{' (the annotated copy is this error' + chr(39) + 's .data)' if data is not None else ''}; "
-            f"{resume}"
+            f"everything else is written{copy}; {resume}"
         )
 
 
