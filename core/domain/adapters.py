@@ -204,7 +204,9 @@ class AdapterManifest:
             "sentence": self.sentence, "n_genes": self.n_genes, "prompt": self.prompt, "mode": self.mode,
             "n_labels": len(self.labels), "label_key": self.label_key,
             "training_fingerprint": self.training.get("fingerprint"),
-            "n_train": self.training.get("n_train"), "validation": dict(self.validation),
+            # Per-label figures stay in the manifest: label names (with "/") are no h5ad group names.
+            "n_train": self.training.get("n_train"),
+            "validation": {k: v for k, v in self.validation.items() if not isinstance(v, Mapping)},
             "cellscribe_version": self.cellscribe_version, "created": self.created,
         }
 

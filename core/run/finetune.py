@@ -308,7 +308,8 @@ def training_set(data: Any, spec: RunSpec, ft: FinetuneSpec, *, model: Any = Non
                          "(--mode reasoning) or the puzzle prompt")
     rng = np.random.default_rng(spec.prompts.seed)
     train_adata = adata[rng.permutation(split.train)].copy()
-    model_ref = model if model is not None else ft.base
+    # Without a base, the records are made for a transformers model in general (no model's preferences).
+    model_ref = model if model is not None else ft.base or "transformers"
     truth = labels.astype(object).where(labels.notna(), None).astype(str)
     truth.index = adata.obs_names.astype(str)
     count = model.loaded.count_tokens if model is not None else None
