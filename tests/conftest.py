@@ -36,6 +36,46 @@ def pytest_runtest_makereport(item, call):
                            "atac extra: pip install -e '.[atac]'")
 
 
+#: PBSmall (ArchR's small scATAC set, tests/data/PROVENANCE.md): fragments on chr5/chr11 and their annotation.
+PBSMALL_FRAGMENTS = DATA / "atac" / "PBSmall_fragments.tsv.gz"
+PBSMALL_GTF = DATA / "atac" / "hg19_chr5_chr11_genes.gtf.gz"
+PBSMALL_SIZES = DATA / "atac" / "hg19.chrom.sizes"
+
+
+def atac_host_with(*extra):
+    """A host with the built-in plugins, the atac plugin (its entry point, or registered here when the
+    package is not installed with it) and the ``(name, plugin)`` pairs of ``extra``."""
+    from cellscribe.core import plugins
+    from cellscribe.plugins import atac
+
+    host = plugins.make_host(extra=extra)
+    if "atac" not in host.registry.names("modality"):
+        host = plugins.make_host(extra=[("atac", atac), *extra])
+    return host
+
+
+@pytest.fixture(scope="module")
+def atac_host():
+    """:func:`atac_host_with` as the current host for a test module (the previous one restored after)."""
+    from cellscribe.core import plugins
+
+    host = atac_host_with()
+    previous = plugins.set_host(host)
+    try:
+        yield host
+    finally:
+        plugins.set_host(previous)
+
+
+@pytest.fixture(scope="module")
+def pbsmall():
+    """PBSmall's gene activity read from its fragments with default settings (do not modify: copy first)."""
+    pytest.importorskip("snapatac2", reason="needs the atac extra: pip install -e '.[atac]'")
+    from cellscribe.plugins import atac
+
+    return atac.FragmentsReader().read(PBSMALL_FRAGMENTS, gtf=PBSMALL_GTF, chrom_sizes=PBSMALL_SIZES)
+
+
 @pytest.fixture
 def data_dir() -> Path:
     """The vendored test data folder (see tests/data/PROVENANCE.md)."""

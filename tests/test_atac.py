@@ -24,6 +24,8 @@ from cellscribe.core.types import FeatureMatrix
 
 atac = pytest.importorskip("cellscribe.plugins.atac")
 
+from conftest import atac_host_with  # noqa: E402
+
 DATA = Path(__file__).parent / "data" / "atac"
 FRAGMENTS = DATA / "PBSmall_fragments.tsv.gz"
 GTF = DATA / "hg19_chr5_chr11_genes.gtf.gz"
@@ -39,31 +41,6 @@ MULTIOME = SHARED / "multiome" / "pbmc10k_multiome_1000cells_subset.h5mu"
 # -------------------------------------------------------------------------------------------------
 # Fixtures
 # -------------------------------------------------------------------------------------------------
-
-
-def _atac_host(*extra):
-    """A host with the built-in plugins, the atac plugin (entry point or given here) and ``extra``."""
-    host = plugins.make_host(extra=extra)
-    if "atac" not in host.registry.names("modality"):
-        host = plugins.make_host(extra=[("atac", atac), *extra])
-    return host
-
-
-@pytest.fixture(scope="module")
-def atac_host():
-    host = _atac_host()
-    previous = plugins.set_host(host)
-    try:
-        yield host
-    finally:
-        plugins.set_host(previous)
-
-
-@pytest.fixture(scope="module")
-def pbsmall():
-    """PBSmall read by the fragments reader with default settings (do not modify: copy first)."""
-    pytest.importorskip("snapatac2", reason="needs the atac extra: pip install -e '.[atac]'")
-    return atac.FragmentsReader().read(FRAGMENTS, gtf=GTF, chrom_sizes=SIZES)
 
 
 @pytest.fixture(scope="module")
@@ -572,7 +549,7 @@ def test_cli_annotates_a_fragment_file(tmp_path, labels):
 
     from cellscribe import cli
 
-    sys_host = _atac_host()
+    sys_host = atac_host_with()
     if not _has_markers(sys_host):
         pytest.skip("the markers backend is not registered")
     previous = plugins.set_host(sys_host)

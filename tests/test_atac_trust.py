@@ -19,7 +19,6 @@ import pytest
 import scipy.sparse as sp
 
 import cellscribe as cs
-from cellscribe.core import plugins
 
 atac = pytest.importorskip("cellscribe.plugins.atac")
 from cellscribe.plugins.atac import build  # noqa: E402
@@ -47,18 +46,6 @@ def _read(path: Path) -> ad.AnnData:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # Schep's obs names repeat, as published
         return ad.read_h5ad(path)
-
-
-@pytest.fixture(scope="module")
-def atac_host():
-    host = plugins.make_host()
-    if "atac" not in host.registry.names("modality"):
-        host = plugins.make_host(extra=[("atac", atac)])
-    previous = plugins.set_host(host)
-    try:
-        yield host
-    finally:
-        plugins.set_host(previous)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import pytest
 import scipy.sparse as sp
 
 import cellscribe
-from cellscribe.core import plugins, run
+from cellscribe.core import run
 
 atac = pytest.importorskip("cellscribe.plugins.atac")
 
@@ -33,24 +33,6 @@ TO_ATAC = {"B": "B cell", "M": "monocyte", "T": "T cell"}
 #: Real B-cell genes on chromosomes PBSmall's scATAC does not cover (chr16, chr19, chr9, chr8): the
 #: query can never show them.
 UNSEEN = ["CD19", "CD79A", "PAX5", "BLK"]
-
-
-@pytest.fixture(scope="module")
-def atac_host():
-    host = plugins.make_host()
-    if "atac" not in host.registry.names("modality"):
-        host = plugins.make_host(extra=[("atac", atac)])
-    previous = plugins.set_host(host)
-    try:
-        yield host
-    finally:
-        plugins.set_host(previous)
-
-
-@pytest.fixture(scope="module")
-def pbsmall():
-    """PBSmall's gene activity from fragments (do not modify: copy first)."""
-    return atac.FragmentsReader().read(FRAGMENTS, gtf=GTF, chrom_sizes=SIZES)
 
 
 @pytest.fixture(scope="module")
