@@ -76,6 +76,17 @@ def pbsmall():
     return atac.FragmentsReader().read(PBSMALL_FRAGMENTS, gtf=PBSMALL_GTF, chrom_sizes=PBSMALL_SIZES)
 
 
+#: The environment variables through which the openai backend would find a server or key of the machine.
+OPENAI_ENV = ("OPENAI_API_KEY", "CELLSCRIBE_OPENAI_BASE_URL", "OPENAI_BASE_URL")
+
+
+@pytest.fixture
+def no_openai_env(monkeypatch):
+    """No OpenAI key or server of the machine reaches the test (the tests name their own)."""
+    for name in OPENAI_ENV:
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture
 def data_dir() -> Path:
     """The vendored test data folder (see tests/data/PROVENANCE.md)."""

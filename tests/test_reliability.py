@@ -44,10 +44,7 @@ ATAC = DATA / "atac"
 QUIET = {"progress": False}
 
 
-@pytest.fixture(autouse=True)
-def _no_ambient_openai_settings(monkeypatch):
-    for name in ("OPENAI_API_KEY", "CELLSCRIBE_OPENAI_BASE_URL", "OPENAI_BASE_URL"):
-        monkeypatch.delenv(name, raising=False)
+pytestmark = pytest.mark.usefixtures("no_openai_env")
 
 
 @pytest.fixture
