@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 
-def annotate_both(adata, **run):
+def annotate_both(adata, executor_options, **run):
     """(local, ray) annotated copies and the Ray run's measurements."""
     import cellscribe as cs
     from cellscribe.core.plugins import get_host
@@ -45,7 +45,7 @@ def annotate_both(adata, **run):
     cs.tl.annotate(local, progress=False, **run)
     t_local = time.perf_counter() - t0
     t0 = time.perf_counter()
-    cs.tl.annotate(distributed, progress=False, executor="ray", **run)
+    cs.tl.annotate(distributed, progress=False, executor="ray", executor_options=executor_options, **run)
     t_ray = time.perf_counter() - t0
     return local, distributed, t_local, t_ray, dict(get_host().registry.get("executor", "ray").last_run)
 
@@ -105,14 +105,14 @@ def main() -> None:
     print(f"cluster start (ray.init, {args.workers} CPUs, no dashboard): {time.perf_counter() - t0:.1f} s")
     try:
         local, distributed, t_local, t_ray, last = annotate_both(
-            adata, executor_options={"workers": args.workers, "block_prompts": 70})
+            adata, {"workers": args.workers, "block_prompts": 70})
         print(f"markers, 700 cells, 10 batches: local {t_local:.1f} s, ray {t_ray:.1f} s "
               f"(replicas ready {last['first_answer_seconds']:.1f} s); identical: {identical(local, distributed)}")
         with tempfile.TemporaryDirectory() as tmp:
             tiny = make_tiny_model(Path(tmp) / "tiny", seed=0)
             small = adata[:96].copy()
             local, distributed, t_local, t_ray, last = annotate_both(
-                small, model=str(tiny), n_genes=20, batch_size=1, executor_options={"workers": args.workers},
+                small, {"workers": args.workers}, model=str(tiny), n_genes=20, batch_size=1,
                 generation={"do_sample": False, "max_new_tokens": 8})
             print(f"tiny transformers, 96 cells, {last['calls']} batches: local {t_local:.1f} s, ray {t_ray:.1f} s "
                   f"(replicas ready {last['first_answer_seconds']:.1f} s); identical: {identical(local, distributed)}")

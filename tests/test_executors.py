@@ -74,3 +74,61 @@ def test_the_executor_is_recorded_and_a_run_re_created_from_it(host, pancreas):
     cs.tl.annotate(small, progress=False, sidecar=False)
     params = small.uns["cellscribe"]["params"]
     assert params["executor"] == "local" and RunSpec.from_params(params).execution.executor == "local"
+
+
+# -- engine="vllm": what the driver sends to Ray Data's vLLM processor (vLLM itself is not needed here) --
+
+
+def test_vllm_rows_are_the_transformers_backends_own_token_ids_and_settings(host, tmp_path):
+    """Each prompt becomes one row with the ids the transformers backend feeds its model (chat template,
+    edits, response prefix) and its effective settings as vLLM sampling parameters, greedy when asked."""
+    from _tiny_models import make_tiny_model
+
+    from cellscribe.core.run import plan_run
+    from cellscribe.plugins.ray._workers import vllm_rows
+
+    model_dir = make_tiny_model(tmp_path / "tiny", seed=0)
+    adata = __import__("anndata").read_h5ad(PANCREAS)[:6].copy()
+    loaded = host.registry.get("backend", "transformers").load(str(model_dir))
+    plan = plan_run(adata, model=str(model_dir), n_genes=20, mode="reasoning", host=host)
+    settings = {"do_sample": False, "max_new_tokens": 8, "seed": 3}
+    calls = [(plan.prompts[:4], settings), (plan.prompts[4:], settings)]
+    rows = vllm_rows(calls, loaded)
+    assert [(r["call"], r["pos"]) for r in rows] == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1)]
+    tokenizer = loaded.tokenizer
+    for row, prompt in zip(rows, plan.prompts):
+        assert row["tokenized_prompt"] == tokenizer(loaded.render(prompt), add_special_tokens=False)["input_ids"]
+        assert loaded.render(prompt).endswith(prompt.response_prefix)
+        assert prompt.generation["repetition_penalty"] == 1.1  # the prompt's defaults (CellReasoner's) carry over
+        assert row["sampling_params"] == {"max_tokens": 8, "seed": 3, "temperature": 0.0, "repetition_penalty": 1.1,
+                                          "truncate_prompt_tokens": prompt.generation["max_prompt_tokens"]}
+
+
+def test_vllm_sampling_parameters_and_outputs():
+    from cellscribe.plugins.ray._workers import sampling_params, vllm_generation
+
+    assert sampling_params({"do_sample": True, "temperature": 0.7, "top_p": 0.9, "max_new_tokens": 64}) == {
+        "temperature": 0.7, "top_p": 0.9, "max_tokens": 64}
+    assert sampling_params({"max_new_tokens": 4}) == {"max_tokens": 4, "temperature": 0.0}
+    with pytest.raises(ValueError, match=r"\['num_beams'\] have no vLLM equivalent.*engine='actors'"):
+        sampling_params({"num_beams": 4})
+    ok = vllm_generation({"generated_text": "beta cell", "num_input_tokens": 40, "num_generated_tokens": 3})
+    assert (ok.text, ok.n_prompt_tokens, ok.n_output_tokens, ok.error) == ("beta cell", 40, 3, None)
+    failed = vllm_generation({"__inference_error__": "CUDA out of memory", "generated_text": "", "num_input_tokens": -1})
+    assert failed.error == "vLLM: CUDA out of memory" and failed.text == ""
+
+
+@pytest.mark.gpu
+def test_vllm_engine_gives_the_transformers_labels(host, tmp_path):
+    """On a GPU machine with ``ray[llm]``: greedy answers of Ray Data's vLLM processor equal the
+    transformers backend's for the tiny model."""
+    pytest.importorskip("vllm", reason="engine='vllm' needs vLLM: pip install 'ray[llm]'")
+    from _tiny_models import make_tiny_model
+
+    model_dir = make_tiny_model(tmp_path / "tiny", seed=0)
+    adata = __import__("anndata").read_h5ad(PANCREAS)[:32].copy()
+    run = dict(model=str(model_dir), n_genes=20, progress=False, generation={"do_sample": False, "max_new_tokens": 8})
+    local, distributed = adata.copy(), adata.copy()
+    cs.tl.annotate(local, **run)
+    cs.tl.annotate(distributed, executor="ray", executor_options={"engine": "vllm", "workers": 1}, **run)
+    assert (local.uns["cellscribe"]["raw"]["output"] == distributed.uns["cellscribe"]["raw"]["output"]).all()

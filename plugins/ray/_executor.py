@@ -71,7 +71,8 @@ class RayOptions:
     ----------
     workers
         Model replicas (Ray actors or vLLM engines). Default: one per server of ``base_urls``, else as
-        many as the cluster's GPUs (replicas on GPUs) or CPUs hold, never more than the batches to answer.
+        many as the cluster's GPUs (replicas on GPUs, vLLM engines) or CPUs hold, never more than the
+        batches to answer.
     cpus_per_worker, gpus_per_worker
         Ray resources of each replica. ``gpus_per_worker`` defaults to 1 when the run's model is on a
         CUDA device, else 0.
@@ -198,10 +199,15 @@ def _replica_resources(loaded: Any, opts: RayOptions, n_calls: int) -> tuple[int
     """(replicas, GPUs per replica) on the current cluster."""
     import ray
 
+    resources = ray.cluster_resources()
+    if opts.engine == "vllm":  # one engine per tensor-parallel group of GPUs; vLLM places them itself
+        per_engine = int(opts.engine_kwargs.get("tensor_parallel_size", 1)) * int(
+            opts.engine_kwargs.get("pipeline_parallel_size", 1))
+        workers = opts.workers or max(1, int(resources.get("GPU", 0) // per_engine))
+        return workers, float(per_engine)  # rows are prompts here, not batches: no cap by the batches
     gpus = opts.gpus_per_worker
     if gpus is None:
         gpus = 1.0 if str(loaded.info().get("device") or "").startswith("cuda") else 0.0
-    resources = ray.cluster_resources()
     if gpus and resources.get("GPU", 0) < gpus:
         raise ValueError(f"each replica asks for {gpus:g} GPU but the Ray cluster has {resources.get('GPU', 0):g}; "
                          "pass --executor-option gpus_per_worker=0 to answer on CPUs")

@@ -80,16 +80,19 @@ def server_counter() -> Any:
 
 # -- vLLM through Ray Data's LLM processors ----------------------------------------------------------
 
-#: Generation settings (transformers names) -> vLLM ``SamplingParams`` names.
+#: Generation settings (transformers names) -> vLLM ``SamplingParams`` names. ``max_prompt_tokens`` keeps
+#: the end of a longer prompt, as the transformers backend does by default (``truncation_side="left"``).
 SAMPLING_NAMES = {"max_new_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p",
                   "top_k": "top_k", "repetition_penalty": "repetition_penalty", "seed": "seed",
-                  "min_p": "min_p"}
+                  "min_p": "min_p", "max_prompt_tokens": "truncate_prompt_tokens"}
+#: Settings that only candidate scoring reads (not a generate setting).
+IGNORED = frozenset({"do_sample", "length_normalize"})
 
 
 def sampling_params(settings: Mapping[str, Any]) -> dict[str, Any]:
     """A prompt's effective generation settings as vLLM sampling parameters: ``do_sample=False`` (or no
     temperature) is greedy, ``temperature=0``. Raises ``ValueError`` for a setting vLLM has no name for."""
-    unknown = sorted(set(settings) - set(SAMPLING_NAMES) - {"do_sample"})
+    unknown = sorted(set(settings) - set(SAMPLING_NAMES) - IGNORED)
     if unknown:
         raise ValueError(f"generation setting(s) {unknown} have no vLLM equivalent; leave them out with "
                          "engine='vllm', or use engine='actors' (the transformers backend on each replica)")
