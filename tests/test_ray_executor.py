@@ -59,17 +59,31 @@ def same_run(local: ad.AnnData, distributed: ad.AnnData) -> None:
     pd.testing.assert_frame_equal(local.uns["cellscribe"]["raw"], distributed.uns["cellscribe"]["raw"])
 
 
-def test_markers_model_on_two_workers_gives_the_local_labels(cluster, host, executor):
+def test_markers_model_on_two_workers_gives_the_local_labels_and_resumes_by_batch(cluster, host, executor, tmp_path):
+    """The same labels as in one process; each batch saved as it finished, and a re-run sends only the
+    batches whose files are missing (as after a kill), ending with the same result."""
+    folder = tmp_path / "ckpt"
+    options = {"workers": WORKERS, "block_prompts": 50}
     local, distributed = ad.read_h5ad(PANCREAS), ad.read_h5ad(PANCREAS)
     cs.tl.annotate(local, progress=False)
-    cs.tl.annotate(distributed, progress=False, executor="ray",
-                   executor_options={"workers": WORKERS, "block_prompts": 50})
+    cs.tl.annotate(distributed, progress=False, executor="ray", executor_options=options, checkpoint=str(folder))
     same_run(local, distributed)
     assert (local.obs["cellscribe_status"] == "ok").all()
     assert executor.last_run["workers"] == WORKERS and executor.last_run["calls"] == 7  # 350 cells / 50
     assert not executor.last_run["cluster_started"]  # the module's cluster was used, not a new one
     params = distributed.uns["cellscribe"]["params"]
-    assert params["executor"] == "ray" and dict(params["executor_options"]) == {"workers": 2, "block_prompts": 50}
+    assert params["executor"] == "ray" and dict(params["executor_options"]) == options
+
+    saved = sorted(folder.glob("batch-*.json"))
+    assert len(saved) == 7
+    for lost in saved[1::2]:  # batches 1, 3, 5 never finished
+        lost.unlink()
+    again = ad.read_h5ad(PANCREAS)
+    summary = cs.core.run.annotate(again, progress=False, executor="ray", executor_options=options,
+                                   checkpoint=str(folder))
+    assert executor.last_run["calls"] == 3 and executor.last_run["prompts"] == 150
+    assert summary["n_failed_prompts"] == 0
+    same_run(local, again)
 
 
 @pytest.fixture(scope="module")
@@ -105,29 +119,14 @@ def test_tiny_transformers_model_on_two_workers_gives_the_local_answers(cluster,
         assert set(distributed.obs["cellscribe"].astype(str)) <= set(candidates)
 
 
-def test_a_finished_batch_is_skipped_on_re_run(cluster, host, executor, tmp_path):
-    """Batches saved by a run are not answered again: a re-run sends only the batches whose files are
-    missing (as after a kill) and ends with the uninterrupted result."""
-    folder = tmp_path / "ckpt"
-    options = {"workers": WORKERS, "block_prompts": 50}
-    first = ad.read_h5ad(PANCREAS)
-    cs.tl.annotate(first, progress=False, executor="ray", executor_options=options, checkpoint=str(folder))
-    saved = sorted(folder.glob("batch-*.json"))
-    assert len(saved) == 7
-    for lost in saved[1::2]:  # batches 1, 3, 5 never finished
-        lost.unlink()
-    again = ad.read_h5ad(PANCREAS)
-    summary = cs.core.run.annotate(again, progress=False, executor="ray", executor_options=options,
-                                   checkpoint=str(folder))
-    assert executor.last_run["calls"] == 3 and executor.last_run["prompts"] == 150
-    assert summary["n_failed_prompts"] == 0
-    same_run(first, again)
-
-
-def test_openai_servers_spread_a_server_dying_stops_the_run_and_it_resumes(cluster, host, executor, tmp_path):
+def test_openai_servers_spread_a_server_dying_stops_the_run_and_it_resumes(cluster, host, executor, tmp_path,
+                                                                         monkeypatch):
     """Two OpenAI-compatible servers, one replica on each (``base_urls``); the second dies after 4
     answers: the run stops with the batches answered so far saved, and once it is back the same call
     sends only the rest and ends as a run on one server."""
+    # Both replicas up before the first batch is handed out (Ray Data starts actors asynchronously: a
+    # fast first replica could otherwise answer every batch before the second one has started).
+    monkeypatch.setattr(ray.data.DataContext.get_current(), "wait_for_min_actors_s", 300)
     adata = ad.read_h5ad(PANCREAS)[:40].copy()
     model_options = {"max_concurrency": 2, "backoff": 0.01, "max_backoff": 0.05}
     run = dict(model="openai:tiny", batch_size=1, progress=False, sidecar=False)
@@ -146,7 +145,8 @@ def test_openai_servers_spread_a_server_dying_stops_the_run_and_it_resumes(clust
             cs.tl.annotate(first, **distributed)
         assert a.requests and b.requests  # both servers were used
         failed = stopped.value.summary["n_failed_prompts"]
-        assert 0 < failed < 40 and list(Path(folder).glob("batch-*.json"))  # what was answered is saved
+        assert 0 < failed <= 40 - 4, (failed, len(a.requests), len(b.requests))  # the answers before the stop kept
+        assert list(Path(folder).glob("batch-*.json"))
         port = b.port
     with OpenAIServer(answer=rule_answer, lifetime=120, port=a.port) as a2, \
             OpenAIServer(answer=rule_answer, lifetime=120, port=port) as b2:  # the same servers, back

@@ -15,6 +15,7 @@ import attrs
 import numpy as np
 
 from cellscribe.core.run.checkpoint import generate_safely
+from cellscribe.core.run.record import without_credentials
 from cellscribe.core.types import Generation, ModelUnavailableError, Prompt
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ class Answerer:
         if servers:
             index = ray.get(counter.take.remote())
             model_options = {"base_url": servers[index % len(servers)]}
-            log.info("replica %d answers through %s", index, model_options["base_url"])
+            log.info("replica %d answers through %s", index, without_credentials(model_options["base_url"]))
         self.loaded = replica.load(model_options=model_options)
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
