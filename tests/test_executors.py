@@ -27,7 +27,8 @@ def test_ray_is_imported_only_when_the_ray_executor_runs(host):
 
     code = ("import sys, cellscribe.core.plugins as p; p.get_host(); import cellscribe.plugins.ray; "
             "print('ray' in sys.modules)")
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
 
 
 def test_without_ray_the_ray_executor_stops_in_one_line_naming_the_extra(host, pancreas, monkeypatch):
@@ -45,7 +46,8 @@ def test_without_ray_the_command_line_exits_1_in_one_line_before_reading_the_dat
     result = CliRunner().invoke(main, ["annotate", PANCREAS, "-o", str(out), "--executor", "ray",
                                        "--ray-address", "auto", "--no-progress"])
     assert result.exit_code == 1, result.output  # README, "Exit status": an error before the run
-    assert result.output.strip() == "Error: executor='ray' needs Ray, which the ray extra installs: pip install 'cellscribe[ray]'"
+    assert result.output.strip() == ("Error: executor='ray' needs Ray, which the ray extra installs: "
+                                     "pip install 'cellscribe[ray]'")
     assert not out.exists() and not (tmp_path / "out.h5ad.cellscribe.ckpt").exists()
 
 
@@ -114,7 +116,8 @@ def test_vllm_sampling_parameters_and_outputs():
         sampling_params({"num_beams": 4})
     ok = vllm_generation({"generated_text": "beta cell", "num_input_tokens": 40, "num_generated_tokens": 3})
     assert (ok.text, ok.n_prompt_tokens, ok.n_output_tokens, ok.error) == ("beta cell", 40, 3, None)
-    failed = vllm_generation({"__inference_error__": "CUDA out of memory", "generated_text": "", "num_input_tokens": -1})
+    failed = vllm_generation({"__inference_error__": "CUDA out of memory", "generated_text": "",
+                              "num_input_tokens": -1})
     assert failed.error == "vLLM: CUDA out of memory" and failed.text == ""
 
 

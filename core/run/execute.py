@@ -136,7 +136,8 @@ def execute(plan: RunPlan, model: Model, run_id: str = "", *, host: Host | None 
         run = spec.execution
         executor = (host or get_host()).registry.get("executor", run.executor)
         # The executor runs run_batches's batches here or on replicas made as this model was made.
-        replica = model.replica(modality=spec.data.modality, assay=plan.assay, surveyed=plan.prompts if context else None)
+        replica = model.replica(modality=spec.data.modality, assay=plan.assay,
+                                surveyed=plan.prompts if context else None)
         outcome = executor.run(
             loaded, plan.prompts, replica=replica, address=run.executor_address, options=dict(run.executor_options),
             settings=settings, model=identity_digest(identity),

@@ -128,7 +128,8 @@ class _Recorder:
 
     calls: list[tuple[list[Prompt], dict[str, Any]]] = attrs.field(factory=list)
 
-    def generate(self, prompts: Sequence[Prompt], *, settings: Mapping[str, Any] | None = None, **_: Any) -> list[Generation]:
+    def generate(self, prompts: Sequence[Prompt], *, settings: Mapping[str, Any] | None = None,
+                 **_: Any) -> list[Generation]:
         self.calls.append((list(prompts), dict(settings or {})))
         return [Generation(text="", error="not sent")] * len(prompts)
 
@@ -265,7 +266,8 @@ def _vllm_answers(calls: list, loaded: Any, replica: Any, opts: RayOptions, work
     try:
         from ray.data.llm import build_processor, vLLMEngineProcessorConfig
     except ImportError as exc:
-        raise ValueError(f"engine='vllm' needs Ray Data's LLM processors and vLLM: pip install 'ray[llm]' ({exc})") from None
+        raise ValueError(f"engine='vllm' needs Ray Data's LLM processors and vLLM: pip install 'ray[llm]' "
+                         f"({exc})") from None
 
     from ._workers import vllm_generation, vllm_output, vllm_rows
 
