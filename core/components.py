@@ -276,6 +276,34 @@ class Trainer(Protocol):
     def train(self, examples: Sequence[Mapping[str, Any]], **options: Any) -> Mapping[str, Any]: ...
 
 
+@runtime_checkable
+class Executor(Protocol):
+    """Where a run's prompts are answered: in this process (``local``, the default) or by replicas of
+    the model spread over a cluster (``ray``). Chosen with ``executor=`` (``--executor``).
+
+    ``run(loaded, prompts, *, replica, address, options, **batches)`` answers ``prompts`` and returns
+    the :class:`~cellscribe.core.run.checkpoint.BatchOutcome` that
+    :func:`~cellscribe.core.run.checkpoint.run_batches` returns: one generation per prompt, in order.
+    ``loaded`` is the run's own model (prepared for the run), ``replica`` the
+    :class:`~cellscribe.core.models.Replica` another process loads to answer as it does, ``address``
+    the cluster's address (``executor_address=``; ``None``: the executor's default), ``options`` the
+    ``executor_options``. ``batches`` are :func:`run_batches`'s keywords (settings, model identity,
+    batch size, checkpoint, progress, ...): an executor passes them on unchanged, so that batches,
+    seeds, checkpoint files and resumption are those of a local run.
+    """
+
+    name: str
+    description: str
+
+    def run(self, loaded: LoadedModel, prompts: Sequence[Prompt], **options: Any) -> Any: ...
+
+    # optional
+    def check(self, **options: Any) -> None:
+        """Raise ``ValueError`` (one line: the problem and the fix) when the executor cannot run with
+        ``address`` and ``options`` here (a missing extra, an unknown option); called before any data
+        is read."""
+
+
 def optional_members(protocol: type) -> dict[str, Any]:
     """The optional members a protocol declares, with their defaults (plain functions for methods)."""
     return {
@@ -295,6 +323,7 @@ _REQUIRED: dict[type, tuple[str, ...]] = {
     Decoder: ("decode",),
     SentenceFormat: ("write",),
     Trainer: ("train",),
+    Executor: ("run",),
 }
 
 
@@ -346,6 +375,7 @@ KINDS: Mapping[str, tuple[str, type, tuple[str, ...]]] = {
     "cellscribe_register_decoders": ("decoder", Decoder, _REQUIRED[Decoder]),
     "cellscribe_register_formats": ("format", SentenceFormat, _REQUIRED[SentenceFormat]),
     "cellscribe_register_trainers": ("trainer", Trainer, _REQUIRED[Trainer]),
+    "cellscribe_register_executors": ("executor", Executor, _REQUIRED[Executor]),
 }
 
 __all__ = [
@@ -358,6 +388,7 @@ __all__ = [
     "Decoder",
     "SentenceFormat",
     "Trainer",
+    "Executor",
     "KINDS",
     "optional_members",
     "with_defaults",

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from .components import (
         Backend,
         Decoder,
+        Executor,
         Modality,
         PromptStrategy,
         Reader,
@@ -155,6 +156,16 @@ def cellscribe_register_trainers(register: Callable[[Trainer], None]) -> None:
     :param register: call ``register(trainer)`` once per trainer (``"lora"``: peft LoRA with
         transformers' Trainer). Heavy imports belong in ``train``. See
         :class:`cellscribe.core.components.Trainer`.
+    """
+
+
+@hookspec
+def cellscribe_register_executors(register: Callable[[Executor], None]) -> None:
+    """Register executors: where a run's prompts are answered (``executor=NAME``, ``--executor NAME``).
+
+    :param register: call ``register(executor)`` once per executor (``"local"``: in this process;
+        ``"ray"``: model replicas on a Ray cluster). Heavy imports (a cluster framework) belong in
+        ``run``, never at module import. See :class:`cellscribe.core.components.Executor`.
     """
 
 

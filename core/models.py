@@ -77,11 +77,48 @@ class Model:
     def is_loaded(self) -> bool:
         return self._loaded is not None
 
+    def replica(self, *, modality: str, assay: Any, surveyed: Any = None) -> Replica:
+        """How another process makes a copy of this model that answers as it does in a run of
+        ``modality`` on ``assay`` (after surveying ``surveyed``, the prompts the run's model surveyed
+        when that changed what it answers; ``None`` when it did not)."""
+        return Replica(self.name, self.options, modality, assay, tuple(surveyed) if surveyed else None)
+
     def __repr__(self) -> str:
         adapters = self.options.get("adapters") or {}
         extra = f", adapters for {sorted(adapters)}" if adapters else ""
         state = "" if self.is_loaded else ", not loaded yet"
         return f"<cellscribe.Model {self.name!r} ({self.backend} backend{extra}{state})>"
+
+
+@attrs.frozen(eq=False)
+class Replica:
+    """A recipe for a copy of a run's model in another process (an executor's worker): the model's name
+    and load options, and what the run did to it before it answered (its modality, its assay, the
+    prompts it surveyed). A value: it pickles, and :meth:`load` works wherever cellscribe and the
+    model's backend are installed."""
+
+    name: str
+    options: Mapping[str, Any] = attrs.field(converter=dict)
+    modality: str
+    assay: Any
+    surveyed: tuple[Any, ...] | None = None
+
+    def load(self, *, model_options: Mapping[str, Any] | None = None) -> Any:
+        """Load the model (with ``model_options`` over the run's own: another server's ``base_url``)
+        and prepare it as the run prepared its own: ``use_modality``, ``use_assay``, ``survey``.
+        Returns the :class:`~cellscribe.core.components.LoadedModel`. Writes nothing."""
+        o = self.options
+        model = load_model(
+            self.name, adapters=o.get("adapters") or None, device=o.get("device"), dtype=o.get("dtype"),
+            trust_remote_code=bool(o.get("trust_remote_code")), batch_size=o.get("batch_size"),
+            model_options={**dict(o.get("model_options") or {}), **dict(model_options or {})},
+        )
+        loaded = model.loaded
+        loaded.use_modality(self.modality)
+        loaded.use_assay(self.assay)
+        if self.surveyed:
+            loaded.survey(list(self.surveyed))
+        return loaded
 
 
 def load_model(

@@ -1,6 +1,6 @@
 """The run specification: every parameter of an annotation run, declared once, here.
 
-A :class:`RunSpec` is a frozen value made of six small parts, one per stage of a run::
+A :class:`RunSpec` is a frozen value made of seven small parts, one per stage of a run::
 
     DataSpec        which data and matrix        modality, mod, layer, use_raw, modality_options, chunk_size
     SentenceSpec    cell sentences               sentence, n_genes, sentence_options
@@ -10,6 +10,7 @@ A :class:`RunSpec` is a frozen value made of six small parts, one per stage of a
     ModelSpec       model and how to load it     model, adapter, device, dtype, trust_remote_code,
                                                  batch_size, model_options
     GenerationSpec  how the model answers        generation, decode
+    ExecutionSpec   where the model answers      executor, executor_address, executor_options
     OutputSpec      where results go             key_added, sidecar, checkpoint, progress
 
 Each field is declared with :func:`param`: its default, its check, its documentation and its
@@ -45,6 +46,7 @@ __all__ = [
     "PromptSpec",
     "ModelSpec",
     "GenerationSpec",
+    "ExecutionSpec",
     "OutputSpec",
     "RunSpec",
     "PARTS",
@@ -207,7 +209,7 @@ def _model_name(value: Any) -> str:
 
 
 # -------------------------------------------------------------------------------------------------
-# The six parts
+# The seven parts
 # -------------------------------------------------------------------------------------------------
 
 
@@ -466,6 +468,38 @@ class GenerationSpec:
 
 
 @attrs.frozen(kw_only=True)
+class ExecutionSpec:
+    """Where the prompts are answered: in this process, or by replicas of the model on a cluster."""
+
+    executor: str = param(
+        "local", validator=_text,
+        doc="``\"local\"`` (in this process) or ``\"ray\"``: prompts become a Ray Data dataset answered by "
+            "replicas of the model (actors; vLLM through Ray Data's LLM processors with "
+            "``executor_options={\"engine\": \"vllm\"}``; several OpenAI-compatible servers with "
+            "``{\"base_urls\": \"URL1,URL2\"}``), labels in cell order, resumable batch by batch with "
+            "``checkpoint``. Needs the ``ray`` extra (``pip install 'cellscribe[ray]'``). ``cellscribe "
+            "plugins`` lists the installed executors.",
+        flag=Flag(("--executor",), "Where the model answers: local, or ray (model replicas on a Ray "
+                  "cluster; the ray extra).", show_default=True),
+    )
+    executor_address: str | None = param(
+        validator=_optional_text,
+        doc="The cluster to run on (``executor=\"ray\"``: ``\"auto\"``, ``\"HOST:6379\"`` or "
+            "``\"ray://HOST:10001\"``). Default: a local cluster on this machine, started for the run "
+            "and stopped after it.",
+        flag=Flag(("--ray-address", "--executor-address"), "Ray cluster address (default: start a local "
+                  "cluster for the run)."),
+    )
+    executor_options: Mapping[str, Any] = param(
+        converter=_options,
+        doc="Executor settings (``ray``: ``workers``, ``cpus_per_worker``, ``gpus_per_worker``, "
+            "``block_prompts``, ``base_urls``, ``engine``, ``num_cpus``; README, \"Distributed inference "
+            "on Ray\").",
+        flag=Flag(("--executor-option",), "Executor option (repeat).", kind="pairs", metavar="KEY=VALUE"),
+    )
+
+
+@attrs.frozen(kw_only=True)
 class OutputSpec:
     """Where a run's results and records go."""
 
@@ -504,6 +538,7 @@ PARTS: dict[str, type] = {
     "prompts": PromptSpec,
     "model": ModelSpec,
     "generation": GenerationSpec,
+    "execution": ExecutionSpec,
     "output": OutputSpec,
 }
 
@@ -535,6 +570,7 @@ class RunSpec:
     prompts: PromptSpec = attrs.field(factory=PromptSpec)
     model: ModelSpec = attrs.field(factory=ModelSpec)
     generation: GenerationSpec = attrs.field(factory=GenerationSpec)
+    execution: ExecutionSpec = attrs.field(factory=ExecutionSpec)
     output: OutputSpec = attrs.field(factory=OutputSpec)
 
     def __attrs_post_init__(self) -> None:

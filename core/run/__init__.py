@@ -97,7 +97,7 @@ def annotate(data: Any, spec: RunSpec | None = None, *, host: Host | None = None
     spec = spec if spec is not None else RunSpec.from_kwargs(**params)
     run_id = new_run_id()
     plan = plan_run(data, spec, host=host, build_prompts=False)             # 1-2: data, sentences, plan
-    execution = execute(plan, model_for(plan, host), run_id)                 # 3: the model answers
+    execution = execute(plan, model_for(plan, host), run_id, host=host)      # 3: the model answers
     by_unit = decode_all(plan.prompts, execution.generations, host)
     frame, summary = results_frame(plan, by_unit, plan.spec.output.key_added,  # 4: results
                                    unit_label_scores(plan.prompts, execution.generations))

@@ -18,9 +18,9 @@ import attrs
 
 from ..answers import printable
 from ..models import Model, load_model
-from ..plugins import Host
+from ..plugins import Host, get_host
 from ..types import Annotation, Generation, Prompt
-from .checkpoint import Checkpoint, identity_digest, path_digest, run_batches
+from .checkpoint import Checkpoint, identity_digest, path_digest
 from .plan import RunPlan
 
 log = logging.getLogger(__name__)
@@ -95,8 +95,9 @@ def batch_prompts(loaded: Any, batch_size: int | None) -> int:
     return max(1, batch_size or 8, loaded.max_concurrency) * CHECKPOINT_BATCHES
 
 
-def execute(plan: RunPlan, model: Model, run_id: str = "") -> Execution:
-    """Build the plan's prompts for ``model`` and generate every answer (see the module docstring).
+def execute(plan: RunPlan, model: Model, run_id: str = "", *, host: Host | None = None) -> Execution:
+    """Build the plan's prompts for ``model`` and generate every answer (see the module docstring), with
+    the run's executor (``executor=``: in this process, or replicas of the model on a cluster).
 
     With ``spec.output.checkpoint`` the folder is owned by this run while it generates
     (:class:`~cellscribe.core.run.checkpoint.CheckpointInUse` when another run holds it) and keeps
@@ -132,8 +133,14 @@ def execute(plan: RunPlan, model: Model, run_id: str = "") -> Execution:
         if spec.output.checkpoint is not None:
             checkpoint = stack.enter_context(Checkpoint.open(spec.output.checkpoint, identity, run=run_id))
         bar = stack.enter_context(tqdm(total=len(plan.prompts), desc="cellscribe", unit="prompt", disable=disable))
-        outcome = run_batches(
-            loaded, plan.prompts, settings=settings, model=identity_digest(identity),
+        run = spec.execution
+        executor = (host or get_host()).registry.get("executor", run.executor)
+        # The executor runs run_batches's batches here or on replicas made as this model was made.
+        replica = model.replica(modality=spec.data.modality, assay=plan.assay,
+                                surveyed=plan.prompts if context else None)
+        outcome = executor.run(
+            loaded, plan.prompts, replica=replica, address=run.executor_address, options=dict(run.executor_options),
+            settings=settings, model=identity_digest(identity),
             batch_prompts=batch_prompts(loaded, model.options["batch_size"]),
             checkpoint=checkpoint, progress=bar.update,
         )

@@ -162,6 +162,9 @@ def plan_run(data: Any, spec: RunSpec | None = None, *, host: Host | None = None
     spec, backend, set_by_model = resolve(spec, host)
     d, s, p = spec.data, spec.sentences, spec.prompts
     prompt_c = reg.get("prompt", p.prompt)
+    # An unknown executor, or one that cannot run here (Ray not installed), stops before the data is read.
+    x = spec.execution
+    reg.get("executor", x.executor).check(address=x.executor_address, options=dict(x.executor_options))
 
     # Step 1: the data as its modality prepares it; a k-shot reference's sentences come first, so a
     # strategy that learns from the data (data-hvg) learns on the reference and the query reuses it.
