@@ -139,6 +139,8 @@ def pbmc(a: argparse.Namespace) -> dict:
     if (out / "validation_answers.csv").is_file():
         # The adapter's answers on the held-out cells, as the command's own final validation gave them.
         answers = pd.read_csv(out / "validation_answers.csv", keep_default_na=False).set_index("cell")
+    elif (work / "adapter_answers.csv").is_file():  # measured before, by the branch below
+        answers = pd.read_csv(work / "adapter_answers.csv", keep_default_na=False).set_index("cell")
     else:  # an adapter made before the command wrote them: annotate its held-out cells again
         held = [json.loads(line)["cell_ids"][0] for line in (out / "dataset" / "validation.jsonl").open()]
         if a.max_cells is not None and a.max_cells < len(held):  # a seeded subset of the held-out cells
@@ -152,6 +154,7 @@ def pbmc(a: argparse.Namespace) -> dict:
         answers = pd.DataFrame({"label": again.obs["bulk_labels"].astype(str).to_numpy(),
                                 "answer": again.obs["tuned"].astype(object).fillna("").to_numpy()},
                                index=pd.Index(held, name="cell"))
+        answers.to_csv(work / "adapter_answers.csv")
     cells = adata[answers.index].copy()
     truth = cells.obs["bulk_labels"].astype(str).to_numpy()
     assert (truth == answers["label"].to_numpy()).all()
@@ -163,12 +166,15 @@ def pbmc(a: argparse.Namespace) -> dict:
 
         tuned = cs.load_model(str(a.model), adapters={"rna": str(out)})
         bare = cs.load_model(str(a.model))
-        run = dict(decode="score", sentence="data-hvg", n_genes=a.n_genes, prompt_options=PROMPT_OPTIONS,
-                   candidates=labels)
+        # The adapter's sentences rank the genes it learned (data-hvg on the training cells), in that
+        # list's order: ranked-hvg over the same list makes the same sentences for the base model.
+        run = dict(decode="score", sentence="ranked-hvg", n_genes=manifest["n_genes"],
+                   sentence_options={"gene_list": manifest["sentence_state"]["data_hvg"]["genes"]},
+                   prompt_options=manifest["prompt_options"], candidates=labels)
         with_adapter = plan_run(cells, model=tuned, decode="score").prompts
         without = plan_run(cells, model=bare, **run).prompts
-        result["base_prompts_equal"] = sum(tuned.loaded.render(x) == bare.loaded.render(y)
-                                           for x, y in zip(with_adapter, without, strict=True))
+        same = sum(tuned.loaded.render(x) == bare.loaded.render(y) for x, y in zip(with_adapter, without, strict=True))
+        result["base_prompts_equal"] = f"{same} of {len(without)}"
         del tuned
         base = cells.copy()
         started, cpu = time.perf_counter(), _own_cpu()
