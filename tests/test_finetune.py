@@ -150,6 +150,12 @@ def test_finetune_writes_an_adapter_with_its_provenance(adapter, base, pbmc):
     for key in ("accuracy", "lineage_accuracy", "graded_score", "macro_f1"):
         assert 0.0 <= m.validation[key] <= 1.0
     assert m.validation["n_cells"] == m.training["n_validation"]
+    import pandas as pd
+
+    answers = pd.read_csv(adapter / "validation_answers.csv", keep_default_na=False)
+    assert len(answers) == m.validation["n_cells"] and set(answers["cell"]) <= set(pbmc.obs_names)
+    assert (answers["label"] == pbmc.obs.loc[answers["cell"], "bulk_labels"].astype(str).to_numpy()).all()
+    assert np.isclose((answers["label"] == answers["answer"]).mean(), m.validation["accuracy"])
     lines = (adapter / "dataset" / "train.jsonl").read_text().splitlines()
     assert len(lines) == m.training["n_records"]
 
@@ -244,6 +250,43 @@ def test_bad_input_is_refused_before_training(pbmc, base, tmp_path, no_model):
     with pytest.raises(KeyError, match="no obs column 'nope'"):
         cs.finetune(pbmc.copy(), tmp_path / "c", label_key="nope", base=str(base), **FAST)
     assert not any((tmp_path / n).exists() for n in ("a", "b", "c"))
+
+
+def test_the_command_line_refuses_bad_input_in_one_line_before_training(pbmc, base, other_base, tmp_path, no_model):
+    """``cellscribe finetune``: each bad input exits 1 with one ``Error:`` line naming the problem and the
+    fix, before a model is loaded and without creating the adapter folder."""
+    from click.testing import CliRunner
+
+    from cellscribe.cli import main
+
+    cells = pbmc.copy()
+    cells.obs["one"] = "T cell"
+    # Each lane has types the other lacks: whichever is held out takes a label with it.
+    cells.obs["lane"] = np.where(cells.obs["bulk_labels"].astype(str).isin(["CD19+ B", "CD14+ Monocyte"]), "s1", "s2")
+    data = tmp_path / "cells.h5ad"
+    cells.write_h5ad(data)
+    (tmp_path / "exists").mkdir()
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    (resumed / "training_plan.json").write_text(json.dumps({"base_model": str(base), "base_fingerprint": "sha256:x"}))
+    common = ["--n-genes", "6", "--no-progress", "--seed", "3"]
+    cases = {
+        "one class": (["--label-key", "one", "-o", str(tmp_path / "a"), "--base", str(base)], "has one class ('T cell')"),
+        "label only in validation": (["--label-key", "bulk_labels", "-o", str(tmp_path / "b"), "--base", str(base),
+                                      "--split-key", "lane", "--validation-fraction", "0.5"],
+                                     "have no cell in the training split"),
+        "output exists": (["--label-key", "bulk_labels", "-o", str(tmp_path / "exists"), "--base", str(base)],
+                          "already exists"),
+        "another base": (["--label-key", "bulk_labels", "-o", str(resumed), "--base", str(other_base), "--resume"],
+                         "cannot resume"),
+    }
+    for name, (args, message) in cases.items():
+        result = CliRunner().invoke(main, ["finetune", str(data), *args, *common])
+        assert result.exit_code == 1, (name, result.output)
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], (name, result.output)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert not any((tmp_path / "exists").iterdir()) and not (resumed / "checkpoints").exists()
 
 
 def test_the_split_holds_out_whole_donors(pbmc):

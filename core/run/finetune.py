@@ -24,7 +24,8 @@ validate           the held-out cells are annotated through ``annotate`` with th
 What is written (``output`` folder): ``adapter_config.json``, ``adapter_model.safetensors`` (PEFT),
 ``cellscribe_adapter.json``, ``training_plan.json`` (what a resumed run must match), ``dataset/``
 (``train.jsonl``, ``validation.jsonl`` in the ``chat-jsonl`` layout, ``reasoning.jsonl`` with a
-teacher), and ``checkpoints/`` while training (removed at the end unless
+teacher), ``validation_answers.csv`` (each held-out cell: true label, answer, confidence), and
+``checkpoints/`` while training (removed at the end unless
 ``trainer_options={"keep_checkpoints": True}``).
 """
 
@@ -69,6 +70,7 @@ EXPORT_FORMATS = ("chat-jsonl", "hf-datasets", "cellreasoner", "cellpuzzles")
 PLAN_FILE = "training_plan.json"
 DATASET_DIR = "dataset"
 CHECKPOINTS = "checkpoints"
+VALIDATION_ANSWERS = "validation_answers.csv"
 
 
 # -------------------------------------------------------------------------------------------------
@@ -477,7 +479,8 @@ def _lineage_accuracy(grades: np.ndarray) -> float:
 def validate_adapter(ts: TrainingSet, output: Path, spec: RunSpec, ft: FinetuneSpec, *, host: Host,
                      progress: bool) -> dict[str, Any]:
     """Annotate the held-out cells with the adapter in ``output`` (loaded by :func:`load_model`, its
-    manifest supplying the run's settings) and measure the answers with cellscribe's metrics."""
+    manifest supplying the run's settings) and measure the answers with cellscribe's metrics; write each
+    cell's true label, answer and confidence to ``output/validation_answers.csv``."""
     from ..evaluation.evaluate import evaluate_labels
     from ..models import load_model
     from . import annotate
@@ -495,9 +498,11 @@ def validate_adapter(ts: TrainingSet, output: Path, spec: RunSpec, ft: FinetuneS
                                    progress=progress, key_added=key, generation=dict(spec.generation.generation))
     annotate(cells, run_spec, host=host)
     truth = ts.labels.iloc[rows].astype(str).to_numpy()
-    result = evaluate_labels(truth, cells.obs[key].astype(object).to_numpy(),
-                             cells.obs[f"{key}_confidence"].to_numpy(), name="validation",
-                             cells=cells.obs_names)
+    answers = cells.obs[key].astype(object).to_numpy()
+    confidence = cells.obs[f"{key}_confidence"].to_numpy()
+    result = evaluate_labels(truth, answers, confidence, name="validation", cells=cells.obs_names)
+    pd.DataFrame({"cell": cells.obs_names, "label": truth, "answer": answers, "confidence": confidence}).to_csv(
+        output / VALIDATION_ANSWERS, index=False)
     metrics = {
         "n_cells": result.n_cells, "decode": ft.eval_decode, "accuracy": result.accuracy,
         "lineage_accuracy": _lineage_accuracy(result.grades), "graded_score": result.graded_score,
