@@ -197,9 +197,12 @@ def test_default_concurrency_fills_a_local_server_and_spares_hosted_apis(server,
     assert connect(server).max_concurrency == DEFAULT_CONCURRENCY == 64
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     assert OpenAIBackend().load("openai:gpt-4o-mini").max_concurrency == HOSTED_CONCURRENCY == 8
-    server.delay = 0.05
-    connect(server).generate([chat(f"GENE{i}") for i in range(100)])
-    assert server.max_in_flight > 8
+    # A server that takes its time (a model generating): more requests in flight answer more per
+    # second, so the backend doubles them from 8 up to the bound, and keeps the number it found.
+    server.delay = 0.1
+    model = connect(server)
+    model.generate([chat(f"GENE{i}") for i in range(400)])
+    assert server.max_in_flight >= 16 and (model.workers or model._probed) >= 16
 
 
 def test_finish_reason_comes_from_the_server_and_a_cut_stop_string_is_restored(server):

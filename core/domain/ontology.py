@@ -45,6 +45,16 @@ __all__ = [
 #: The root term, *cell*: every term is one, so naming it says nothing.
 ROOT = "CL:0000000"
 
+#: Words after which a cell type's name names something else: "human leukocyte antigen" is a gene
+#: family, "T cell receptor" a protein, "B cell lymphoma" a disease, "HL-60 cell line" a culture.
+NOT_A_CELL_AFTER = frozenset({
+    "antigen", "anti", "receptor", "marker", "gene", "protein", "ligand", "antibody", "immunoglobulin", "factor",
+    "lymphoma", "leukemia", "leukaemia", "tumor", "tumour", "cancer", "carcinoma", "line", "differentiation",
+    "activation", "development", "proliferation", "signaling", "signalling", "function", "specific",
+})
+#: Terms every cell of a body is (their common ancestors): naming one says nothing of a cell's type.
+_UNIVERSAL_OF = ("CL:0000236", "CL:0000540", "CL:0000182", "CL:0000057")  # B cell, neuron, hepatocyte, fibroblast
+
 #: The vendored table (gzip TSV, one row per current ``CL:`` term; see ``scripts/build_cl_table.py``).
 CL_TABLE = "cl_terms.tsv.gz"
 
@@ -506,11 +516,14 @@ class CellOntology:
         """The phrases :meth:`mentions` looks for (normalised key -> id) and the longest in tokens."""
         if self._phrase_index is None:
             index = self._index()
+            present = [t for t in _UNIVERSAL_OF if t in self._row]
+            universal = ({ROOT} | frozenset.intersection(*(self.ancestors(t) for t in present))) if present \
+                else {ROOT}
             phrases: dict[str, str] = {}
             for table in (index["normal"], index["abbreviation"]):
                 for key, term_id in table.items():
                     words = key.split()
-                    if term_id == ROOT or key in phrases:
+                    if term_id in universal or key in phrases:
                         continue
                     # One-word phrases only when they are words ("monocyte", "neutrophil"): one-word
                     # abbreviations and symbols ("T", "DC", "alpha", "LC") are too common in prose.
@@ -526,8 +539,10 @@ class CellOntology:
         more, or a one-word term name or synonym of five letters or more (``"monocyte"``), matched on
         whole words in :func:`normalise_label` form (``"CD14+ monocytes"`` names *CD14-positive
         monocyte*). A phrase inside a longer one found at the same place is not counted (``"T cell"`` in
-        ``"CD8-positive, alpha-beta T cell"``), and neither is the root term *cell*. A term named twice
-        is listed once.
+        ``"CD8-positive, alpha-beta T cell"``), nor one followed by a word of :data:`NOT_A_CELL_AFTER`
+        (``"human leukocyte antigen"`` names a gene family, not a leukocyte), nor a term every cell is
+        (*cell*, *eukaryotic cell*, *animal cell*, ...: the common ancestors of a B cell, a neuron, a
+        hepatocyte and a fibroblast). A term named twice is listed once.
         """
         if not isinstance(text, str) or not text.strip():
             return []
@@ -539,7 +554,8 @@ class CellOntology:
             for n in range(min(longest, len(tokens) - pos), 0, -1):
                 key = " ".join(tokens[pos:pos + n])
                 if key in phrases:
-                    found.append((pos, pos + n, phrases[key], key))
+                    if not (pos + n < len(tokens) and tokens[pos + n] in NOT_A_CELL_AFTER):
+                        found.append((pos, pos + n, phrases[key], key))
                     pos += n
                     break
             else:

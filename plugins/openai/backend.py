@@ -110,6 +110,7 @@ import email.utils
 import json
 import logging
 import os
+import queue
 import random
 import threading
 import time
@@ -142,6 +143,12 @@ DECODE_MODES = ("generate", "constrained", "score")
 DEFAULT_CONCURRENCY = 64
 #: Requests in flight by default on hosts in :data:`STRICT_HOSTS` (rate-limited hosted APIs).
 HOSTED_CONCURRENCY = 8
+#: Requests in flight at the start, and the gain in answers per second that doubling them must bring to
+#: be kept (``OpenAIModel._run``).
+INITIAL_WORKERS = 8
+PROBE_GAIN = 1.5
+#: Answers over which the rate is measured while probing (at least; four per worker).
+PROBE_WINDOW = 64
 #: Longest error body read from a server.
 MAX_ERROR_BODY = 64 * 1024
 
@@ -381,6 +388,10 @@ class OpenAIModel:
             headers["Authorization"] = f"Basic {token}"
         self._headers = headers
         self._client: Any = None
+        #: Requests in flight that kept the server busy, found by the first call (``_run``); ``None``
+        #: until then.
+        self.workers: int | None = None
+        self._probed: int | None = None
         self._client_lock = threading.Lock()
         self._rng = random.Random()
 
@@ -656,22 +667,70 @@ class OpenAIModel:
 
     def _run(self, calls: Sequence[_Call], progress: Callable[[int], None] | None) -> tuple[list[Generation], str | None]:
         """Send ``calls`` with at most ``max_concurrency`` in flight; results in call order, and the
-        run-wide failure that stopped them (``None`` when none did)."""
+        run-wide failure that stopped them (``None`` when none did).
+
+        Requests are sent by worker threads that take the next call when theirs is answered. How many
+        work is found by probing: :data:`INITIAL_WORKERS` to start with, then twice as many while that
+        raises the answers per second by :data:`PROBE_GAIN` or more, up to ``max_concurrency`` (a server
+        that batches, such as vLLM, answers more the more it is sent at once). Where doubling gains
+        nothing (a server that answers at once, a client short of CPU) the workers go back to the
+        number before, whose thread switching costs less client CPU. The number found is kept for the
+        model's next calls (:attr:`workers`).
+        """
         state = _RunState(down_after=max(DOWN_AFTER, self.max_concurrency))
         results: list[Generation | None] = [None] * len(calls)
-        pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=min(self.max_concurrency, len(calls)), thread_name_prefix="cellscribe-openai"
-        )
-        futures = {pool.submit(self._send, call, state): i for i, call in enumerate(calls)}
-        try:
-            for future in concurrent.futures.as_completed(futures):
-                i = futures[future]
+        limit = min(self.max_concurrency, len(calls))
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=limit, thread_name_prefix="cellscribe-openai")
+        pending = iter(range(len(calls)))
+        done: queue.SimpleQueue[tuple[int, Generation]] = queue.SimpleQueue()
+        lock = threading.Lock()
+        active = 0
+        target = min(self.workers or self._probed or INITIAL_WORKERS, limit)
+
+        def start() -> None:
+            nonlocal active
+            with lock:
+                n = max(target - active, 0)
+                active += n
+            for _ in range(n):
+                pool.submit(work)
+
+        def work() -> None:
+            nonlocal active
+            while not state.stop.is_set():
+                with lock:
+                    i = None if active > target else next(pending, None)
+                    if i is None:
+                        active -= 1
+                        return
                 try:
-                    results[i] = future.result()
+                    generation = self._send(calls[i], state)
                 except Exception as exc:  # a bug in one request costs that prompt, never the run
-                    results[i] = Generation(text="", error=self._redact(_describe(exc)))
+                    generation = Generation(text="", error=self._redact(_describe(exc)))
+                done.put((i, generation))
+
+        probing = self.workers is None and target < limit
+        window_start, window_done, last_rate = time.perf_counter(), 0, 0.0
+        try:
+            start()
+            for n_done in range(1, len(calls) + 1):
+                i, generation = done.get()
+                results[i] = generation
                 if progress is not None:
                     progress(1)
+                window_done += 1
+                window = max(PROBE_WINDOW, 4 * target)
+                if probing and window_done >= window and len(calls) - n_done > window:
+                    now = time.perf_counter()
+                    rate = window_done / max(now - window_start, 1e-9)
+                    if last_rate and rate < PROBE_GAIN * last_rate:
+                        target, probing = target // 2, False  # doubling gained nothing: back
+                    elif target < limit:
+                        target, last_rate = min(2 * target, limit), rate
+                        start()
+                    else:
+                        probing = False
+                    window_start, window_done = now, 0
         except BaseException:
             # Interrupted (Ctrl-C): stop retrying and drop what was not started; requests in flight end
             # at their timeout.
@@ -679,6 +738,12 @@ class OpenAIModel:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
         pool.shutdown(wait=True)
+        if self.workers is None:
+            if probing:  # the call ended first: the next one goes on from here
+                self._probed = target
+            elif len(calls) >= limit:
+                self.workers = target
+                log.info("openai backend: %d requests in flight keep %s busy", target, self.base_url)
         return results, state.fatal  # type: ignore[return-value]
 
     def _send(self, call: _Call, state: _RunState) -> Generation:
