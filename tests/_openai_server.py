@@ -64,7 +64,8 @@ class OpenAIServer:
     answer
         ``answer(body)``: the completion text for a request body (default: ``"beta"``), or a chat
         message mapping (``{"content": ..., "reasoning_content": ...}``) for servers that return the
-        reasoning apart; a ``"finish_reason"`` key in that mapping replaces the default ``"stop"``.
+        reasoning apart; a ``"finish_reason"`` key in that mapping replaces the default ``"stop"``, and ``"stop_reason"`` (vLLM: the
+        stop string that ended the answer) is sent as given.
     delay
         Seconds every answer takes, or ``delay(body) -> seconds``.
     api_key
@@ -212,6 +213,7 @@ class OpenAIServer:
         answer = self.answer(body)
         message = dict(answer) if isinstance(answer, Mapping) else {"content": answer}
         finish_reason = message.pop("finish_reason", "stop")
+        stop_reason = message.pop("stop_reason", None)
         text = message["content"]
         usage = {
             "prompt_tokens": len(json.dumps(body.get("messages", body.get("prompt"))).split()),
@@ -219,10 +221,11 @@ class OpenAIServer:
         }
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         if path == "/v1/chat/completions":
-            choice = {"index": 0, "message": {"role": "assistant", **message}, "finish_reason": finish_reason}
+            choice = {"index": 0, "message": {"role": "assistant", **message}, "finish_reason": finish_reason,
+                      "stop_reason": stop_reason}
             kind = "chat.completion"
         else:
-            choice = {"index": 0, "text": text, "finish_reason": finish_reason}
+            choice = {"index": 0, "text": text, "finish_reason": finish_reason, "stop_reason": stop_reason}
             kind = "text_completion"
         reply = {"id": f"test-{len(self.requests)}", "object": kind, "model": body.get("model"),
                  "choices": [choice], "usage": usage}

@@ -210,18 +210,20 @@ def test_finish_reason_comes_from_the_server_and_a_cut_stop_string_is_restored(s
 
     replies = {"capped": {"content": "The cell expresses", "finish_reason": "length"},
                "tagged": {"content": "<think>x</think>\n<answer>alpha | beta", "finish_reason": "stop"},
-               "plain": "beta"}
+               "plain": "beta", "newline": {"content": "B cell", "stop_reason": "\n"}}
     server.answer = lambda body: replies[user_text(body)]
     with pytest.warns(UserWarning, match="outputs hit max_new_tokens"):
-        capped, tagged, plain = connect(server).generate(
-            [chat("capped"), chat("tagged", answer=TAGGED), chat("plain")],
-            settings={"stop_strings": ["</answer>"]},
+        capped, tagged, plain, newline = connect(server).generate(
+            [chat("capped"), chat("tagged", answer=TAGGED), chat("plain"), chat("newline")],
+            settings={"stop_strings": ["</answer>", "\n"]},
         )
     assert (capped.finish_reason, capped.capped, capped.text) == ("length", True, "The cell expresses")
     # The server left out the stop string that ended the answer; the tagged format puts it back.
     assert tagged.text == "<think>x</think>\n<answer>alpha | beta</answer>" and tagged.finish_reason == "stop"
     assert plain.text == "beta" and plain.finish_reason == "stop"
-    assert server.requests[0].body["stop"] == ["</answer>"]
+    # A stop string vLLM names is put back as the local backend keeps it.
+    assert newline.text == "B cell\n"
+    assert server.requests[0].body["stop"] == ["</answer>", "\n"]
 
 
 def test_one_request_at_a_time_when_bound_is_one(server):

@@ -66,9 +66,10 @@ dialect), ``temperature``, ``top_p``, ``seed``, ``stop_strings`` -> ``stop``, an
 sends ``temperature: 0`` (greedy) and drops the sampling-only keys. ``num_beams`` > 1 and unknown keys
 raise ``ValueError``.
 
-A server leaves the stop string that ended an answer out of it (the transformers backend keeps it): the
-prompt's answer format puts back what it needs (:meth:`~cellscribe.core.answers.AnswerFormat.restore_stop`:
-a tagged answer's ``</answer>``), so both backends give the decoders the same text. Each
+A server leaves the stop string that ended an answer out of it (the transformers backend keeps it): it is
+put back, the one vLLM names (``stop_reason``), else what the prompt's answer format needs
+(:meth:`~cellscribe.core.answers.AnswerFormat.restore_stop`: a tagged answer's ``</answer>``), so both
+backends give the decoders the same text. Each
 ``Generation.finish_reason`` is the server's (``"stop"``, or ``"length"`` when the answer hit
 ``max_new_tokens``: the decoders note it on the cell, and the backend warns).
 
@@ -827,7 +828,14 @@ class OpenAIModel:
         if reason not in (FINISH_STOP, FINISH_LENGTH):
             reason = None if reason is None else str(reason)
         if reason == FINISH_STOP:
-            text = call.answer.restore_stop(text)
+            # vLLM names the stop string that ended the answer (``stop_reason``); other servers do not,
+            # and the answer format restores what it needs.
+            matched = choice.get("stop_reason")
+            stops = call.body.get("stop") or ()
+            if isinstance(matched, str) and matched in stops and not text.endswith(matched):
+                text += matched
+            else:
+                text = call.answer.restore_stop(text)
         usage = payload.get("usage") or {}
         return Generation(
             text=text,
