@@ -224,6 +224,8 @@ def test_finish_reason_comes_from_the_server_and_a_cut_stop_string_is_restored(s
     # A stop string vLLM names is put back as the local backend keeps it.
     assert newline.text == "B cell\n"
     assert server.requests[0].body["stop"] == ["</answer>", "\n"]
+    connect(server).generate([chat("plain")], settings={"stop_strings": ""})  # no stop at all
+    assert "stop" not in server.requests[-1].body
 
 
 def test_one_request_at_a_time_when_bound_is_one(server):

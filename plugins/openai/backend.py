@@ -569,6 +569,11 @@ class OpenAIModel:
         for key, name in STANDARD_FIELDS.items():
             if effective.get(key) is not None and not (greedy and key in SAMPLING_KEYS):
                 fields[name] = effective[key]
+        if "stop" in fields:  # a string is one stop; an empty one (--generation stop_strings=) none
+            stops = [fields["stop"]] if isinstance(fields["stop"], str) else list(fields["stop"])
+            fields["stop"] = [str(v) for v in stops if v]
+            if not fields["stop"]:
+                del fields["stop"]
         for key, name in VLLM_FIELDS.items():
             value = effective.get(key)
             if value is None or (greedy and key in SAMPLING_KEYS):
