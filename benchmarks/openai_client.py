@@ -1,25 +1,23 @@
 """Benchmark: the ``openai`` backend's HTTP client against an instant local OpenAI-compatible server.
 
-What it measures is the client: the server (``tests/_openai_server.py``, run in this process and
-switched to HTTP/1.1 so connections could be kept alive) answers every request at once with a fixed
-label. Each run is ``cellscribe annotate CELLS.h5ad -o OUT --model openai:bench --base-url URL`` in a
-fresh process (start-up, reading, sentences, prompts, requests, decoding and writing the h5ad and
-sidecar included), on ``--cells`` cells (pbmc68k_reduced repeated; zero-shot prompts of 50 genes).
+What it measures is the client: the server (``tests/_openai_server.py``, run in this process: HTTP/1.1,
+``TCP_NODELAY``, a listen backlog of 1024) answers every request at once with a fixed label. Each run is
+``cellscribe annotate CELLS.h5ad -o OUT --model openai:bench --base-url URL`` in a fresh process
+(start-up, reading, sentences, prompts, requests, decoding and writing the h5ad and sidecar included), on
+``--cells`` cells (pbmc68k_reduced repeated; zero-shot prompts of 50 genes).
 
-Runs: ``default`` (the backend's defaults: 8 requests in flight) and ``c64``
-(``--model-option max_concurrency=64``). For each: wall time, cells/s, the client process's CPU time per
-request (user + system of the CLI process, from ``os.wait4``, start-up included), requests the server
-saw, and how many TCP connections they came on (one per request when none is kept alive). The bare
-start-up (``import cellscribe.cli`` plus ``--help``) is timed too. The server sends with
-``TCP_NODELAY`` (``--nagle`` leaves Nagle's algorithm on, as ``tests/_openai_server.py`` does: its
-answers then wait for delayed ACKs and the server sets the pace) and listens with a backlog of 1024
-(``--backlog 5`` is socketserver's default, which ``tests/_openai_server.py`` keeps: the connections the
-client opens at once at the start of every batch then overflow it, and the kernel retries them after
-~1 s, a stall per 64 prompts that dominates the default run).
+Runs: ``default`` (the backend's defaults: 64 requests in flight on kept-alive connections) and ``c8``
+(``--model-option max_concurrency=8``, the default before issue 16). For each: wall time, cells/s, the
+client process's CPU time per request (user + system of the CLI process, from ``os.wait4``, start-up
+included), requests the server saw, and how many TCP connections they came on (one per request when
+none is kept alive). The bare start-up (``import cellscribe.cli`` plus ``--help``) is timed too.
+``--nagle`` leaves Nagle's algorithm on in the server (its answers then wait for delayed ACKs and the
+server sets the pace); ``--backlog 5`` listens with socketserver's default backlog (a client that opens
+many connections at once overflows it, and the kernel retries them after ~1 s).
 
 Usage::
 
-    .venv/bin/python benchmarks/openai_client.py                    # 5,000 cells, default and c64
+    .venv/bin/python benchmarks/openai_client.py                    # 5,000 cells, default and c8
     .venv/bin/python benchmarks/openai_client.py --cells 20000 --runs default
 
 Results: benchmarks/README.md ("The openai client").
@@ -39,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from _openai_server import OpenAIServer  # noqa: E402
 
-RUNS = {"default": [], "c64": ["--model-option", "max_concurrency=64"]}
+RUNS = {"default": [], "c8": ["--model-option", "max_concurrency=8"]}
 
 
 def write_cells(path: Path, n: int) -> None:
@@ -66,7 +64,7 @@ def timed(cmd: list[str]) -> tuple[float, float, int, str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cells", type=int, default=5000)
-    parser.add_argument("--runs", default="default,c64")
+    parser.add_argument("--runs", default="default,c8")
     parser.add_argument("--nagle", action="store_true",
                         help="leave Nagle's algorithm on in the server (its default): headers and body then "
                              "go out in two segments and each answer can wait for a delayed ACK")
@@ -84,31 +82,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.cells} cells; {os.cpu_count()} CPUs; load {os.getloadavg()[0]:.1f}; "
           f"start-up (import + --help): {wall:.2f} s wall, {cpu:.2f} s CPU")
 
-    connections = []
-
     server = OpenAIServer(answer=lambda body: "B cell", lifetime=3600)
     handler = server._httpd.RequestHandlerClass
-    handler.protocol_version = "HTTP/1.1"  # answers carry Content-Length: connections may be kept alive
-    # The handler writes the headers and the body in two send() calls; with Nagle's algorithm on, the
-    # body can wait for the client's delayed ACK of the headers (~40 ms), and the server, not the client,
-    # would set the pace.
     handler.disable_nagle_algorithm = not args.nagle
-    # socketserver listens with a backlog of 5. The backend opens max_concurrency connections at once at
-    # the start of every checkpoint batch (a new thread pool each time); those beyond the backlog are
-    # dropped and their handshake retried by the kernel after ~1 s: one stall per batch of 8 x 8 prompts.
     server._httpd.socket.listen(args.backlog)
-    original_setup = handler.setup
-
-    def setup(self):
-        connections.append(self.client_address)
-        original_setup(self)
-
-    handler.setup = setup
     with server:
         print(f"{'run':<8} {'wall s':>7} {'cells/s':>8} {'CPU ms/request':>15} {'requests':>9} {'connections':>12}")
         for name in [r.strip() for r in args.runs.split(",") if r.strip()]:
             server.requests.clear()
-            connections.clear()
+            connections_before = server.connections
             out = args.workdir / f"{name}.h5ad"
             cmd = [*cli, "annotate", str(data), "-o", str(out), "--model", "openai:bench", "--base-url",
                    server.base_url, "--no-progress", "--force", *RUNS[name]]
@@ -118,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             n = len(server.requests)
             print(f"{name:<8} {wall:>7.2f} {args.cells / wall:>8.0f} {1000 * cpu / max(n, 1):>15.2f} {n:>9} "
-                  f"{len(connections):>12}", flush=True)
+                  f"{server.connections - connections_before:>12}", flush=True)
     return 0
 
 

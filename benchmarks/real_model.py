@@ -60,6 +60,8 @@ DEFAULT_CANDIDATES = (
 )
 RUNS = {
     "default": [],
+    "reasoning": ["--mode", "reasoning"],
+    "published": ["--prompt-option", "generation=published"],
     "tokens32": ["--generation", "max_new_tokens=32"],
     "greedy32": ["--generation", "do_sample=false", "--generation", "max_new_tokens=32"],
     "score": ["--decode", "score"],
@@ -144,6 +146,7 @@ def run_one(name: str, args: argparse.Namespace, data: Path, workdir: Path, cand
 def measure(record: dict, candidates: list[str]) -> dict:
     import anndata as ad
     import numpy as np
+    import pandas as pd
 
     if record.get("rc") != 0:
         return record
@@ -162,7 +165,14 @@ def measure(record: dict, candidates: list[str]) -> dict:
         "cells": int(adata.n_obs),
         "cells_per_s": round(adata.n_obs / record["wall_s"], 2),
         "max_new_tokens": cap,
-        "hit_cap": None if cap is None or any(n is None for n in n_out) else int(sum(n >= cap for n in n_out)),
+        # Outputs cut off at max_new_tokens: their finish_reason (older runs: output tokens >= the cap).
+        "hit_cap": int(sum(r.get("finish_reason") == "length" for r in sidecar))
+        if any("finish_reason" in r for r in sidecar) else
+        None if cap is None or any(n is None for n in n_out) else int(sum(n >= cap for n in n_out)),
+        "finish_reasons": {str(k): int(v) for k, v in
+                           pd.Series([r.get("finish_reason") for r in sidecar]).value_counts(dropna=False).items()},
+        "unresolved_notes": {str(k): int(v) for k, v in obs.loc[obs["cellscribe_status"] != "ok", "cellscribe_note"]
+                             .astype(str).str.replace(r"'.*'", "'...'", regex=True).value_counts().head(5).items()},
         "output_tokens_mean": None if any(n is None for n in n_out) else round(float(np.mean(n_out)), 1),
         "raw_kept": int(sum(bool(r.get("output")) for r in sidecar)),
         "prompts": len(sidecar),

@@ -115,6 +115,28 @@ class AnswerFormat:
         return {"reasoning": inside_think, "open_text": "", "close_text": f"{THINK_CLOSE}\n" if inside_think else "",
                 "separator": SEPARATOR, "tail_text": ""}
 
+    def stop_strings(self, *, reasoning: bool = False) -> tuple[str, ...]:
+        """The texts after which an answer in this format is complete, so generation may stop there.
+
+        :data:`TAGGED`: ``</answer>`` (nothing follows it). :data:`FREE` without reasoning (direct mode):
+        the newline that ends the label's line; with reasoning (``reasoning``: the prompt opened a think
+        block or asks for one) none: the label comes on its own line after ``</think>``, and no literal
+        string tells that line's end from the end of a line of reasoning, so such outputs end at the
+        model's end-of-sequence token or at ``max_new_tokens``. A backend's output includes the stop
+        string that ended it (:meth:`restore_stop` puts back one a server left out).
+        """
+        if self.tagged:
+            return (ANSWER_CLOSE,)
+        return () if reasoning else ("\n",)
+
+    def restore_stop(self, text: str) -> str:
+        """``text`` as it read before a server cut the stop string that ended it (the OpenAI API leaves
+        the matched stop string out of the answer): for :data:`TAGGED`, an ``<answer>`` left open gets
+        its ``</answer>`` back; free text is returned as it is (its stop, a newline, carries nothing)."""
+        if self.tagged and text.rfind(ANSWER_OPEN) > text.rfind(ANSWER_CLOSE):
+            return text + ANSWER_CLOSE
+        return text
+
     # ------------------------------------------------------------------------------------ reading
 
     @staticmethod

@@ -16,6 +16,8 @@ Flow of one run::
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
@@ -36,14 +38,20 @@ __all__ = [
     "sentence_genes",
     "STATUS_OK",
     "STATUS_UNRESOLVED",
+    "FINISH_STOP",
+    "FINISH_LENGTH",
+    "warn_capped",
 ]
 
 STATUS_OK = "ok"
 STATUS_UNRESOLVED = "unresolved"
+#: :attr:`Generation.finish_reason` values: the output ended by itself, or hit the token limit.
+FINISH_STOP = "stop"
+FINISH_LENGTH = "length"
 
 
 def _tuple_of_str(value: Sequence[str] | None) -> tuple[str, ...]:
-    return tuple(str(v) for v in value) if value is not None else ()
+    return tuple(map(str, value)) if value is not None else ()
 
 
 @attrs.frozen(eq=False)
@@ -468,6 +476,11 @@ class Generation:
     add to the unit's ``note`` (how much of the model's knowledge the data could show, why it doubts or
     abstains). ``error`` is set when the call failed (the prompt's units become ``unresolved``; the run
     goes on).
+
+    ``finish_reason`` says why the output ended, in the OpenAI API's words: :data:`FINISH_STOP` (the
+    model's end-of-sequence token or a stop string), :data:`FINISH_LENGTH` (the output hit
+    ``max_new_tokens`` before it ended: :attr:`capped`), ``None`` when unknown or when nothing was
+    generated (candidate scoring). Decoders mark the units of a capped output.
     """
 
     text: str
@@ -477,6 +490,30 @@ class Generation:
     n_output_tokens: int | None = None
     error: str | None = None
     notes: tuple[str, ...] | None = None
+    finish_reason: str | None = None
+
+    @property
+    def capped(self) -> bool:
+        """Whether the output hit the token limit before it ended (``finish_reason == "length"``)."""
+        return self.finish_reason == FINISH_LENGTH
+
+
+def warn_capped(generations: Sequence[Generation | None]) -> None:
+    """What a backend calls after generating: a ``UserWarning`` when outputs hit ``max_new_tokens``
+    before they ended (logged with the count). Its text names no count, so Python shows it once per
+    process however many batches a run has; each unit of a capped output says so in its note (the
+    decoders)."""
+    capped = sum(g is not None and g.capped for g in generations)
+    if not capped:
+        return
+    logging.getLogger(__name__).info("%d of %d outputs hit max_new_tokens before they ended", capped,
+                                     len(generations))
+    warnings.warn(
+        "outputs hit max_new_tokens before they ended (cut off; their cells' note says so): raise it with "
+        "generation={'max_new_tokens': N} (--generation max_new_tokens=N) if answers are cut short",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 class ModelUnavailableError(RuntimeError):

@@ -64,7 +64,8 @@ class OpenAIServer:
     answer
         ``answer(body)``: the completion text for a request body (default: ``"beta"``), or a chat
         message mapping (``{"content": ..., "reasoning_content": ...}``) for servers that return the
-        reasoning apart.
+        reasoning apart; a ``"finish_reason"`` key in that mapping replaces the default ``"stop"``, and ``"stop_reason"`` (vLLM: the
+        stop string that ended the answer) is sent as given.
     delay
         Seconds every answer takes, or ``delay(body) -> seconds``.
     api_key
@@ -82,7 +83,7 @@ class OpenAIServer:
         *,
         delay: float | Callable[[Mapping[str, Any]], float] = 0.0,
         api_key: str | None = None,
-        lifetime: float = 30.0,
+        lifetime: float = 120.0,
         port: int = 0,
     ) -> None:
         self.answer = answer or (lambda body: "beta")
@@ -92,11 +93,13 @@ class OpenAIServer:
         self.in_flight = 0
         self.max_in_flight = 0
         self.answered = 0
+        #: TCP connections the server accepted (fewer than requests when clients keep them alive).
+        self.connections = 0
         self._kill_after: int | None = None
         self._script: collections.deque[_Action] = collections.deque()
         self._lock = threading.Lock()
         self._closed = threading.Event()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", port), _handler_for(self))
+        self._httpd = _Server(("127.0.0.1", port), _handler_for(self))
         self._httpd.daemon_threads = True
         self._httpd.block_on_close = False
         self._thread = threading.Thread(
@@ -209,6 +212,8 @@ class OpenAIServer:
         self._sleep(self.delay(body) if callable(self.delay) else self.delay)
         answer = self.answer(body)
         message = dict(answer) if isinstance(answer, Mapping) else {"content": answer}
+        finish_reason = message.pop("finish_reason", "stop")
+        stop_reason = message.pop("stop_reason", None)
         text = message["content"]
         usage = {
             "prompt_tokens": len(json.dumps(body.get("messages", body.get("prompt"))).split()),
@@ -216,10 +221,11 @@ class OpenAIServer:
         }
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         if path == "/v1/chat/completions":
-            choice = {"index": 0, "message": {"role": "assistant", **message}, "finish_reason": "stop"}
+            choice = {"index": 0, "message": {"role": "assistant", **message}, "finish_reason": finish_reason,
+                      "stop_reason": stop_reason}
             kind = "chat.completion"
         else:
-            choice = {"index": 0, "text": text, "finish_reason": "stop"}
+            choice = {"index": 0, "text": text, "finish_reason": finish_reason, "stop_reason": stop_reason}
             kind = "text_completion"
         reply = {"id": f"test-{len(self.requests)}", "object": kind, "model": body.get("model"),
                  "choices": [choice], "usage": usage}
@@ -228,12 +234,31 @@ class OpenAIServer:
         return 200, {}, reply
 
 
+class _Server(ThreadingHTTPServer):
+    # A listen backlog like a production server's (uvicorn: 2048) instead of socketserver's 5: clients
+    # that open many connections at once are not dropped and retried by the kernel a second later.
+    request_queue_size = 1024
+
+
 def _handler_for(server: OpenAIServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
+        # HTTP/1.1 (every answer carries its Content-Length): clients may keep connections alive, as
+        # with vLLM's server. Headers and body go out at once, not after a delayed ACK.
+        protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True
+
         def log_message(self, format: str, *args: Any) -> None:  # keep test output clean
             pass
 
+        def setup(self) -> None:
+            with server._lock:
+                server.connections += 1
+            super().setup()
+
         def do_POST(self) -> None:
+            if server.closed:  # a kept-alive connection to a server that is gone: no answer
+                self._send(-1, {}, None)
+                return
             length = int(self.headers.get("Content-Length") or 0)
             raw = self.rfile.read(length)
             headers = {k.lower(): v for k, v in self.headers.items()}

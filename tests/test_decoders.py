@@ -104,6 +104,64 @@ def test_cellreasoner_decoder_matches_the_prompt_candidates():
     assert ann.label == "T cell"
 
 
+@pytest.mark.parametrize(
+    ("text", "label", "note"),
+    [
+        # A label the Cell Ontology knows is the label, as the model wrote it.
+        ("B cell", "B cell", ""),
+        ("NK cells", "NK cells", ""),
+        ("CD14+ Mono", "CD14+ Mono", ""),
+        ("Answer: classical monocyte.", "classical monocyte", ""),
+        # A longer answer naming one cell type: that type's ontology name, the words quoted.
+        ("This cell is a B cell, expressing CD19 and CD79A.", "B cell", "'b cell' (CL:0000236)"),
+        ("Likely CD14+ monocytes given LYZ and S100A8", "CD14-positive monocyte", "CL:0001054"),
+        # The broader of two types named gives way to the narrower one.
+        ("a lymphocyte, more precisely a B cell", "B cell", "CL:0000236"),
+        # A ramble naming no cell type, or two unrelated ones, is no label.
+        ("FTL (forktail lupine)", None, "names no Cell Ontology cell type"),
+        ("The top genes are FTL, FTH1 and TMSB4X, which are highly expressed in many tissues of the body",
+         None, "names no Cell Ontology cell type"),
+        ("NK cells or T cells", None, "names several cell types"),
+        ("the cell", None, "names no Cell Ontology cell type"),
+    ],
+)
+def test_cellreasoner_without_candidates_takes_only_cell_ontology_types(text, label, note):
+    ann = _decode(text)
+    assert (ann.label, ann.status) == (label, "ok" if label else "unresolved")
+    assert note in ann.note and ann.raw == text
+    if label is None:
+        assert text[:40] in ann.note  # the answer is quoted
+
+
+@pytest.mark.parametrize(
+    ("text", "vocabulary", "label"),
+    [
+        ("NK cells", ["natural killer cell", "B cell"], "natural killer cell"),  # the same term
+        ("Kupffer cells", ["macrophage", "B cell"], "macrophage"),  # a kind of one label
+        ("Kupffer cells", ["leukocyte", "macrophage", "B cell"], "macrophage"),  # the most specific
+        ("leukocyte", ["macrophage", "B cell"], None),  # broader than the labels: no
+        ("lymphocyte", ["B cell", "T cell"], None),
+    ],
+)
+def test_cellreasoner_matches_candidates_through_the_cell_ontology(text, vocabulary, label):
+    ann = _decode(text, vocabulary=vocabulary)
+    assert ann.label == label
+    assert ("Cell Ontology" in ann.note) if label else ("matches no label" in ann.note)
+
+
+def test_a_capped_output_is_marked_on_every_unit():
+    from cellscribe.plugins.prompting.decoders import CAPPED_NOTE
+
+    ann = _decode("B cell", finish_reason="length")
+    assert ann.status == "ok" and CAPPED_NOTE in ann.note
+    assert CAPPED_NOTE not in _decode("B cell", finish_reason="stop").note
+    ann = _decode("The cell expresses FTL and FTH1, which", finish_reason="length")
+    assert ann.status == "unresolved" and ann.note.startswith(CAPPED_NOTE)
+    gold = exemplar()["answer"].split(" | ")
+    anns = CellPuzzlesDecoder().decode(Generation("<think>" + "x " * 50, finish_reason="length"), _puzzle_prompt())
+    assert all(a.status == "unresolved" and CAPPED_NOTE in a.note for a in anns) and len(anns) == len(gold)
+
+
 def test_cellreasoner_decoder_generation_error():
     ann = _decode("partial", "direct", PANCREAS, error="CUDA out of memory")
     assert ann.status == "unresolved" and "CUDA out of memory" in ann.note and ann.raw == "partial"

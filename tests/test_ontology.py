@@ -319,3 +319,22 @@ def test_lineage(cl, term_id, lineage):
 def test_lineage_of_general_terms_is_none(cl):
     assert cl.lineage("CL:0000000") is None  # cell
     assert cl.lineage("CL:0000738") is None  # leukocyte: spans several lineages
+
+
+@pytest.mark.parametrize(
+    ("text", "names"),
+    [
+        ("This cell is a B cell, expressing CD19", ["B cell"]),
+        ("CD14+ monocytes or a lymphocyte", ["CD14-positive monocyte", "lymphocyte"]),
+        ("The cell type is CD8-positive, alpha-beta T cell", ["CD8-positive, alpha-beta T cell"]),  # not "T cell"
+        ("natural killer cells, natural killer cells", ["natural killer cell"]),  # once
+        ("a human leukocyte antigen (HLA) heavy chain", []),  # a gene family, not a leukocyte
+        ("T cell receptor and NK cell receptor genes", []),
+        ("eukaryotic cells in the body", []),  # every cell is one
+        ("alpha beta gamma T", []),  # one-word abbreviations are not looked for in prose
+        ("", []),
+    ],
+)
+def test_mentions_finds_the_cell_types_a_text_names(text, names):
+    ontology = get_ontology()
+    assert [ontology.name(t) for t, _ in ontology.mentions(text)] == names

@@ -181,6 +181,53 @@ def test_concurrency_bound_is_respected(server):
     assert server.max_in_flight == 4  # requests overlapped, never more than the bound
 
 
+def test_connections_are_kept_alive_across_requests_and_calls(server):
+    model = connect(server, max_concurrency=4)
+    for _ in range(3):  # three calls (three checkpoint batches of a run)
+        assert [g.text for g in model.generate([chat(f"GENE{i}") for i in range(20)])] == ["beta"] * 20
+    assert len(server.requests) == 60 and server.connections <= 4  # one per request in flight, reused
+    model.close()
+    model.generate([chat("GCG")])  # a closed client opens a new connection
+    assert server.connections <= 5
+
+
+def test_default_concurrency_fills_a_local_server_and_spares_hosted_apis(server, monkeypatch):
+    from cellscribe.plugins.openai.backend import DEFAULT_CONCURRENCY, HOSTED_CONCURRENCY
+
+    assert connect(server).max_concurrency == DEFAULT_CONCURRENCY == 64
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    assert OpenAIBackend().load("openai:gpt-4o-mini").max_concurrency == HOSTED_CONCURRENCY == 8
+    # A server that takes its time (a model generating): more requests in flight answer more per
+    # second, so the backend doubles them from 8 up to the bound, and keeps the number it found.
+    server.delay = 0.1
+    model = connect(server)
+    model.generate([chat(f"GENE{i}") for i in range(400)])
+    assert server.max_in_flight >= 16 and (model.workers or model._probed) >= 16
+
+
+def test_finish_reason_comes_from_the_server_and_a_cut_stop_string_is_restored(server):
+    from cellscribe.core.answers import TAGGED
+
+    replies = {"capped": {"content": "The cell expresses", "finish_reason": "length"},
+               "tagged": {"content": "<think>x</think>\n<answer>alpha | beta", "finish_reason": "stop"},
+               "plain": "beta", "newline": {"content": "B cell", "stop_reason": "\n"}}
+    server.answer = lambda body: replies[user_text(body)]
+    with pytest.warns(UserWarning, match="outputs hit max_new_tokens"):
+        capped, tagged, plain, newline = connect(server).generate(
+            [chat("capped"), chat("tagged", answer=TAGGED), chat("plain"), chat("newline")],
+            settings={"stop_strings": ["</answer>", "\n"]},
+        )
+    assert (capped.finish_reason, capped.capped, capped.text) == ("length", True, "The cell expresses")
+    # The server left out the stop string that ended the answer; the tagged format puts it back.
+    assert tagged.text == "<think>x</think>\n<answer>alpha | beta</answer>" and tagged.finish_reason == "stop"
+    assert plain.text == "beta" and plain.finish_reason == "stop"
+    # A stop string vLLM names is put back as the local backend keeps it.
+    assert newline.text == "B cell\n"
+    assert server.requests[0].body["stop"] == ["</answer>", "\n"]
+    connect(server).generate([chat("plain")], settings={"stop_strings": ""})  # no stop at all
+    assert "stop" not in server.requests[-1].body
+
+
 def test_one_request_at_a_time_when_bound_is_one(server):
     server.delay = 0.01
     connect(server, max_concurrency=1).generate([chat(f"GENE{i}") for i in range(6)])

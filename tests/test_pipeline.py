@@ -244,3 +244,19 @@ def test_model_manifest_sets_its_formats_where_defaults_were_kept(pancreas, host
     # What the user chose explicitly wins.
     plan = run.plan_run(pancreas, model="cell-o1", candidates=candidates, n_genes=20)
     assert plan.params["n_genes"] == 20
+
+
+def test_a_checkpoint_keeps_every_field_of_a_generation(tmp_path):
+    from cellscribe.core.run.checkpoint import Checkpoint
+    from cellscribe.core.types import Generation
+
+    generations = [
+        Generation("The cell expresses", n_prompt_tokens=290, n_output_tokens=32, finish_reason="length"),
+        Generation("B cell", confidence=(0.7,), label_scores=({"B cell": 0.7, "T cell": 0.3},), notes=("x",),
+                   finish_reason="stop"),
+        Generation("", error="HTTP 500"),
+    ]
+    checkpoint = Checkpoint(tmp_path, "run")
+    checkpoint.save(0, "key", generations)
+    loaded = checkpoint.load(0, "key")
+    assert loaded == generations and loaded[0].capped and not loaded[1].capped

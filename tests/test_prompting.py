@@ -81,24 +81,23 @@ def test_zero_shot_prompts_are_the_published_format(cells, mode):
             "<|im_start|>assistant\n<think> "
         )
         assert "place the reason within the </think> tag." in rendered
-        assert prompts[0].generation == {
-            "do_sample": True,
-            "temperature": 0.6,
-            "top_p": 0.4,
-            "repetition_penalty": 1.1,
-            "max_new_tokens": 4096,
-            "max_prompt_tokens": 8192,
-        }
+        sampling = {"do_sample": True, "temperature": 0.6, "top_p": 0.4, "repetition_penalty": 1.1}
+        # Default: the published sampling with a limit fitted to a reasoning answer (no stop string:
+        # the label follows the reasoning).
+        assert prompts[0].generation == {**sampling, "max_new_tokens": 1024, "max_prompt_tokens": 8192}
     else:
         assert prompts[0].response_prefix == "" and rendered.endswith("<|im_start|>assistant\n")
+        sampling = {"do_sample": True, "temperature": 0.01, "top_p": 0.01, "repetition_penalty": 1.1}
+        # Default: one label line of at most 32 tokens, ended by its newline.
         assert prompts[0].generation == {
-            "do_sample": True,
-            "temperature": 0.01,
-            "top_p": 0.01,
-            "repetition_penalty": 1.1,
-            "max_new_tokens": 4096,
-            "max_prompt_tokens": 8192,
+            **sampling, "max_new_tokens": 32, "stop_strings": ["\n"], "max_prompt_tokens": 8192,
         }
+    # The published settings, one option away: CellReasoner's 4096 new tokens, no stop string.
+    (published,) = ZeroShot().build(cells.take([0]), mode=mode, options={"generation": "published"})
+    assert published.generation == {**sampling, "max_new_tokens": 4096, "max_prompt_tokens": 8192}
+    assert published.messages == prompts[0].messages
+    with pytest.raises(ValueError, match="'fitted'.*'published'"):
+        ZeroShot().build(cells.take([0]), mode=mode, options={"generation": "short"})
 
 
 def test_zero_shot_candidates_one_per_line():
@@ -391,10 +390,16 @@ def test_puzzle_prompt_reproduces_the_exemplar():
     # Default: one user message, user_msg + "\n" + system_msg (the released inference script).
     assert prompt.messages == ({"role": "user", "content": ex["user_msg"] + "\n" + ex["system_msg"]},)
     assert prompt.unit_ids == tuple(cells.cell_ids) and prompt.candidates == tuple(candidates)
+    # Greedy, ended at </answer>, at most 512 + 200 tokens per cell (never over Cell-o1's 3500).
     assert prompt.decoder == "cellpuzzles" and prompt.generation == {
         "do_sample": False,
-        "max_new_tokens": 3500,
+        "max_new_tokens": min(3500, 512 + 200 * len(cells.cell_ids)),
+        "stop_strings": ["</answer>"],
     }
+    (published,) = Puzzle().build(cells, candidates=candidates[::-1], obs=obs,
+                                  options={**options, "generation": "published"})
+    assert published.generation == {"do_sample": False, "max_new_tokens": 3500}
+    assert published.messages == prompt.messages
     assert prompt.context == parse_puzzle_user_msg(ex["user_msg"])["context"]
     (with_role,) = Puzzle().build(
         cells, candidates=candidates, obs=obs, options={**options, "system_role": True}

@@ -245,9 +245,29 @@ def test_constrained_and_score_give_only_candidates(real_model, pbmc, tmp_path, 
     assert (obs["cellscribe_status"] == "ok").all()
     assert obs["cellscribe"].astype(str).isin(CANDIDATES).all()
     assert len(records) == pbmc.n_obs and all(r["output"] for r in records)
-    if decode == "score":  # a probability per candidate: the winner's is the confidence
-        assert obs["cellscribe_confidence"].between(0, 1).all()
+    # score: a probability per candidate, the winner's is the confidence; constrained: the label's
+    # probability among the candidates, step by step.
+    assert obs["cellscribe_confidence"].between(0, 1).all() and (obs["cellscribe_confidence"] > 0).all()
+    if decode == "score":
         assert (obs["cellscribe_confidence"] > 1 / len(CANDIDATES)).all()
+
+
+@slow
+def test_free_text_without_candidates_is_ok_only_when_it_names_a_cell_type(real_model, pbmc, tmp_path):
+    from cellscribe.core.domain.ontology import get_ontology
+    from cellscribe.plugins.prompting.decoders import CAPPED_NOTE
+
+    records = _annotate(pbmc, real_model, tmp_path)
+    _check_raw_kept(pbmc, records, GREEDY["max_new_tokens"])
+    obs = pbmc.obs
+    ok = obs["cellscribe_status"] == "ok"
+    # The model rambles; a ramble is a label only when it names a Cell Ontology cell type.
+    assert (~ok).any()
+    assert all(get_ontology().lookup(label) is not None for label in obs.loc[ok, "cellscribe"].astype(str))
+    assert (obs.loc[~ok, "cellscribe_note"].str.len() > 0).all()
+    capped = {u for r in records if r["finish_reason"] == "length" for u in r["unit_ids"]}
+    assert capped  # 16 tokens: most outputs are cut off, and say so
+    assert all(CAPPED_NOTE in obs.loc[u, "cellscribe_note"] for u in capped)
 
 
 @slow

@@ -378,3 +378,94 @@ def test_info_reports_attention_dtype_and_decode_modes(tiny):
     assert (info["attn_implementation"], info["dtype"], info["device"]) == ("sdpa", "float32", "cpu")
     assert info["decode"] == ["score"]
     assert torch.get_default_dtype() == torch.float32
+
+
+# -- issue 16: calibrated scores, constrained confidence, stop strings and the token cap ----------------
+
+
+def _neutral_brute_force_probs(tiny, prompt):
+    """Scores calibrated against the neutral prompt (PMI), from full forward passes."""
+    from cellscribe.core.domain.scoring import neutral_prompt
+
+    eos = tiny.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    prefix = tiny.tokenizer("</think>\n", add_special_tokens=False)["input_ids"] if prompt.response_prefix else []
+    scores = []
+    for label in prompt.candidates:
+        label_ids = tiny.tokenizer(label, add_special_tokens=False)["input_ids"] + [eos]
+        after_cell = brute_force_log_likelihood(tiny, prompt, prefix + label_ids, len(label_ids))
+        after_nothing = brute_force_log_likelihood(tiny, neutral_prompt(prompt), prefix + label_ids, len(label_ids))
+        scores.append(after_cell - after_nothing)
+    scores = np.array(scores)
+    probs = np.exp(scores - scores.max())
+    return probs / probs.sum()
+
+
+@pytest.mark.parametrize("reasoning", [False, True], ids=["direct", "reasoning"])
+def test_score_is_calibrated_against_a_neutral_prompt_by_default(tiny, reasoning):
+    prompts = [cellreasoner_prompt(s, reasoning=reasoning) for s in sentences(4)]
+    out = tiny.generate(prompts, settings={"decode": "score"})
+    assert out == tiny.generate(prompts, settings={"decode": "score", "calibration": "pmi"})
+    for g, p in zip(out, prompts):
+        (scores,) = g.label_scores
+        np.testing.assert_allclose(list(scores.values()), _neutral_brute_force_probs(tiny, p), atol=1e-4)
+    summed = tiny.generate(prompts, settings={"decode": "score", "calibration": "sum"})
+    assert [g.label_scores for g in summed] != [g.label_scores for g in out]
+    with pytest.raises(ValueError, match="calibration must be one of"):
+        tiny.generate(prompts, settings={"decode": "score", "calibration": "length"})
+
+
+def test_constrained_confidence_is_the_label_probability_among_the_candidates(tiny):
+    candidates = ("alpha", "beta", "T cell", "T cell, CD8")
+    prompts = [cellreasoner_prompt(s, candidates) for s in sentences(6)]
+    settings = {**GREEDY, "decode": "constrained", "repetition_penalty": 1.0}
+    out = tiny.generate(prompts, settings=settings)
+    eos = sorted(tiny._eos_ids())
+    paths = {c: tiny.tokenizer(c, add_special_tokens=False)["input_ids"] for c in candidates}
+    for g, p in zip(out, prompts):
+        (confidence,) = g.confidence
+        # Walk the chosen label's tokens; at each step the probability of the token taken among the
+        # tokens a candidate could continue with (an end token where a candidate ends).
+        prompt_ids = tiny.tokenizer(tiny.render(p), add_special_tokens=False)["input_ids"]
+        chosen = paths[g.text] + [eos[0]]
+        ids = torch.tensor([prompt_ids + chosen])
+        with torch.inference_mode():
+            probs = torch.softmax(tiny.model(input_ids=ids).logits[0].double(), dim=-1)
+        expected = 1.0
+        for k in range(len(chosen)):
+            prefix = chosen[:k]
+            nxt = {path[k] for path in paths.values() if path[:k] == prefix and len(path) > k}
+            ends = any(path == prefix for path in paths.values())
+            allowed = sorted(nxt | (set(eos) if ends else set()))
+            row = probs[len(prompt_ids) + k - 1]
+            taken = row[eos].sum() if chosen[k] in eos else row[chosen[k]]
+            if len(allowed) > 1:
+                expected *= float(taken / row[allowed].sum())
+        assert confidence == pytest.approx(expected, rel=1e-3)
+        assert 0 < confidence <= 1
+    assert {a.confidence for (a,) in decode_with(make_host(), "cellreasoner", out, prompts)} == {
+        g.confidence[0] for g in out}
+
+
+def test_stop_strings_end_an_output_and_the_cap_is_reported(tiny):
+    prompts = [cellreasoner_prompt(s, ()) for s in sentences(4)]
+    with pytest.warns(UserWarning, match="outputs hit max_new_tokens"):
+        free = tiny.generate(prompts, settings={**GREEDY, "max_new_tokens": 12})
+    assert all(g.finish_reason == "length" and g.capped and g.n_output_tokens == 12 for g in free)
+    # Stop at a piece of the first output: that output ends with it, a prefix of the free one.
+    stop = free[0].text[3:6]
+    stopped = tiny.generate(prompts, settings={**GREEDY, "max_new_tokens": 12, "stop_strings": [stop]})
+    first = stopped[0]
+    # (transformers stops at the token that completes the stop string: the token may run past it)
+    assert stop in first.text and free[0].text.startswith(first.text)
+    assert first.finish_reason == "stop" and first.n_output_tokens < 12
+    for g, f in zip(stopped, free):
+        assert f.text.startswith(g.text)
+        assert g.finish_reason == ("stop" if stop in f.text else "length")
+    # Outputs that end by themselves within the limit (a forced label and its end) are "stop", unwarned.
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ended = tiny.generate([cellreasoner_prompt(s) for s in sentences(4)],
+                              settings={**GREEDY, "max_new_tokens": 12, "decode": "constrained"})
+    assert all(g.finish_reason == "stop" and not g.capped for g in ended)

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "CL_TABLE",
+    "ROOT",
     "ABBREVIATIONS",
     "LINEAGES",
     "Term",
@@ -40,6 +41,19 @@ __all__ = [
     "get_ontology",
     "normalise_label",
 ]
+
+#: The root term, *cell*: every term is one, so naming it says nothing.
+ROOT = "CL:0000000"
+
+#: Words after which a cell type's name names something else: "human leukocyte antigen" is a gene
+#: family, "T cell receptor" a protein, "B cell lymphoma" a disease, "HL-60 cell line" a culture.
+NOT_A_CELL_AFTER = frozenset({
+    "antigen", "anti", "receptor", "marker", "gene", "protein", "ligand", "antibody", "immunoglobulin", "factor",
+    "lymphoma", "leukemia", "leukaemia", "tumor", "tumour", "cancer", "carcinoma", "line", "differentiation",
+    "activation", "development", "proliferation", "signaling", "signalling", "function", "specific",
+})
+#: Terms every cell of a body is (their common ancestors): naming one says nothing of a cell's type.
+_UNIVERSAL_OF = ("CL:0000236", "CL:0000540", "CL:0000182", "CL:0000057")  # B cell, neuron, hepatocyte, fibroblast
 
 #: The vendored table (gzip TSV, one row per current ``CL:`` term; see ``scripts/build_cl_table.py``).
 CL_TABLE = "cl_terms.tsv.gz"
@@ -300,6 +314,7 @@ class CellOntology:
         self._ancestors: dict[str, frozenset[str]] = {}
         self._children: dict[str, tuple[str, ...]] | None = None
         self._indexes: dict[str, dict[str, str]] | None = None
+        self._phrase_index: tuple[dict[str, str], int] | None = None
 
     @classmethod
     def from_table(cls, path: str | PathLike[str]) -> CellOntology:
@@ -496,6 +511,62 @@ class CellOntology:
                 if key in table:
                     return table[key]
         return None
+
+    def _phrases(self) -> tuple[dict[str, str], int]:
+        """The phrases :meth:`mentions` looks for (normalised key -> id) and the longest in tokens."""
+        if self._phrase_index is None:
+            index = self._index()
+            present = [t for t in _UNIVERSAL_OF if t in self._row]
+            universal = ({ROOT} | frozenset.intersection(*(self.ancestors(t) for t in present))) if present \
+                else {ROOT}
+            phrases: dict[str, str] = {}
+            for table in (index["normal"], index["abbreviation"]):
+                for key, term_id in table.items():
+                    words = key.split()
+                    if term_id in universal or key in phrases:
+                        continue
+                    # One-word phrases only when they are words ("monocyte", "neutrophil"): one-word
+                    # abbreviations and symbols ("T", "DC", "alpha", "LC") are too common in prose.
+                    if len(words) > 1 or (table is index["normal"] and len(key) >= 5 and key.isalpha()):
+                        phrases[key] = term_id
+            self._phrase_index = (phrases, max((len(k.split()) for k in phrases), default=0))
+        return self._phrase_index
+
+    def mentions(self, text: str) -> list[tuple[str, str]]:
+        """The cell types ``text`` names, as ``(term id, phrase)`` in order of appearance.
+
+        A phrase is a term name, an exact synonym or an :data:`ABBREVIATIONS` entry of two words or
+        more, or a one-word term name or synonym of five letters or more (``"monocyte"``), matched on
+        whole words in :func:`normalise_label` form (``"CD14+ monocytes"`` names *CD14-positive
+        monocyte*). A phrase inside a longer one found at the same place is not counted (``"T cell"`` in
+        ``"CD8-positive, alpha-beta T cell"``), nor one followed by a word of :data:`NOT_A_CELL_AFTER`
+        (``"human leukocyte antigen"`` names a gene family, not a leukocyte), nor a term every cell is
+        (*cell*, *eukaryotic cell*, *animal cell*, ...: the common ancestors of a B cell, a neuron, a
+        hepatocyte and a fibroblast). A term named twice is listed once.
+        """
+        if not isinstance(text, str) or not text.strip():
+            return []
+        phrases, longest = self._phrases()
+        tokens = _tokens(text)
+        found: list[tuple[int, int, str, str]] = []  # (start, end, id, phrase)
+        pos = 0
+        while pos < len(tokens):
+            for n in range(min(longest, len(tokens) - pos), 0, -1):
+                key = " ".join(tokens[pos:pos + n])
+                if key in phrases:
+                    if not (pos + n < len(tokens) and tokens[pos + n] in NOT_A_CELL_AFTER):
+                        found.append((pos, pos + n, phrases[key], key))
+                    pos += n
+                    break
+            else:
+                pos += 1
+        out: list[tuple[str, str]] = []
+        seen: set[str] = set()
+        for _, _, term_id, phrase in found:
+            if term_id not in seen:
+                seen.add(term_id)
+                out.append((term_id, phrase))
+        return out
 
     def lookup_many(self, labels: Iterable[str]) -> list[str | None]:
         """:meth:`lookup` for each label, each distinct label looked up once."""

@@ -304,6 +304,7 @@ def _from_json(d: Mapping[str, Any]) -> Generation:
         n_output_tokens=d.get("n_output_tokens"),
         error=d.get("error"),
         notes=tuple(d["notes"]) if d.get("notes") is not None else None,
+        finish_reason=d.get("finish_reason"),
     )
 
 

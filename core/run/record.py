@@ -73,7 +73,8 @@ def sidecar_path(sidecar: str | bool | None) -> Path | None:
 def raw_outputs(prompts: Sequence[Prompt], generations: Sequence[Generation]) -> pd.DataFrame:
     """Every prompt's raw model output, in memory (``uns[key_added]["raw"]`` when no sidecar file is
     named): one row per prompt with its units (``" | "``-joined), the output text, the error of a failed
-    call and the token counts. The prompts themselves are not kept (the sidecar file has them). Control
+    call, the token counts and why the output ended (``finish_reason``: ``"stop"``, ``"length"`` when it hit
+    ``max_new_tokens``, ``""`` when unknown). The prompts themselves are not kept (the sidecar file has them). Control
     characters, which h5ad cannot store, are replaced by spaces (a sidecar file keeps them)."""
     from ..answers import printable
 
@@ -83,6 +84,7 @@ def raw_outputs(prompts: Sequence[Prompt], generations: Sequence[Generation]) ->
         "error": [printable(g.error)[0] for g in generations],
         "n_prompt_tokens": pd.array([g.n_prompt_tokens for g in generations], dtype="Int64"),
         "n_output_tokens": pd.array([g.n_output_tokens for g in generations], dtype="Int64"),
+        "finish_reason": [g.finish_reason or "" for g in generations],
     }, index=pd.Index([str(i) for i in range(len(prompts))], name="prompt_index"))
 
 
@@ -137,7 +139,8 @@ def without_credentials(value: Any) -> Any:
 
 def write_sidecar(path: Path, prompts: Sequence[Prompt], generations: Sequence[Generation],
                   by_unit: Mapping[str, Annotation]) -> None:
-    """One JSON record per prompt: its units, messages, raw output, token counts and decoded answers."""
+    """One JSON record per prompt: its units, messages, raw output, token counts, ``finish_reason`` and
+    decoded answers."""
     with path.open("w", encoding="utf-8") as fh:
         for i, (p, g) in enumerate(zip(prompts, generations)):
             record = {
@@ -150,6 +153,7 @@ def write_sidecar(path: Path, prompts: Sequence[Prompt], generations: Sequence[G
                 "error": g.error,
                 "n_prompt_tokens": g.n_prompt_tokens,
                 "n_output_tokens": g.n_output_tokens,
+                "finish_reason": g.finish_reason,
                 "answers": [attrs.asdict(by_unit[u]) for u in p.unit_ids if u in by_unit],
             }
             fh.write(json.dumps(record, ensure_ascii=False) + "\n")

@@ -6,8 +6,8 @@ when one machine is not enough. Requests go out concurrently (bounded), with ret
 rate limits and server errors; the API key comes from an environment variable and is never logged.
 See :mod:`.backend` for the options, how CellReasoner's prompt edits are sent, and how settings map.
 
-Only the standard library is used for HTTP; ``transformers`` is imported only when a local tokenizer
-is asked for.
+HTTP goes through ``httpx`` (a pool of kept-alive connections per model); ``transformers`` is imported
+only when a local tokenizer is asked for.
 """
 
 from __future__ import annotations

@@ -2,7 +2,11 @@
 
 ``model="openai:<served name>"`` sends each prompt as one request to ``{base_url}/chat/completions``
 (or ``/completions``, see *Rendering*), with at most ``max_concurrency`` requests in flight, and returns
-the answers in prompt order. Only the standard library is used (``urllib.request`` in a thread pool).
+the answers in prompt order. Requests go through one ``httpx.Client`` per model, whose pool keeps up to
+``max_concurrency`` HTTP/1.1 connections alive from one request (and one batch) to the next, sent from a
+thread pool. The default concurrency, :data:`DEFAULT_CONCURRENCY` (64), keeps a local vLLM's batch
+full (it batches the requests in flight); for ``api.openai.com``, whose rate limits a burst only
+trips, it is :data:`HOSTED_CONCURRENCY` (8).
 
 Connection
 ----------
@@ -62,6 +66,13 @@ dialect), ``temperature``, ``top_p``, ``seed``, ``stop_strings`` -> ``stop``, an
 sends ``temperature: 0`` (greedy) and drops the sampling-only keys. ``num_beams`` > 1 and unknown keys
 raise ``ValueError``.
 
+A server leaves the stop string that ended an answer out of it (the transformers backend keeps it): it is
+put back, the one vLLM names (``stop_reason``), else what the prompt's answer format needs
+(:meth:`~cellscribe.core.answers.AnswerFormat.restore_stop`: a tagged answer's ``</answer>``), so both
+backends give the decoders the same text. Each
+``Generation.finish_reason`` is the server's (``"stop"``, or ``"length"`` when the answer hit
+``max_new_tokens``: the decoders note it on the cell, and the backend warns).
+
 ``decode``: only ``"generate"`` is native. ``"score"`` raises ``ValueError`` (scoring candidates needs the
 model's log-probabilities: use the transformers backend). ``"constrained"`` raises too unless
 ``guided_choice`` is set: then each one-cell prompt with candidates is sent with vLLM's guided choice
@@ -97,16 +108,14 @@ from __future__ import annotations
 import concurrent.futures
 import difflib
 import email.utils
-import http.client
 import json
 import logging
 import os
+import queue
 import random
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 import warnings
 from base64 import b64encode
 from collections.abc import Callable, Mapping, Sequence
@@ -116,8 +125,8 @@ from typing import Any
 import attrs
 
 from cellscribe import __version__
-from cellscribe.core.answers import opens_think, with_reasoning
-from cellscribe.core.types import Generation, ModelUnavailableError, Prompt
+from cellscribe.core.answers import FREE, AnswerFormat, opens_think, with_reasoning
+from cellscribe.core.types import FINISH_LENGTH, FINISH_STOP, Generation, ModelUnavailableError, Prompt, warn_capped
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +140,18 @@ STRICT_HOSTS = frozenset({"api.openai.com"})
 DIALECTS = ("vllm", "openai")
 RENDERINGS = ("server", "client")
 DECODE_MODES = ("generate", "constrained", "score")
+#: Requests in flight by default: enough to keep a local vLLM's batch full.
+DEFAULT_CONCURRENCY = 64
+#: Requests in flight by default on hosts in :data:`STRICT_HOSTS` (rate-limited hosted APIs).
+HOSTED_CONCURRENCY = 8
+#: Requests in flight at the start, and the gain in answers per second that doubling them must bring to
+#: be kept (``OpenAIModel._run``).
+INITIAL_WORKERS = 8
+PROBE_GAIN = 1.5
+#: Answers over which the rate is measured while probing (at least; four per worker).
+PROBE_WINDOW = 64
+#: Longest error body read from a server.
+MAX_ERROR_BODY = 64 * 1024
 
 #: transformers-named settings -> request fields every OpenAI-compatible API understands.
 STANDARD_FIELDS = {"temperature": "temperature", "top_p": "top_p", "seed": "seed", "stop_strings": "stop"}
@@ -212,11 +233,13 @@ def _server_message(raw: bytes) -> str:
 
 @attrs.frozen
 class _Call:
-    """One prepared request: endpoint path, JSON body, and whether the prefix opened a ``<think>``."""
+    """One prepared request: endpoint path, JSON body, whether the prefix opened a ``<think>``, and the
+    prompt's answer format (which restores a stop string the server cut)."""
 
     path: str
     body: Mapping[str, Any]
     think_open: bool = False
+    answer: AnswerFormat = FREE
 
 
 @attrs.define
@@ -256,6 +279,14 @@ class _BadResponse(Exception):
     """A 200 response that is not a completion (not retried)."""
 
 
+class _HTTPStatus(Exception):
+    """A response with an error status: its code, headers and (start of the) body."""
+
+    def __init__(self, code: int, headers: Any, body: bytes) -> None:
+        super().__init__(f"HTTP {code}")
+        self.code, self.headers, self.body = code, headers, body
+
+
 class OpenAIModel:
     """A model served over an OpenAI-compatible API (the :class:`~cellscribe.core.components.LoadedModel`
     of the ``openai`` backend). Built by :meth:`OpenAIBackend.load`; see the module docstring.
@@ -283,7 +314,7 @@ class OpenAIModel:
         base_url: str,
         api_key: str | None = None,
         api_key_env: str | None = None,
-        max_concurrency: int = 8,
+        max_concurrency: int | None = None,
         timeout: float = 120.0,
         max_retries: int = 5,
         backoff: float = 0.5,
@@ -300,6 +331,8 @@ class OpenAIModel:
         self.model_name = model_name
         self.base_url = url
         self.api_key_env = api_key_env
+        if max_concurrency is None:
+            max_concurrency = HOSTED_CONCURRENCY if host in STRICT_HOSTS else DEFAULT_CONCURRENCY
         self.max_concurrency = _positive_int("max_concurrency", max_concurrency)
         self.timeout = _positive_float("timeout", timeout)
         self.max_retries = _non_negative_int("max_retries", max_retries)
@@ -355,8 +388,44 @@ class OpenAIModel:
             token = b64encode(f"{basic_auth[0]}:{basic_auth[1]}".encode()).decode()
             headers["Authorization"] = f"Basic {token}"
         self._headers = headers
-        self._opener = urllib.request.build_opener()
+        self._client: Any = None
+        #: Requests in flight that kept the server busy, found by the first call (``_run``); ``None``
+        #: until then.
+        self.workers: int | None = None
+        self._probed: int | None = None
+        self._client_lock = threading.Lock()
         self._rng = random.Random()
+
+    def _http(self) -> Any:
+        """The ``httpx.Client`` whose pool keeps up to ``max_concurrency`` connections alive (made on
+        first use; :meth:`close` closes it)."""
+        with self._client_lock:
+            if self._client is None:
+                import httpx
+
+                self._client = httpx.Client(
+                    headers=self._headers,
+                    timeout=httpx.Timeout(self.timeout),
+                    limits=httpx.Limits(max_connections=self.max_concurrency,
+                                        max_keepalive_connections=self.max_concurrency),
+                    follow_redirects=False,
+                )
+            return self._client
+
+    def close(self) -> None:
+        """Close the kept-alive connections (a later call opens new ones)."""
+        with self._client_lock:
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+    def __del__(self) -> None:
+        client = getattr(self, "_client", None)
+        if client is not None:
+            try:
+                client.close()
+            except Exception:  # interpreter shutdown: nothing left to release
+                pass
 
     def __repr__(self) -> str:
         return f"OpenAIModel(model={self.model_name!r}, base_url={self.base_url!r})"
@@ -448,6 +517,7 @@ class OpenAIModel:
             raise ModelUnavailableError(fatal, results)
         if failed:
             log.warning("%d of %d prompts failed; first error: %s", len(failed), len(results), failed[0].error)
+        warn_capped(results)
         log.info("%d prompts answered by %s in %.1f s", len(results), self.base_url, time.perf_counter() - t0)
         return results
 
@@ -499,6 +569,11 @@ class OpenAIModel:
         for key, name in STANDARD_FIELDS.items():
             if effective.get(key) is not None and not (greedy and key in SAMPLING_KEYS):
                 fields[name] = effective[key]
+        if "stop" in fields:  # a string is one stop; an empty one (--generation stop_strings=) none
+            stops = [fields["stop"]] if isinstance(fields["stop"], str) else list(fields["stop"])
+            fields["stop"] = [str(v) for v in stops if v]
+            if not fields["stop"]:
+                del fields["stop"]
         for key, name in VLLM_FIELDS.items():
             value = effective.get(key)
             if value is None or (greedy and key in SAMPLING_KEYS):
@@ -563,7 +638,7 @@ class OpenAIModel:
             else:
                 body["structured_outputs"] = {"choice": choices}
         body.update(self.extra_body)
-        return _Call(path, body, think_open)
+        return _Call(path, body, think_open, prompt.answer)
 
     def _warn(self, notes: _Notes, n: int) -> None:
         if notes.dropped:
@@ -598,22 +673,70 @@ class OpenAIModel:
 
     def _run(self, calls: Sequence[_Call], progress: Callable[[int], None] | None) -> tuple[list[Generation], str | None]:
         """Send ``calls`` with at most ``max_concurrency`` in flight; results in call order, and the
-        run-wide failure that stopped them (``None`` when none did)."""
+        run-wide failure that stopped them (``None`` when none did).
+
+        Requests are sent by worker threads that take the next call when theirs is answered. How many
+        work is found by probing: :data:`INITIAL_WORKERS` to start with, then twice as many while that
+        raises the answers per second by :data:`PROBE_GAIN` or more, up to ``max_concurrency`` (a server
+        that batches, such as vLLM, answers more the more it is sent at once). Where doubling gains
+        nothing (a server that answers at once, a client short of CPU) the workers go back to the
+        number before, whose thread switching costs less client CPU. The number found is kept for the
+        model's next calls (:attr:`workers`).
+        """
         state = _RunState(down_after=max(DOWN_AFTER, self.max_concurrency))
         results: list[Generation | None] = [None] * len(calls)
-        pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=min(self.max_concurrency, len(calls)), thread_name_prefix="cellscribe-openai"
-        )
-        futures = {pool.submit(self._send, call, state): i for i, call in enumerate(calls)}
-        try:
-            for future in concurrent.futures.as_completed(futures):
-                i = futures[future]
+        limit = min(self.max_concurrency, len(calls))
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=limit, thread_name_prefix="cellscribe-openai")
+        pending = iter(range(len(calls)))
+        done: queue.SimpleQueue[tuple[int, Generation]] = queue.SimpleQueue()
+        lock = threading.Lock()
+        active = 0
+        target = min(self.workers or self._probed or INITIAL_WORKERS, limit)
+
+        def start() -> None:
+            nonlocal active
+            with lock:
+                n = max(target - active, 0)
+                active += n
+            for _ in range(n):
+                pool.submit(work)
+
+        def work() -> None:
+            nonlocal active
+            while not state.stop.is_set():
+                with lock:
+                    i = None if active > target else next(pending, None)
+                    if i is None:
+                        active -= 1
+                        return
                 try:
-                    results[i] = future.result()
+                    generation = self._send(calls[i], state)
                 except Exception as exc:  # a bug in one request costs that prompt, never the run
-                    results[i] = Generation(text="", error=self._redact(_describe(exc)))
+                    generation = Generation(text="", error=self._redact(_describe(exc)))
+                done.put((i, generation))
+
+        probing = self.workers is None and target < limit
+        window_start, window_done, last_rate = time.perf_counter(), 0, 0.0
+        try:
+            start()
+            for n_done in range(1, len(calls) + 1):
+                i, generation = done.get()
+                results[i] = generation
                 if progress is not None:
                     progress(1)
+                window_done += 1
+                window = max(PROBE_WINDOW, 4 * target)
+                if probing and window_done >= window and len(calls) - n_done > window:
+                    now = time.perf_counter()
+                    rate = window_done / max(now - window_start, 1e-9)
+                    if last_rate and rate < PROBE_GAIN * last_rate:
+                        target, probing = target // 2, False  # doubling gained nothing: back
+                    elif target < limit:
+                        target, last_rate = min(2 * target, limit), rate
+                        start()
+                    else:
+                        probing = False
+                    window_start, window_done = now, 0
         except BaseException:
             # Interrupted (Ctrl-C): stop retrying and drop what was not started; requests in flight end
             # at their timeout.
@@ -621,6 +744,12 @@ class OpenAIModel:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
         pool.shutdown(wait=True)
+        if self.workers is None:
+            if probing:  # the call ended first: the next one goes on from here
+                self._probed = target
+            elif len(calls) >= limit:
+                self.workers = target
+                log.info("openai backend: %d requests in flight keep %s busy", target, self.base_url)
         return results, state.fatal  # type: ignore[return-value]
 
     def _send(self, call: _Call, state: _RunState) -> Generation:
@@ -634,22 +763,26 @@ class OpenAIModel:
                 return Generation(text="", error="cancelled")
             retry_after = None
             status = None
+            import httpx
+
             try:
                 generation = self._parse(self._post(url, call.body), call)
                 state.answered()
                 return generation
-            except urllib.error.HTTPError as exc:
+            except _HTTPStatus as exc:
                 status = exc.code
                 retry_after = retry_after_seconds(exc.headers)
                 message = self._http_error(exc, url, call)
                 kind = "server" if status in RETRY_STATUSES or status >= 500 else "request"
             except _BadResponse as exc:
                 message, kind = self._redact(f"unexpected response from {url}: {exc}"), "request"
-            except TimeoutError:
+            except (httpx.TimeoutException, TimeoutError):
                 message, kind = f"no response from {url} within {self.timeout:g} s", "timeout"
-            except urllib.error.URLError as exc:
-                message, kind = self._redact(f"cannot reach {url}: {exc.reason}"), "connection"
-            except (OSError, http.client.HTTPException) as exc:
+            except httpx.ConnectError as exc:
+                message, kind = self._redact(f"cannot reach {url}: {exc}"), "connection"
+            except (httpx.TransportError, OSError) as exc:
+                # Lost mid-answer (a server that closed the connection, a reset), or a kept-alive
+                # connection the server had closed: a new connection is tried.
                 message, kind = self._redact(f"connection to {url} failed: {_describe(exc)}"), "connection"
             limit = {"server": self.max_retries, "timeout": min(TIMEOUT_RETRIES, self.max_retries),
                      "connection": min(CONNECT_RETRIES, self.max_retries)}.get(kind, 0)
@@ -668,11 +801,13 @@ class OpenAIModel:
             attempt += 1
 
     def _post(self, url: str, body: Mapping[str, Any]) -> Any:
-        request = urllib.request.Request(
-            url, data=json.dumps(body).encode("utf-8"), headers=self._headers, method="POST"
-        )
-        with self._opener.open(request, timeout=self.timeout) as response:
-            raw = response.read()
+        """POST ``body`` as JSON on a kept-alive connection; the parsed JSON answer. Raises
+        :class:`_HTTPStatus` for an error status, :class:`_BadResponse` for a 200 that is not JSON and
+        httpx's errors for the transport."""
+        response = self._http().post(url, content=json.dumps(body).encode("utf-8"))
+        raw = response.content
+        if response.status_code >= 400:
+            raise _HTTPStatus(response.status_code, response.headers, raw[:MAX_ERROR_BODY])
         try:
             return json.loads(raw)
         except json.JSONDecodeError as exc:
@@ -694,20 +829,28 @@ class OpenAIModel:
             reasoning = message.get("reasoning_content") or message.get("reasoning")
             if reasoning:
                 text = with_reasoning(reasoning, text, think_open=call.think_open)
+        reason = choice.get("finish_reason")
+        if reason not in (FINISH_STOP, FINISH_LENGTH):
+            reason = None if reason is None else str(reason)
+        if reason == FINISH_STOP:
+            # vLLM names the stop string that ended the answer (``stop_reason``); other servers do not,
+            # and the answer format restores what it needs.
+            matched = choice.get("stop_reason")
+            stops = call.body.get("stop") or ()
+            if isinstance(matched, str) and matched in stops and not text.endswith(matched):
+                text += matched
+            else:
+                text = call.answer.restore_stop(text)
         usage = payload.get("usage") or {}
         return Generation(
             text=text,
             n_prompt_tokens=usage.get("prompt_tokens"),
             n_output_tokens=usage.get("completion_tokens"),
+            finish_reason=reason,
         )
 
-    def _http_error(self, exc: urllib.error.HTTPError, url: str, call: _Call) -> str:
-        try:
-            detail = _server_message(exc.read(64 * 1024))
-        except (OSError, http.client.HTTPException):
-            detail = ""
-        finally:
-            exc.close()
+    def _http_error(self, exc: _HTTPStatus, url: str, call: _Call) -> str:
+        detail = _server_message(exc.body) if exc.body else ""
         message = f"HTTP {exc.code} from {url}" + (f": {detail}" if detail else "")
         if exc.code in (401, 403):
             where = f"the environment variable {self.api_key_env}" if self.api_key_env else "api_key_env"
@@ -847,7 +990,7 @@ class OpenAIBackend:
         *,
         base_url: str | None = None,
         api_key_env: str | None = "OPENAI_API_KEY",
-        max_concurrency: int = 8,
+        max_concurrency: int | None = None,
         timeout: float = 120.0,
         max_retries: int = 5,
         backoff: float = 0.5,
@@ -881,7 +1024,8 @@ class OpenAIBackend:
             Name of the environment variable holding the API key (may be unset for local servers;
             ``None`` sends no key).
         max_concurrency
-            Requests in flight at once.
+            Requests in flight at once, each on its own kept-alive connection (default
+            :data:`DEFAULT_CONCURRENCY`, 64; :data:`HOSTED_CONCURRENCY`, 8, for ``api.openai.com``).
         timeout
             Seconds to wait for a server's answer before the attempt counts as failed.
         max_retries, backoff, max_backoff

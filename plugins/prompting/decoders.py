@@ -16,8 +16,19 @@
        exactly; case-insensitively; after normalising (case, punctuation other than ``+``, plural
        ``s``, a trailing word "cell"); then the vocabulary label found inside the answer (whole words;
        the longest wins over the labels it contains, other labels found make it ambiguous); then the
-       single label that contains the answer. No match leaves the unit unresolved with the answer in
-       the note. Without a vocabulary the cleaned answer is the label. An empty answer is unresolved.
+       single label that contains the answer; then through the Cell Ontology (the vendored release,
+       :mod:`cellscribe.core.domain.ontology`): the answer's term (:meth:`~CellOntology.lookup` of the
+       whole answer, else the one cell type it names, :meth:`~CellOntology.mentions`) is the term of
+       exactly one label, or a kind of exactly one label's term (the most specific). No match leaves the
+       unit unresolved with the answer in the note.
+    4. Without a vocabulary the answer must name a cell type of the Cell Ontology: the whole answer
+       looks up to a term (a name, an exact synonym, a reviewed shorthand such as ``"CD14+ Mono"``: the
+       answer is the label, as written), or it names exactly one cell type (after dropping those that
+       are broader than another it names: "a lymphocyte, more precisely a B cell" names *B cell*): the
+       term's name is the label, and the note quotes the words. An answer that names no cell type
+       ("FTL (forktail lupine)", a sentence about genes) or several is unresolved, the answer in the
+       note. An empty answer is unresolved. Give candidates (``candidates=``) to accept labels of your
+       own label set.
 
 ``cellpuzzles`` (one answer per cell of a puzzle)
     The answer is read with the answer format :data:`cellscribe.core.answers.TAGGED` (its ``labels`` and
@@ -32,7 +43,8 @@
 Both decoders never raise on model output, copy ``generation.confidence`` per unit when given, add
 ``generation.notes`` (the model's own remark per unit) to each unit's note, keep the whole output in
 ``Annotation.raw`` and the think text in ``Annotation.reasoning``, and make every unit unresolved (note
-= the error) when ``generation.error`` is set.
+= the error) when ``generation.error`` is set. An output that hit ``max_new_tokens`` before it ended
+(``generation.capped``) says so in each of its units' notes (:data:`CAPPED_NOTE`), whatever its status.
 """
 
 from __future__ import annotations
@@ -44,6 +56,11 @@ from typing import Any
 
 from cellscribe.core.answers import FREE, TAGGED, THINK_OPEN, opens_think
 from cellscribe.core.types import STATUS_OK, Annotation, Generation, Prompt
+
+#: The note of every unit of an output that hit ``max_new_tokens`` before it ended.
+CAPPED_NOTE = "output cut off at max_new_tokens (raise it with --generation max_new_tokens=N)"
+#: Longest answer quoted in full in a note.
+_QUOTED_CHARS = 80
 
 _PREFIX = re.compile(
     r"^(?:(?:the\s+)?(?:final|predicted|most\s+likely)?\s*"
@@ -166,6 +183,80 @@ def match_label(answer: str, vocabulary: Sequence[str], *, loose: bool = True) -
     return None, f"answer {answer!r} matches no label of the vocabulary"
 
 
+def _quoted(answer: str) -> str:
+    return repr(answer if len(answer) <= _QUOTED_CHARS else answer[: _QUOTED_CHARS - 3] + "...")
+
+
+def _answer_terms(answer: str) -> tuple[list[str], str]:
+    """The Cell Ontology terms ``answer`` names, most specific only, and the words that name them: the
+    term of the whole answer, else those it mentions that no other mention is a kind of."""
+    from cellscribe.core.domain.ontology import get_ontology
+
+    ontology = get_ontology()
+    whole = ontology.lookup(answer)
+    if whole is not None:
+        return [whole], answer
+    mentions = ontology.mentions(answer)
+    ids = [t for t, _ in mentions]
+    specific = [t for t in ids if not any(o != t and ontology.is_a(o, t) for o in ids)]
+    phrases = [p for t, p in mentions if t in specific]
+    return specific, ", ".join(phrases)
+
+
+def ontology_label(answer: str) -> tuple[str | None, str]:
+    """``(label, note)`` for a free-text answer without a vocabulary (module docstring, step 4)."""
+    from cellscribe.core.domain.ontology import get_ontology
+
+    terms, words = _answer_terms(answer)
+    if len(terms) == 1:
+        if words == answer:
+            return answer, ""
+        name = get_ontology().name(terms[0])
+        return name, f"cell type named in the answer {_quoted(answer)}: {words!r} ({terms[0]})"
+    if terms:
+        names = sorted(get_ontology().name(t) for t in terms)
+        return None, f"answer {_quoted(answer)} names several cell types: {names}"
+    return None, (f"answer {_quoted(answer)} names no Cell Ontology cell type (give candidates to accept the "
+                  "labels of another label set)")
+
+
+def match_by_ontology(answer: str, vocabulary: Sequence[str]) -> tuple[str | None, str]:
+    """``(label, note)``: the vocabulary label whose Cell Ontology term is the answer's, or, failing
+    that, the most specific label whose term the answer's is a kind of; ``(None, "")`` when none."""
+    from cellscribe.core.domain.ontology import get_ontology
+
+    terms, _ = _answer_terms(answer)
+    if len(terms) != 1:
+        return None, ""
+    ontology = get_ontology()
+    term = terms[0]
+    label_terms = dict(zip(vocabulary, ontology.lookup_many(vocabulary)))
+    same = [v for v, t in label_terms.items() if t == term]
+    if len(same) == 1:
+        return same[0], f"answer {_quoted(answer)} matched through the Cell Ontology ({term})"
+    broader = [v for v, t in label_terms.items() if t is not None and ontology.is_a(term, t, strict=True)]
+    specific = [v for v in broader if all(label_terms[w] == label_terms[v] or ontology.is_a(label_terms[v],
+                                                                                          label_terms[w])
+                                          for w in broader)]
+    if not same and len(specific) == 1:
+        return specific[0], (f"answer {_quoted(answer)} ({ontology.name(term)}, {term}) is a kind of this label "
+                             "(Cell Ontology)")
+    return None, ""
+
+
+def resolve_answer(answer: str, vocabulary: Sequence[str]) -> tuple[str | None, str]:
+    """``(label, note)`` for a cleaned free-text answer: matched to ``vocabulary`` (step 3 of the
+    module docstring) or, without one, to the Cell Ontology (step 4)."""
+    if not vocabulary:
+        return ontology_label(answer) if answer else (None, "empty answer")
+    label, note = match_label(answer, vocabulary)
+    if label is None and answer and "several" not in note:
+        found, how = match_by_ontology(answer, vocabulary)
+        if found is not None:
+            return found, how
+    return label, note
+
+
 def _confidence(generation: Generation, i: int, n: int) -> float | None:
     conf = generation.confidence
     if conf is None or len(conf) != n:
@@ -220,22 +311,19 @@ class CellReasonerDecoder:
         label, note = None, ""
         if unclosed:
             if explicit or (vocab and answer in vocab):
-                label, note = match_label(answer, vocab) if vocab else (answer or None, "")
+                label, note = resolve_answer(answer, vocab)
                 note = "; ".join(filter(None, ["reasoning was not closed with </think>", note]))
             else:
                 note = "reasoning was not closed with </think> (output cut off? raise max_new_tokens)"
         elif normalise(answer) in ABSTENTIONS and answer not in vocab:
             # The model's own reason (generation.notes), when it gave one, says it better.
             note = "" if generation.notes else f"the model abstained (answer {answer!r})"
-        elif vocab:
-            label, note = match_label(answer, vocab)
-        elif answer:
-            label = answer
         else:
-            note = "empty answer"
+            label, note = resolve_answer(answer, vocab)
+        capped = CAPPED_NOTE if generation.capped else ""
         out = []
         for i, unit in enumerate(units):
-            unit_note = _join(note, _unit_note(generation, i, len(units)))
+            unit_note = _join(capped, note, _unit_note(generation, i, len(units)))
             if label is None:
                 out.append(Annotation.unresolved(unit, raw=text, note=unit_note, reasoning=reasoning))
             else:
@@ -264,12 +352,13 @@ class CellPuzzlesDecoder:
             return _failed(units, text, generation.error)
         reasoning = self.answer.reasoning(text)
         labels = self.answer.labels(text)
+        capped = CAPPED_NOTE if generation.capped else ""
         if labels is None:
-            note = "no <answer>...</answer> in the output"
+            note = _join(capped, "no <answer>...</answer> in the output")
             return [Annotation.unresolved(u, raw=text, note=note, reasoning=reasoning) for u in units]
         if len(labels) != len(units):
-            note = (
-                f"the answer has {len(labels)} label(s) for {len(units)} cell(s): cannot assign by position"
+            note = _join(
+                capped, f"the answer has {len(labels)} label(s) for {len(units)} cell(s): cannot assign by position"
             )
             return [Annotation.unresolved(u, raw=text, note=note, reasoning=reasoning) for u in units]
         format_note = (
@@ -284,7 +373,7 @@ class CellPuzzlesDecoder:
                 label, how = match_label(given, candidates, loose=False)
             else:
                 label, how = (given or None), ("" if given else "empty answer")
-            note = _join(format_note, how, _unit_note(generation, i, len(units)))
+            note = _join(capped, format_note, how, _unit_note(generation, i, len(units)))
             if label is None:
                 out.append(Annotation.unresolved(unit, raw=text, note=note, reasoning=reasoning))
             else:

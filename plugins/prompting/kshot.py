@@ -32,7 +32,8 @@ compare only the first N genes of every sentence; the similarity costs one opera
 query shares with a reference cell, about 5 ms per query against 10,500 reference cells of ~560
 genes on 2 cores, and N = 100 took a third of that); ``show_candidates`` (bool, default False: the
 examples already show the labels; True appends the candidate block to the query);
-``min_example_genes`` (int, default 10); ``instruction`` (str: replace the system instruction).
+``min_example_genes`` (int, default 10); ``instruction`` (str: replace the system instruction);
+``generation`` (``"fitted"`` or ``"published"``: the generation defaults, as for ``zero-shot``).
 """
 
 from __future__ import annotations
@@ -50,7 +51,14 @@ import scipy.sparse as sp
 from cellscribe.core.types import CellSentences, Example, Prompt
 
 from ._text import SentenceJoiner, clean_labels, is_null, sentence_strings
-from .cellreasoner import INSTRUCTIONS, MAX_PROMPT_TOKENS, candidate_block, cellreasoner_prompt, check_mode
+from .cellreasoner import (
+    INSTRUCTIONS,
+    MAX_PROMPT_TOKENS,
+    candidate_block,
+    cellreasoner_prompt,
+    check_mode,
+    check_preset,
+)
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +174,7 @@ class KShot:
         show = bool(opts.get("show_candidates", False))
         min_genes = max(int(opts.get("min_example_genes", DEFAULT_MIN_EXAMPLE_GENES)), 1)
         instruction = opts.get("instruction") or INSTRUCTIONS[mode]
+        preset = check_preset(opts.get("generation"))
         budget = int(max_prompt_tokens or MAX_PROMPT_TOKENS)
 
         reference, ref_labels, cands = _usable_reference(reference, reference_labels, candidates)
@@ -244,6 +253,7 @@ class KShot:
                         show_candidates=show,
                         examples=exs,
                         max_prompt_tokens=budget,
+                        preset=preset,
                         meta={
                             "k": k,
                             "nearest": nearest,

@@ -12,7 +12,14 @@ line and its blank line are left out, so the message starts with ``Cell 1:``.
 
 Rendering: the released inference script sends no system role, only one user message,
 ``user_msg + "\\n" + system_msg``; that is the default here. ``options={"system_role": True}`` sends
-``[system: system_msg, user: user_msg]`` instead. Decoding is greedy with at most 3500 new tokens.
+``[system: system_msg, user: user_msg]`` instead. Decoding is greedy; Cell-o1 allows 3500 new tokens.
+
+Generation defaults: greedy, the answer ends at ``</answer>`` (the tagged format's stop string,
+:meth:`~cellscribe.core.answers.AnswerFormat.stop_strings`), and at most :func:`puzzle_max_new_tokens`
+new tokens: twice the ~100 tokens of reasoning per cell of Cell-o1's published reasoning trace (998
+tokens for 10 cells), plus 512 for the answer, never above the published 3500 (1,112 for 3 cells, 2,512
+for 10, 3,500 for 15). ``options={"generation": "published"}`` gives the published settings (3500, no
+stop string).
 
 Annotation mode (:class:`Puzzle`): the units are split into puzzles of at most ``puzzle_size`` cells
 (default: the number of candidates, at most 15) that share one context (cells are grouped by their
@@ -45,6 +52,7 @@ from cellscribe.core.answers import TAGGED
 from cellscribe.core.types import CellSentences, Prompt
 
 from ._text import SEP, clean_labels, sentence_strings
+from .cellreasoner import check_preset
 from .context import contexts_from_obs
 
 log = logging.getLogger(__name__)
@@ -63,7 +71,23 @@ SYSTEM_MSG = (
 )
 QUESTION = "Match the cells above to one of the following cell types:"
 #: Published decoding: greedy, at most 3500 new tokens.
-GENERATION = {"do_sample": False, "max_new_tokens": 3500}
+PUBLISHED_GENERATION = {"do_sample": False, "max_new_tokens": 3500}
+#: New tokens per cell of a puzzle (reasoning), and for the answer, in the default limit.
+TOKENS_PER_CELL = 200
+ANSWER_TOKENS = 512
+
+
+def puzzle_max_new_tokens(n_cells: int) -> int:
+    """The default ``max_new_tokens`` of a puzzle of ``n_cells`` cells (see the module docstring)."""
+    return min(PUBLISHED_GENERATION["max_new_tokens"], ANSWER_TOKENS + TOKENS_PER_CELL * max(1, int(n_cells)))
+
+
+def puzzle_generation(n_cells: int, preset: str = "fitted") -> dict[str, Any]:
+    """The generation defaults of a puzzle of ``n_cells`` cells (``preset="published"``: Cell-o1's)."""
+    if check_preset(preset) == "published":
+        return dict(PUBLISHED_GENERATION)
+    return {"do_sample": False, "max_new_tokens": puzzle_max_new_tokens(n_cells),
+            "stop_strings": list(TAGGED.stop_strings())}
 MAX_PUZZLE_SIZE = 15
 MIN_PUZZLE_SIZE = 3
 DEFAULT_BENCHMARK_SIZE = 10
@@ -133,8 +157,9 @@ def puzzle_prompt(
     system_role: bool = False,
     strategy: str = "puzzle",
     meta: Mapping[str, Any] | None = None,
+    preset: str = "fitted",
 ) -> Prompt:
-    """A :class:`Prompt` for one puzzle (decoder ``cellpuzzles``, published generation settings)."""
+    """A :class:`Prompt` for one puzzle (decoder ``cellpuzzles``, the generation defaults of ``preset``)."""
     user_msg = build_puzzle_user_msg(context, sentences, candidates)
     return Prompt(
         messages=puzzle_messages(user_msg, system_role=system_role),
@@ -145,7 +170,7 @@ def puzzle_prompt(
         answer=TAGGED,
         candidates=tuple(sorted(candidates)),
         context=context,
-        generation=dict(GENERATION),
+        generation=puzzle_generation(len(unit_ids), preset),
         meta={"system_role": system_role, **dict(meta or {})},
     )
 
@@ -165,7 +190,8 @@ class Puzzle:
     Options (``options=``): ``puzzle_size`` (int, default min(number of candidates, 15)),
     ``system_role`` (bool, default False), ``context`` (bool, default True: describe the donor from
     ``obs``), ``context_columns`` (``{field: obs column}``), ``context_templates``
-    (``{obs column: "sentence with {}"}``), ``extra_context`` (fixed sentences, str or list).
+    (``{obs column: "sentence with {}"}``), ``extra_context`` (fixed sentences, str or list),
+    ``generation`` (``"fitted"`` or ``"published"``: the generation defaults, module docstring).
     ``mode`` is ignored: Cell-o1 always reasons before answering.
     """
 
@@ -207,6 +233,7 @@ class Puzzle:
                 stacklevel=2,
             )
         system_role = bool(opts.get("system_role", False))
+        preset = check_preset(opts.get("generation"))
 
         keep = np.flatnonzero(~sentences.empty())
         units = sentences.take(keep) if len(keep) < len(sentences) else sentences
@@ -234,6 +261,7 @@ class Puzzle:
                         system_role=system_role,
                         strategy=self.name,
                         meta={"puzzle_size": size},
+                        preset=preset,
                     )
                 )
         log.debug("puzzle: %d units in %d puzzles of up to %d cells", len(units), len(prompts), size)
@@ -264,7 +292,7 @@ class Puzzle:
             answer=TAGGED,
             candidates=tuple(parts["candidates"]),
             context=parts["context"],
-            generation=dict(GENERATION),
+            generation=puzzle_generation(len(parts["sentences"])),
             meta={"system_role": system_role, "record_id": rid},
         )
 

@@ -28,9 +28,12 @@ Decode modes
   after the longest answer). Greedy and sampling; beam search is refused. Prompts without candidates
   are generated freely (with a ``UserWarning``).
 - ``"score"``: no generation; every candidate's log-likelihood after the prompt (:mod:`._scoring`),
-  reusing the prompt's KV cache. ``Generation.label_scores`` holds one ``{label: probability}`` per
-  unit (softmax over the candidates of the summed log-probability, or of the mean per token with
-  ``length_normalize=True``), ``Generation.confidence`` the probability of each unit's label, and
+  reusing the prompt's KV cache, made comparable across candidates of different token lengths by
+  ``calibration`` (:mod:`cellscribe.core.domain.scoring`): ``"pmi"`` (the default: minus the
+  candidate's log-likelihood after a neutral prompt, the cell sentences replaced by "N/A", scored once
+  per run), ``"mean"`` (per token; the older ``length_normalize=True``) or ``"sum"`` (favours short
+  labels). ``Generation.label_scores`` holds one ``{label: probability}`` per unit (softmax over the
+  candidates of the calibrated scores), ``Generation.confidence`` the probability of each unit's label, and
   ``Generation.text`` the answer as the decoder expects it: the best label, or for a puzzle the
   assignment maximising the summed log-probabilities (``scipy.optimize.linear_sum_assignment``) as
   ``<think>scored</think>\\n<answer>a | b</answer>``. Every prompt needs candidates.
@@ -54,12 +57,18 @@ user's ``settings``. Keys:
   limit by shortening sentences (they receive ``count_tokens``).
 - ``seed``: ``torch.manual_seed(seed)`` before every batch (sampling reproducible for a given batch
   partition). When sampling without a seed, one is drawn per call and recorded in ``info()["seed"]``.
-- ``decode``, ``length_normalize``, ``max_reasoning_tokens``: see above.
+- ``decode``, ``calibration`` (``length_normalize``), ``max_reasoning_tokens``: see above.
+- ``stop_strings``: texts that end an answer (transformers' ``stop_strings``, given the tokenizer); the
+  prompt strategies set the answer format's (a direct answer's newline, a puzzle's ``</answer>``). The
+  output keeps the stop string (up to the end of the token that completed it).
 
 ``load(..., deterministic=True)`` makes every call greedy whatever the prompts' defaults say.
 
-Each :class:`~cellscribe.core.types.Generation` records ``n_prompt_tokens`` (after truncation) and
-``n_output_tokens`` (generated tokens up to and including the first end-of-sequence token).
+Each :class:`~cellscribe.core.types.Generation` records ``n_prompt_tokens`` (after truncation),
+``n_output_tokens`` (generated tokens up to and including the first end-of-sequence token) and
+``finish_reason`` (``"length"`` when the output hit ``max_new_tokens`` before it ended: a
+``UserWarning`` says so once, and the decoders note it on the cell). ``decode="constrained"`` gives
+``Generation.confidence``: each label's probability among the candidates (:mod:`._constrained`).
 """
 
 from __future__ import annotations
@@ -82,7 +91,7 @@ import attrs
 import numpy as np
 
 from cellscribe.core.domain.manifests import Manifest, find_manifest, list_manifests
-from cellscribe.core.types import Generation, Prompt
+from cellscribe.core.types import Generation, Prompt, warn_capped
 
 from ._layout import SCORED_REASONING, TokenLayout, layout_for, tokenize_layout
 from ._scoring import left_pad
@@ -96,7 +105,9 @@ BACKEND_NAME = "transformers"
 
 DECODE_MODES = ("generate", "constrained", "score")
 #: Settings keys consumed by the backend itself (never passed to ``generate``).
-BACKEND_KEYS = frozenset({"max_prompt_tokens", "seed", "decode", "length_normalize", "max_reasoning_tokens"})
+BACKEND_KEYS = frozenset(
+    {"max_prompt_tokens", "seed", "decode", "calibration", "length_normalize", "max_reasoning_tokens"}
+)
 #: Keys that only matter when sampling; dropped under greedy / beam search.
 SAMPLING_KEYS = frozenset({"temperature", "top_p", "top_k", "min_p", "typical_p"})
 #: GenerationConfig fields a backend that returns one text per prompt cannot honour.
@@ -224,7 +235,7 @@ class _Plan:
     max_prompt_tokens: int | None = None
     seed: int | None = None
     decode: str = "generate"
-    length_normalize: bool = False
+    calibration: str = "pmi"
     max_reasoning_tokens: int | None = None
 
     def key(self) -> str:
@@ -257,7 +268,7 @@ def _split_settings(settings: Mapping[str, Any], *, greedy: bool = False) -> _Pl
     if unknown or unsupported:
         raise ValueError(
             f"unsupported generation setting(s) {', '.join(unknown + unsupported)}: the transformers "
-            "backend takes decode, max_prompt_tokens, seed, length_normalize, max_reasoning_tokens and "
+            "backend takes decode, max_prompt_tokens, seed, calibration, max_reasoning_tokens and "
             "the fields of transformers.GenerationConfig (do_sample, temperature, top_p, top_k, "
             "repetition_penalty, max_new_tokens, min_new_tokens, num_beams, ...), one output per prompt."
         )
@@ -274,21 +285,81 @@ def _split_settings(settings: Mapping[str, Any], *, greedy: bool = False) -> _Pl
             "decode='constrained' works with greedy decoding and sampling, not beam search: drop num_beams "
             "or set it to 1."
         )
-    length_normalize = settings.get("length_normalize", False)
-    if not isinstance(length_normalize, (bool, np.bool_)):
-        raise ValueError(f"length_normalize must be True or False, got {length_normalize!r}.")
+    from cellscribe.core.domain.scoring import calibration_of
+
+    calibration = calibration_of(settings)
     return _Plan(
         kwargs=kwargs,
         max_prompt_tokens=_optional_int(settings, "max_prompt_tokens", 1),
         seed=_optional_int(settings, "seed", 0),
         decode=decode,
-        length_normalize=bool(length_normalize),
+        calibration=calibration,
         max_reasoning_tokens=_optional_int(settings, "max_reasoning_tokens", 0),
     )
 
 
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
+
+
+def _stop_strings(value: Any) -> tuple[str, ...]:
+    """The ``stop_strings`` setting as a tuple of non-empty strings (a single string is one stop)."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"stop_strings must be a string or a list of strings, got {value!r}.")
+    return tuple(v for v in value if v)
+
+
+def finished_rows(
+    new_tokens: np.ndarray,
+    tokenizer: Any,
+    *,
+    eos_ids: Sequence[int] | set[int],
+    pad_id: int | None,
+    stops: Sequence[str],
+    max_new_tokens: int,
+) -> tuple[list[str], list[int], list[str]]:
+    """The output of each row of a generated batch: ``(texts, new token counts, finish reasons)``.
+
+    ``generate`` pads a row that finished (at an end token, or at a stop string) until the batch ends.
+    A row's output runs up to and including its first end token; a row without one ends where its
+    padding starts (a stop string ended it) or at the last column. Its finish reason is ``"stop"``
+    unless it ran to ``max_new_tokens`` without ending (``"length"``: the output was cut off). When the
+    pad id is also an end token, a row whose last token completed a stop string ended there (transformers
+    stops at the token that completes one, which may run past it), and the padding is not counted.
+    """
+    from cellscribe.core.types import FINISH_LENGTH, FINISH_STOP
+
+    n_rows, width = new_tokens.shape
+    is_end = np.isin(new_tokens, sorted(eos_ids))
+    has_end = is_end.any(axis=1)
+    lengths = np.where(has_end, is_end.argmax(axis=1) + 1, width)
+    if pad_id is not None and int(pad_id) not in eos_ids and width:
+        # Rows without an end token: their trailing padding (after a stop string) is not output.
+        not_pad = new_tokens != int(pad_id)
+        last = width - np.argmax(not_pad[:, ::-1], axis=1)
+        last[~not_pad.any(axis=1)] = 0
+        lengths = np.where(has_end, lengths, last)
+    texts = tokenizer.batch_decode([row[:n].tolist() for row, n in zip(new_tokens, lengths)],
+                                   skip_special_tokens=True)
+    counts, reasons = [], []
+    for r in range(n_rows):
+        n = int(lengths[r])
+        # transformers stops when a stop string is completed within the last token (which may run past
+        # its end): look for it in the text that token could complete.
+        stopped = False
+        if stops and n >= (2 if has_end[r] else 1):
+            last = tokenizer.decode([int(new_tokens[r, n - (2 if has_end[r] else 1)])], skip_special_tokens=True)
+            stopped = any(stop in texts[r][-(len(last) + len(stop) - 1):] for stop in stops if last)
+        if has_end[r] and stopped and pad_id is not None and int(pad_id) in eos_ids:
+            n -= 1  # the "end token" is the padding after the stop string
+        ended = has_end[r] or stopped or n < width
+        counts.append(n)
+        reasons.append(FINISH_STOP if ended or width < max_new_tokens else FINISH_LENGTH)
+    return texts, counts, reasons
 
 
 @attrs.define
@@ -300,6 +371,8 @@ class _Item:
     n_prompt: int
     n_units: int = 1
     tl: TokenLayout | None = None
+    #: Token ids of the neutral prompt whose scores calibrate this one's (``calibration="pmi"``).
+    neutral_ids: tuple[int, ...] | None = None
 
 
 def manifest_family(manifest: Manifest) -> list[Manifest]:
@@ -392,6 +465,8 @@ class TransformersModel:
         self._active_adapter: str | None = merged_adapter or next(reversed(self.adapters), None)
         self._layouts: dict[Any, TokenLayout] = {}
         self._free_masks: dict[str, tuple[Any, Any]] = {}
+        self._neutral_tokens: dict[str, tuple[int, ...]] = {}
+        self._neutral_cache: dict[Any, np.ndarray] = {}
         self._last_decode: list[str] = []
 
     # -- LoadedModel protocol ---------------------------------------------------------------------
@@ -566,6 +641,7 @@ class TransformersModel:
                     progress(len(batch))
         self.seed = next((p.seed for p, _, _ in work if p.seed is not None), self.seed)
         self._last_decode = sorted({plan.decode for plan, _, _ in work})
+        warn_capped(results)
         return results  # type: ignore[return-value]
 
     # -- preparing work ---------------------------------------------------------------------------
@@ -605,6 +681,8 @@ class TransformersModel:
             item.tl = tl
             if plan.decode == "score":
                 item.ids = item.ids + list(tl.open_ids) + list(tl.close_ids)
+                if plan.calibration == "pmi" and layout.n_labels == 1:
+                    item.neutral_ids = self._neutral_ids(prompts[item.index], tl)
             fixed.append(item)
         if free and plan.decode == "score":
             raise ValueError(
@@ -716,45 +794,102 @@ class TransformersModel:
         ids, mask = left_pad([item.ids for item in batch], self.tokenizer.pad_token_id)
         width = ids.shape[1]
         kwargs = dict(plan.kwargs)
+        constraint = None
         if constrained:
             from ._constrained import AnswerConstraint, RowState, as_logits_processor
 
-            # A minimum length would forbid the end of a complete answer.
+            # A minimum length would forbid the end of a complete answer, and the constraint itself
+            # ends it (a stop string could only cut a reasoning short).
             kwargs.pop("min_new_tokens", None)
             kwargs.pop("min_length", None)
+            kwargs.pop("stop_strings", None)
             kwargs["max_new_tokens"] = max(self._constrained_total(item, plan) for item in batch)
             states = [RowState(item.tl, self._reasoning_cap(item, plan)) for item in batch]
             pool, banned = self._free_stage_masks()
-            kwargs["logits_processor"] = as_logits_processor(AnswerConstraint(states, pool, banned))
+            constraint = AnswerConstraint(states, pool, banned)
+            kwargs["logits_processor"] = as_logits_processor(constraint)
+        stops = _stop_strings(kwargs.get("stop_strings"))
+        if stops:
+            kwargs["stop_strings"] = list(stops)
+            kwargs["tokenizer"] = self.tokenizer  # transformers matches stop strings on its token texts
+        else:
+            kwargs.pop("stop_strings", None)
         output = self.model.generate(
             input_ids=torch.from_numpy(ids).to(self.device),
             attention_mask=torch.from_numpy(mask).to(self.device),
             **kwargs,
         )
         new_tokens = output[:, width:].cpu().numpy()
-        # Finished rows are filled with padding: count up to and including the first end token.
-        is_end = np.isin(new_tokens, sorted(self._eos_ids()))
-        n_out = np.where(is_end.any(axis=1), is_end.argmax(axis=1) + 1, new_tokens.shape[1])
-        texts = self.tokenizer.batch_decode(
-            [row[:n].tolist() for row, n in zip(new_tokens, n_out)], skip_special_tokens=True
+        texts, n_out, reasons = finished_rows(
+            new_tokens, self.tokenizer, eos_ids=self._eos_ids(), pad_id=self.model.generation_config.pad_token_id,
+            stops=stops, max_new_tokens=self._max_new_tokens(kwargs),
         )
+        confidence: list[Any] = [None] * len(batch)
+        if constraint is not None:
+            # One label for the whole prompt: every unit gets its confidence.
+            confidence = [conf * item.n_units if len(conf) == 1 and item.n_units > 1 else conf
+                          for item, conf in zip(batch, constraint.confidences(new_tokens))]
         return [
-            Generation(text=text, n_prompt_tokens=item.n_prompt, n_output_tokens=int(n))
-            for item, text, n in zip(batch, texts, n_out)
+            Generation(text=text, n_prompt_tokens=item.n_prompt, n_output_tokens=n, finish_reason=reason,
+                       confidence=conf)
+            for item, text, n, reason, conf in zip(batch, texts, n_out, reasons, confidence)
         ]
 
     def _score_batch(self, batch: list[_Item], plan: _Plan) -> list[Generation]:
+        from cellscribe.core.domain.scoring import calibrate
+
         from ._scoring import ScoreItem, score_items
 
-        matrices = score_items(
+        scored = score_items(
             self.model,
             [ScoreItem(item.ids, item.tl) for item in batch],
             pad_id=self.tokenizer.pad_token_id,
             device=self.device,
-            length_normalize=plan.length_normalize,
             max_batch_tokens=self._token_budget(),
         )
-        return [_scored_generation(item, matrix) for item, matrix in zip(batch, matrices)]
+        neutral = self._neutral_scores([item for item in batch if item.neutral_ids is not None])
+        out = []
+        for item, (sums, counts) in zip(batch, scored):
+            method = plan.calibration if item.tl.layout.n_labels == 1 else "sum"
+            if method == "pmi" and item.neutral_ids is None:
+                method = "sum"
+            scores = calibrate(sums, method, n_tokens=counts,
+                               neutral=neutral.get((item.tl.layout, item.neutral_ids)))
+            out.append(_scored_generation(item, scores))
+        return out
+
+    def _neutral_ids(self, prompt: Prompt, tl: TokenLayout) -> tuple[int, ...]:
+        """The token ids of ``prompt``'s neutral prompt (:func:`~cellscribe.core.domain.scoring.neutral_prompt`),
+        with the layout's scoring prefix, as the prompt's own are scored."""
+        from cellscribe.core.domain.scoring import neutral_prompt
+
+        text = self.render(neutral_prompt(prompt))
+        ids = self._neutral_tokens.get(text)
+        if ids is None:
+            if len(self._neutral_tokens) > 1024:
+                self._neutral_tokens.clear()
+            ids = self._neutral_tokens[text] = tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return ids + tuple(tl.open_ids) + tuple(tl.close_ids)
+
+    def _neutral_scores(self, items: list[_Item]) -> dict[Any, np.ndarray]:
+        """The summed candidate log-likelihoods after each distinct neutral prompt of ``items`` (one row),
+        computed once per model and kept."""
+        from ._scoring import ScoreItem, score_items
+
+        keys = {(item.tl.layout, item.neutral_ids): item.tl for item in items}
+        # The scores depend on the weights: an adapter switched to (use_modality) scores anew.
+        adapter = self._active_adapter
+        todo = [key for key in keys if (adapter, *key) not in self._neutral_cache]
+        if todo:
+            if len(self._neutral_cache) + len(todo) > 1024:
+                self._neutral_cache.clear()
+            scored = score_items(
+                self.model, [ScoreItem(ids, keys[(layout, ids)]) for layout, ids in todo],
+                pad_id=self.tokenizer.pad_token_id, device=self.device, max_batch_tokens=self._token_budget(),
+            )
+            for key, (sums, _) in zip(todo, scored):
+                self._neutral_cache[(adapter, *key)] = sums[0]
+        return {key: self._neutral_cache[(adapter, *key)] for key in keys}
 
     def _free_stage_masks(self) -> tuple[Any, Any]:
         device = str(self.device)
@@ -786,7 +921,7 @@ class TransformersModel:
 
 
 def _scored_generation(item: _Item, matrix: np.ndarray) -> Generation:
-    """The :class:`Generation` of a scored prompt (see the module docstring)."""
+    """The :class:`Generation` of a scored prompt from its calibrated scores (see the module docstring)."""
     tl = item.tl
     layout = tl.layout
     shifted = matrix - matrix.max(axis=1, keepdims=True)

@@ -18,10 +18,19 @@ steps of a reasoning answer are spent, is one vectorised masked update for all i
 runs before the sampling warpers (temperature, top-p), so greedy decoding and sampling both work, and
 it never leaves a row without an allowed token. Beam search reorders rows between steps, which this
 per-row state does not follow: it is refused.
+
+Confidence: at every step of a label walk where the trie allows more than one token, the processor
+keeps the model's log-probabilities of the allowed tokens, renormalised over them (after a repetition
+penalty, before temperature and top-p). The product of those of the tokens chosen is the label's
+probability under the model restricted, step by step, to legal answers: a distribution over the
+candidates (it sums to one over them), equal to the model's probability of the label among the
+candidates when they differ in their first token. :meth:`AnswerConstraint.confidences` reads it per
+label once the tokens are known; a forced label (one candidate left) has confidence 1.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -179,6 +188,9 @@ class AnswerConstraint:
         self.pool = pool
         self.banned = banned
         self._length: int | None = None
+        self._start: int | None = None
+        # Per row: (step, label index, {allowed token: renormalised log-probability}) of its label steps.
+        self._label_steps: list[list[tuple[int, int, dict[int, float]]]] = [[] for _ in self.states]
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
         import torch
@@ -188,6 +200,8 @@ class AnswerConstraint:
             for state, token in zip(self.states, input_ids[:, -1].tolist()):
                 state.advance(token)
         self._length = length
+        if self._start is None:
+            self._start = length
 
         free = [r for r, s in enumerate(self.states) if s.stage == FREE]
         fixed = [r for r, s in enumerate(self.states) if s.stage != FREE]
@@ -197,10 +211,13 @@ class AnswerConstraint:
             allowed = torch.zeros((len(fixed), scores.shape[1]), dtype=torch.bool)
             rows: list[int] = []
             cols: list[int] = []
+            walking: list[tuple[int, int, list[int]]] = []  # (position in fixed, row, tokens) in a label
             for i, r in enumerate(fixed):
                 tokens = self.states[r].allowed()
                 rows += [i] * len(tokens)
                 cols += tokens
+                if self.states[r].stage == LABEL and len(tokens) > 1:
+                    walking.append((i, r, tokens))
             allowed[rows, cols] = True
             allowed = allowed.to(scores.device)
             index = torch.tensor(fixed, device=scores.device)
@@ -211,7 +228,42 @@ class AnswerConstraint:
             dead = torch.isneginf(masked).all(dim=1, keepdim=True)
             masked = torch.where(dead & allowed, torch.zeros_like(masked), masked)
             scores = scores.index_copy(0, index, masked)
+            if walking:
+                self._keep_label_steps(masked, walking, length - self._start)
         return scores
+
+    def _keep_label_steps(self, masked: Any, walking: list[tuple[int, int, list[int]]], step: int) -> None:
+        """Keep the renormalised log-probabilities of the allowed tokens of rows walking a label."""
+        import torch
+
+        at = torch.tensor([i for i, _, _ in walking], device=masked.device)
+        logp = masked.index_select(0, at).float().log_softmax(dim=-1)
+        rows = torch.tensor([k for k, (_, _, tokens) in enumerate(walking) for _ in tokens], device=masked.device)
+        cols = torch.tensor([t for _, _, tokens in walking for t in tokens], device=masked.device)
+        values = iter(logp[rows, cols].tolist())
+        for _, r, tokens in walking:
+            self._label_steps[r].append((step, self.states[r].n_labels_done, {t: next(values) for t in tokens}))
+
+    def confidences(self, new_tokens: Any) -> list[tuple[float, ...]]:
+        """Per row, the probability of each label it gave among the candidates it could give there (see
+        the module docstring), from the tokens it generated (``new_tokens``: rows x steps). An end token
+        chosen to end a label counts with every other end token allowed at that step."""
+        out = []
+        for r, steps in enumerate(self._label_steps):
+            tl = self.states[r].tl
+            eos = set(tl.eos_ids)
+            sums = [0.0] * tl.layout.n_labels
+            for step, label, logps in steps:
+                if step >= new_tokens.shape[1] or label >= len(sums):
+                    continue
+                token = int(new_tokens[r, step])
+                if token in eos:
+                    value = math.log(sum(math.exp(v) for t, v in logps.items() if t in eos) or 1e-300)
+                else:
+                    value = logps.get(token, 0.0)
+                sums[label] += value
+            out.append(tuple(math.exp(v) for v in sums))
+        return out
 
     def _free_rows(self, scores: Any, rows: list[int]) -> None:
         """Free reasoning rows: ban ``banned``, give the closing token the pool's total probability."""

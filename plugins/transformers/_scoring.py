@@ -16,12 +16,17 @@ A one-label answer scores ``label + eos`` (the probability of exactly that answe
 term summed over every end id). A puzzle (``n_labels`` > 1) is scored position by position: round
 ``i`` scores every candidate as the ``i``-th label, after the labels chosen in the earlier rounds (the
 best unused candidate of each round), followed by the separator, or by the tail and eos in the last
-round. That gives an ``n_labels x candidates`` matrix per prompt.
+round. That gives an ``n_labels x candidates`` matrix per prompt, with the number of tokens each entry
+scored; :mod:`cellscribe.core.domain.scoring` turns them into comparable scores.
+
+The KV cache is passed as ``cache=`` (transformers >= 5.2x; ``past_key_values=``, which those versions
+deprecate, before).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -54,20 +59,28 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np
     return ids, mask.astype(np.int64)
 
 
+@functools.cache
+def cache_keyword() -> str:
+    """The name under which this transformers passes and returns the KV cache: ``"cache"`` where
+    ``CausalLMOutputWithPast`` has that field, else ``"past_key_values"``."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
+
+
 def score_items(
     model: Any,
     items: Sequence[ScoreItem],
     *,
     pad_id: int,
     device: Any,
-    length_normalize: bool = False,
     max_batch_tokens: int | None = None,
     max_logit_elements: int = MAX_LOGIT_ELEMENTS,
-) -> list[np.ndarray]:
-    """Score every candidate of every item; one ``n_labels x n_candidates`` float64 matrix per item.
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Score every candidate of every item: per item, two ``n_labels x n_candidates`` matrices.
 
-    Entry ``[i, j]`` is the summed log-probability of candidate ``j`` (with its separator or its
-    ending) as label ``i``, divided by its number of tokens when ``length_normalize``. At most
+    Entry ``[i, j]`` of the first (float64) is the summed log-probability of candidate ``j`` (with its
+    separator or its ending) as label ``i``; of the second (int64) the number of tokens summed. At most
     ``max_batch_tokens`` cached plus candidate tokens are held per candidate pass (``None``: no limit).
     """
     import torch
@@ -81,13 +94,14 @@ def score_items(
     out = model(
         input_ids=heads_t, attention_mask=mask_t, position_ids=positions, use_cache=True, logits_to_keep=1
     )
-    base = out.past_key_values
+    base = getattr(out, cache_keyword())
     del out
     head_lengths = [len(item.ids) - 1 for item in items]
     lasts = [int(item.ids[-1]) for item in items]
 
     n_rounds = [item.tl.layout.n_labels for item in items]
     matrices = [np.full((n, item.tl.n_candidates), -np.inf) for n, item in zip(n_rounds, items)]
+    counts = [np.zeros((n, item.tl.n_candidates), dtype=np.int64) for n, item in zip(n_rounds, items)]
     prefixes: list[list[int]] = [[] for _ in items]
     used = [0] * len(items)
     total_rounds = max(n_rounds)
@@ -117,10 +131,10 @@ def score_items(
             values = _score_rows(
                 model, base if final_use else copy.deepcopy(base), chunk, mask_t, head_lengths,
                 pad_id=pad_id, eos_ids=items[0].tl.eos_ids, device=device,
-                length_normalize=length_normalize,
             )
-            for (b, j, *_), value in zip(chunk, values):
+            for (b, j, _, n_scored, _), value in zip(chunk, values):
                 matrices[b][r, j] = value
+                counts[b][r, j] = n_scored
         for b, item in enumerate(items):
             if r >= n_rounds[b] - 1:
                 continue
@@ -133,7 +147,7 @@ def score_items(
             best = int(np.argmax(np.where(available, matrices[b][r], -np.inf)))
             used[b] |= 1 << best
             prefixes[b] += list(tl.first[best] if r == 0 else tl.later[best])
-    return matrices
+    return list(zip(matrices, counts))
 
 
 def _score_rows(
@@ -146,7 +160,6 @@ def _score_rows(
     pad_id: int,
     eos_ids: Sequence[int],
     device: Any,
-    length_normalize: bool,
 ) -> list[float]:
     """Log-probabilities of the scored tail of each row, read on top of the prompt cache."""
     import torch
@@ -167,8 +180,8 @@ def _score_rows(
         input_ids=ids_t,
         attention_mask=attention,
         position_ids=torch.from_numpy(positions).to(device),
-        past_key_values=cache,
         use_cache=True,
+        **{cache_keyword(): cache},
         logits_to_keep=keep,
     )
     logits = out.logits[:, :-1].float()  # position k predicts token k + 1
@@ -184,7 +197,5 @@ def _score_rows(
         token_lp[:, -1] = torch.where(ends, eos_lp, token_lp[:, -1])
     scored = torch.arange(keep - 1, device=device)[None, :] >= (keep - 1 - n_scored)[:, None]
     total = torch.where(scored, token_lp, torch.zeros_like(token_lp)).sum(dim=1).double()
-    if length_normalize:
-        total = total / n_scored.double()
     return total.tolist()
 
