@@ -67,6 +67,15 @@ class Modality(Protocol):
     #: Options that give values fit for correlation, used by label transfer (``tl.transfer_labels``).
     transfer_options: Mapping[str, Any] = {}
 
+    def embedding(self, adata: AnnData, **options: Any) -> tuple[Any, str] | None:
+        """A low-dimensional embedding of the cells of ``adata`` in which neighbours are similar cells
+        (the standard one of the modality: a PCA of log-normalised expression, an LSI of accessibility),
+        for budgeted runs (``budget=``). Called with ``features`` (the FeatureMatrix :meth:`prepare`
+        made), ``n_components``, ``seed``, ``chunk_size`` and the modality's options. Returns
+        ``(cells x components array, a note saying what it is)``; ``None`` (the default): the run uses
+        a truncated SVD of ``log1p`` of the FeatureMatrix. Never modifies ``adata``."""
+        return None
+
 
 @runtime_checkable
 class SentenceStrategy(Protocol):

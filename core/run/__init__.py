@@ -97,10 +97,17 @@ def annotate(data: Any, spec: RunSpec | None = None, *, host: Host | None = None
     spec = spec if spec is not None else RunSpec.from_kwargs(**params)
     run_id = new_run_id()
     plan = plan_run(data, spec, host=host, build_prompts=False)             # 1-2: data, sentences, plan
-    execution = execute(plan, model_for(plan, host), run_id)                 # 3: the model answers
-    by_unit = decode_all(plan.prompts, execution.generations, host)
-    frame, summary = results_frame(plan, by_unit, plan.spec.output.key_added,  # 4: results
-                                   unit_label_scores(plan.prompts, execution.generations))
+    budgeted = None
+    if plan.budget is not None:  # 3-4 in two rounds, labels spread to the cells not sent (budget.py)
+        from .budget import run_budgeted
+
+        budgeted = run_budgeted(plan, model_for(plan, host), run_id, host)
+        execution, by_unit, frame, summary = budgeted.execution, budgeted.by_unit, budgeted.frame, budgeted.summary
+    else:
+        execution = execute(plan, model_for(plan, host), run_id)             # 3: the model answers
+        by_unit = decode_all(plan.prompts, execution.generations, host)
+        frame, summary = results_frame(plan, by_unit, plan.spec.output.key_added,  # 4: results
+                                       unit_label_scores(plan.prompts, execution.generations))
 
     out = plan.spec.output                                                   # 5: record
     sidecar = sidecar_path(out.sidecar)
@@ -123,6 +130,8 @@ def annotate(data: Any, spec: RunSpec | None = None, *, host: Host | None = None
         entry["clusters"] = clusters_table(summary["clusters"])
     if execution.observability:
         entry["observability"] = h5_safe(dict(execution.observability))
+    if budgeted is not None:
+        entry["budget"] = h5_safe(budgeted.record)
     write_results(data, plan, frame, entry)
     log.info(
         "annotated %d cells: %d ok, %d unresolved (%d prompts, %d failed, %.1f s generation)",

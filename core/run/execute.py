@@ -95,32 +95,42 @@ def batch_prompts(loaded: Any, batch_size: int | None) -> int:
     return max(1, batch_size or 8, loaded.max_concurrency) * CHECKPOINT_BATCHES
 
 
-def execute(plan: RunPlan, model: Model, run_id: str = "") -> Execution:
-    """Build the plan's prompts for ``model`` and generate every answer (see the module docstring).
-
-    With ``spec.output.checkpoint`` the folder is owned by this run while it generates
-    (:class:`~cellscribe.core.run.checkpoint.CheckpointInUse` when another run holds it) and keeps
-    every finished batch; nothing is removed here."""
-    spec = plan.spec
-    loaded = model.loaded
-    loaded.use_modality(spec.data.modality)  # the modality's adapter when the model has one, else the base
-    # Models that weigh genes against knowledge score within what this data set can show.
-    observability = loaded.use_assay(plan.assay)
-    plan.make_prompts(loaded.count_tokens)
-    context = loaded.survey(plan.prompts)  # a model may look at the whole run first (a tissue context)
-    if context:
-        observability = {**dict(observability or {}), "context": context}
-
+def generation_settings(spec: Any, model: Model) -> dict[str, Any]:
+    """The user's generation settings for ``model``, with ``decode`` when it is not plain generation (a
+    ``ValueError`` when the model cannot decode that way)."""
     settings = dict(spec.generation.generation)
     decode = spec.generation.decode
     if decode != "generate":
-        modes = tuple(loaded.decode_modes)
+        modes = tuple(model.loaded.decode_modes)
         if decode not in modes:
             raise ValueError(
                 f"model {model.name!r} ({model.backend} backend) cannot decode={decode!r}; it supports "
                 f"{', '.join(modes)}. Use a local transformers model for constrained decoding and scoring."
             )
         settings["decode"] = decode
+    return settings
+
+
+def execute(plan: RunPlan, model: Model, run_id: str = "", *, survey: Sequence[Prompt] | None = None) -> Execution:
+    """Build the plan's prompts for ``model`` and generate every answer (see the module docstring).
+
+    With ``spec.output.checkpoint`` the folder is owned by this run while it generates
+    (:class:`~cellscribe.core.run.checkpoint.CheckpointInUse` when another run holds it) and keeps
+    every finished batch; nothing is removed here. ``survey``: the prompts the model looks at before
+    answering (``LoadedModel.survey``; default the plan's)."""
+    spec = plan.spec
+    loaded = model.loaded
+    loaded.use_modality(spec.data.modality)  # the modality's adapter when the model has one, else the base
+    # Models that weigh genes against knowledge score within what this data set can show.
+    observability = loaded.use_assay(plan.assay)
+    plan.make_prompts(loaded.count_tokens)
+    # A model may look at the whole run first (a tissue context); a budgeted run's second round passes
+    # the first round's prompts, so that both rounds are answered in one context.
+    context = loaded.survey(plan.prompts if survey is None else survey)
+    if context:
+        observability = {**dict(observability or {}), "context": context}
+
+    settings = generation_settings(spec, model)
 
     from tqdm.auto import tqdm
 
