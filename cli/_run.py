@@ -48,7 +48,11 @@ def annotate_command() -> click.Command:
         click.Option(["--base-url"], default=None,
                      help="Server URL for openai: models (same as --model-option base_url=...)."),
         click.Option(["--limit"], type=int, default=None, help="Annotate only the first N cells."),
-        click.Option(["--dry-run"], is_flag=True, help="Print the plan (cells, prompts, token estimate) and exit."),
+        click.Option(["--dry-run"], is_flag=True, help="Print the plan and its cost (prompts, prompt and new tokens, "
+                     "estimated model time; a local model is timed on a few prompts) and exit."),
+        click.Option(["--rate"], multiple=True, metavar="KEY=VALUE",
+                     help="With --dry-run: the model's speed instead of the measured or assumed one (repeat): "
+                          "prompt_tokens_per_s, new_tokens_per_s, prompts_per_s."),
         _force_option(),
         *plugin_params,
     ]
@@ -74,6 +78,9 @@ def annotate_command() -> click.Command:
         modality_extra = split_plugin_values(kw, plugin_params)
         limit, dry_run, force = kw.pop("limit"), kw.pop("dry_run"), kw.pop("force")
         candidates_file, base_url = kw.pop("candidates_file"), kw.pop("base_url")
+        rates = parse_pairs(kw.pop("rate"), "--rate")
+        if rates and not dry_run:
+            raise click.UsageError("--rate is for --dry-run (the cost estimate); leave it out of a run")
         values = run_values(kw)
         values["candidates"] = read_candidates(values["candidates"], candidates_file)
         if base_url:
@@ -111,7 +118,7 @@ def annotate_command() -> click.Command:
         if dry_run:
             for spec in specs.values():
                 plan = plan_run(data, spec.replace(reference=reference))
-                for key, value in plan.summary().items():
+                for key, value in {**plan.summary(), **plan.estimate(rates=rates)}.items():
                     click.echo(f"{key}: {value}")
                 if plan.prompts:
                     click.echo("first prompt:")

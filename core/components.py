@@ -224,6 +224,16 @@ class Backend(Protocol):
     #: overrides the others for runs of that modality.
     sentence_preferences: Mapping[str, Any] | None = None
 
+    def rates(self, spec: str, **options: Any) -> Mapping[str, Any] | None:
+        """The model's assumed speed for a run's cost estimate (``--dry-run``,
+        :mod:`cellscribe.core.run.estimate`) where timing it on this machine would not tell what the run
+        costs (the model runs on a GPU, or behind a server): ``{"prompt_tokens_per_s", "new_tokens_per_s",
+        "source"}`` (or ``"prompts_per_s"``), ``source`` saying what is assumed. Called with ``device``,
+        ``dtype``, ``batch_size`` and ``model_options``. ``None`` (the default): the estimate loads the
+        model and times it on a few of the run's prompts here. A backend whose calls cost money returns
+        an assumption."""
+        return None
+
 
 @runtime_checkable
 class Decoder(Protocol):

@@ -108,11 +108,13 @@ def test_candidates_file_keeps_commas(runner, rules, pancreas_path, tmp_path):
 
 
 def test_dry_run_prints_plan_without_model(runner, rules, pancreas_path, tmp_path):
+    # with the model's speed given, the plan and its cost come without calling the model
     result = runner.invoke(main, ["annotate", str(pancreas_path), "-o", str(tmp_path / "o.h5ad"),
-                                  "--model", "rules", "--dry-run"])
+                                  "--model", "rules", "--dry-run", "--rate", "prompts_per_s=100"])
     assert result.exit_code == 0, result.output
     assert "cells: 350" in result.output and "prompts: 350" in result.output
     assert "estimated_prompt_tokens" in result.output
+    assert "estimate_model_time: 3.5 s" in result.output and "rate_source: given: prompts_per_s" in result.output
     assert rules.calls == [] and not (tmp_path / "o.h5ad").exists()
 
 

@@ -12,7 +12,7 @@ import copy
 import logging
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -89,6 +89,16 @@ class RunPlan:
             "max_new_tokens_per_prompt": gen.get("max_new_tokens"),
             **(self.budget.summary() if self.budget is not None else {}),
         }
+
+    def estimate(self, *, rates: Mapping[str, Any] | None = None, measure: bool = True,
+                 host: Host | None = None) -> dict[str, Any]:
+        """The run's cost before it runs: prompts, prompt and new tokens, the model's estimated time and
+        where its rates come from (:func:`~cellscribe.core.run.estimate.estimate_run`; ``rates`` override
+        them: ``prompt_tokens_per_s``, ``new_tokens_per_s``, ``prompts_per_s``). A local model is loaded
+        and timed on a few prompts unless ``measure=False``; nothing is written."""
+        from .estimate import estimate_run
+
+        return estimate_run(self, rates=rates, measure=measure, host=host)
 
 
 def resolve(spec: RunSpec, host: Host) -> tuple[RunSpec, Any, dict[str, Any]]:
