@@ -59,6 +59,8 @@ __all__ = [
 
 MODES = ("direct", "reasoning")
 DECODE_MODES = ("generate", "constrained", "score")
+#: What ``obs[f"{key_added}_reasoning"]`` keeps of each answer's reasoning (``reasoning=``).
+REASONING_KEPT = ("short", "full", "none")
 
 
 @attrs.frozen
@@ -535,10 +537,12 @@ class OutputSpec:
     )
     sidecar: str | bool | None = param(
         converter=_sidecar,
-        doc="A file for every prompt and raw model output (JSONL, one record per prompt). ``None``: no file; "
-            "the raw outputs are kept in memory, in ``uns[key_added][\"raw\"]``; ``False``: not kept at all. "
-            "(The command line writes ``OUTPUT.cellscribe.jsonl``.)",
-        flag=Flag(("--sidecar",), "Raw outputs JSONL (default: OUTPUT.cellscribe.jsonl).", type="path"),
+        doc="A file for every prompt and raw model output (JSONL, one record per prompt; gzip-compressed when "
+            "the name ends in ``.gz``). ``None``: no file; the raw outputs are kept in memory, in "
+            "``uns[key_added][\"raw\"]``; ``False``: not kept at all. (The command line writes "
+            "``OUTPUT.cellscribe.jsonl.gz``; ``--sidecar none`` keeps none.)",
+        flag=Flag(("--sidecar",), "Raw outputs JSONL, compressed when it ends in .gz (default: "
+                  "OUTPUT.cellscribe.jsonl.gz; 'none': no sidecar).", type="path"),
     )
     checkpoint: str | None = param(
         converter=_path,
@@ -548,6 +552,15 @@ class OutputSpec:
             "weights or data are never resumed, and one run at a time owns the folder.",
         flag=Flag(("--checkpoint",), "Folder of finished batches (default OUTPUT.cellscribe.ckpt); re-run "
                   "to resume.", type="dir"),
+    )
+    reasoning: str = param(
+        "short", validator=_one_of(REASONING_KEPT),
+        doc="What ``obs[f\"{key_added}_reasoning\"]`` keeps of each answer's reasoning: ``\"short\"`` its "
+            "conclusion (the last line, at most 200 characters; a few bytes per cell where the whole text "
+            "is several hundred), ``\"full\"`` the whole text, ``\"none\"`` no column. The whole text is "
+            "always in the sidecar (or, without a sidecar file, in ``uns[key_added][\"raw\"]``).",
+        flag=Flag(("--reasoning",), "obs reasoning column: short (its conclusion; the whole text is in the "
+                  "sidecar), full, or none.", type="choice", choices=REASONING_KEPT, show_default=True),
     )
     progress: bool = param(
         True, converter=_bool, validator=_is_bool,

@@ -44,7 +44,7 @@ def test_annotate_writes_output_and_never_the_input(runner, rules, pancreas_path
     assert _sha(src) == before
     annotated = ad.read_h5ad(out)
     assert {"cellscribe", "cellscribe_status", "cellscribe_confidence", "cellscribe_reasoning"} <= set(annotated.obs)
-    assert (tmp_path / "out.h5ad.cellscribe.jsonl").exists()
+    assert (tmp_path / "out.h5ad.cellscribe.jsonl.gz").exists()  # compressed by default
     assert "annotated 350 cells" in result.output
     assert not list(tmp_path.glob("*.partial*"))
 
@@ -72,7 +72,7 @@ def test_outputs_follow_the_umask(runner, rules, pancreas_path, tmp_path, umask)
     assert result.exit_code == 0, result.output
     expected = 0o666 & ~umask
     assert out.stat().st_mode & 0o777 == expected
-    assert (tmp_path / "out.h5ad.cellscribe.jsonl").stat().st_mode & 0o777 == expected
+    assert (tmp_path / "out.h5ad.cellscribe.jsonl.gz").stat().st_mode & 0o777 == expected
 
 
 def test_annotate_help_is_clean(runner):

@@ -46,6 +46,7 @@ from .record import (
 from .results import EMPTY_NOTE, results_frame
 from .units import unit_label_scores
 from .sentences import prepare_sentences, sentence_chunks, sentences_frame
+from .stream import STREAM_MIN_CELLS, annotate_backed, is_backed, streaming_obstacle
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,9 @@ __all__ = [
     "measured_mask",
     "sentences_frame",
     "EMPTY_NOTE",
+    "is_backed",
+    "streaming_obstacle",
+    "STREAM_MIN_CELLS",
 ]
 
 
@@ -96,6 +100,8 @@ def annotate(data: Any, spec: RunSpec | None = None, *, host: Host | None = None
     host = host or get_host()
     spec = spec if spec is not None else RunSpec.from_kwargs(**params)
     run_id = new_run_id()
+    if is_backed(data) and streaming_obstacle(spec) is None:  # data on disk: chunk by chunk (core/run/stream.py)
+        return annotate_backed(data, spec, host=host, run_id=run_id)
     plan = plan_run(data, spec, host=host, build_prompts=False)             # 1-2: data, sentences, plan
     budgeted = None
     if plan.budget is not None:  # 3-4 in two rounds, labels spread to the cells not sent (budget.py)

@@ -164,13 +164,17 @@ def decode_all(prompts: Sequence[Prompt], generations: Sequence[Generation], hos
     characters in an answer (a NUL, which h5ad cannot store) are replaced by spaces first, and the
     units' note says so; the generations themselves (the sidecar, the checkpoint) keep the raw text."""
     by_unit: dict[str, Annotation] = {}
+    decoders: dict[str, Any] = {}
     for prompt, generation in zip(prompts, generations, strict=True):
         text, removed = printable(generation.text)
-        if removed or (generation.error and printable(generation.error)[1]):
+        error, removed_error = printable(generation.error) if generation.error else (generation.error, 0)
+        if removed or removed_error:
             # Control characters (a NUL) cannot be stored in h5ad strings; the sidecar keeps the raw text.
-            generation = attrs.evolve(generation, text=text, error=printable(generation.error)[0] or None)
+            generation = attrs.evolve(generation, text=text, error=error or None)
         try:
-            decoder = host.registry.get("decoder", prompt.decoder)
+            decoder = decoders.get(prompt.decoder)
+            if decoder is None:
+                decoder = decoders[prompt.decoder] = host.registry.get("decoder", prompt.decoder)
             annotations = decoder.decode(generation, prompt)
             if len(annotations) != len(prompt.unit_ids):
                 raise RuntimeError(
