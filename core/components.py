@@ -156,6 +156,9 @@ class LoadedModel(Protocol):
     prompts_per_call: int | None = None
     #: Requests a serving backend keeps in flight.
     max_concurrency: int = 1
+    #: Whether forked copies of the loaded model may answer prompts side by side (CPU only, no device,
+    #: thread or connection state): a streamed run then answers its chunks in ``workers`` processes.
+    forkable: bool = False
 
     def count_tokens(self, text: str) -> int | None:
         """Tokens of ``text`` with the model's tokenizer (``None``: it has none)."""

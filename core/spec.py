@@ -2,7 +2,8 @@
 
 A :class:`RunSpec` is a frozen value made of six small parts, one per stage of a run::
 
-    DataSpec        which data and matrix        modality, mod, layer, use_raw, modality_options, chunk_size
+    DataSpec        which data and matrix        modality, mod, layer, use_raw, modality_options, chunk_size,
+                                                 workers
     SentenceSpec    cell sentences               sentence, n_genes, sentence_options
     PromptSpec      prompts and units            prompt, mode, candidates, tissue, reference, reference_key,
                                                  reference_modality, k, groupby, n_representatives, budget,
@@ -278,6 +279,14 @@ class DataSpec:
         10_000, converter=_integer, validator=_positive,
         doc="Cells per chunk when reading the matrix.",
         flag=Flag(("--chunk-size",), "Cells per chunk when reading the matrix.", type="int", show_default=True),
+    )
+    workers: int | None = param(
+        converter=_optional_int, validator=_positive,
+        doc="Processes that answer the chunks of a streamed run side by side, for models that allow it "
+            "(``LoadedModel.forkable``: the ``markers`` model); the results do not depend on it. Default: "
+            "the CPUs this process may use, at most 4; ``1``: one process.",
+        flag=Flag(("--workers",), "Processes answering a streamed run's chunks (markers model; default: the "
+                  "CPUs, at most 4).", type="int"),
     )
 
     def __attrs_post_init__(self) -> None:

@@ -45,10 +45,11 @@ def _markers_args(source: Path, out: Path, *extra: str) -> list[str]:
     return ["annotate", str(source), "-o", str(out), "--model", "markers", "--no-progress", *extra]
 
 
-def test_a_streamed_run_equals_the_in_memory_run_and_never_touches_the_input(tmp_path):
+@pytest.mark.parametrize("workers", ["1", "2"])  # the markers model answers chunks in forked processes
+def test_a_streamed_run_equals_the_in_memory_run_and_never_touches_the_input(tmp_path, workers):
     before = _digest(PANCREAS)
     streamed, in_memory = tmp_path / "streamed.h5ad", tmp_path / "in_memory.h5ad"
-    first = invoke(_markers_args(PANCREAS, streamed, "--stream", "--chunk-size", "100"))
+    first = invoke(_markers_args(PANCREAS, streamed, "--stream", "--chunk-size", "100", "--workers", workers))
     second = invoke(_markers_args(PANCREAS, in_memory, "--no-stream"))
     assert first.exit_code == 0 and second.exit_code == 0, first.output + second.output
     assert _digest(PANCREAS) == before
@@ -57,6 +58,7 @@ def test_a_streamed_run_equals_the_in_memory_run_and_never_touches_the_input(tmp
     assert out.n_obs == 350 and (out.X != ad.read_h5ad(PANCREAS).X).nnz == 0  # the input's data, as it was
     entry = out.uns["cellscribe"]
     assert entry["params"]["streamed"]["n_chunks"] == 4 and entry["summary"]["n_chunks"] == 4
+    assert entry["params"]["streamed"]["workers"] == int(workers)
     assert entry["summary"]["n_ok"] == (out.obs["cellscribe_status"] == "ok").sum()
     records = read_sidecar(tmp_path / "streamed.h5ad.cellscribe.jsonl.gz")
     assert [r["prompt_index"] for r in records] == list(range(350))  # one record per cell, in order
@@ -178,3 +180,17 @@ def test_a_batch_fingerprint_tells_apart_what_json_tells_apart():
         [prompt(tissue="blood"), prompt()],
     ]
     assert len({same, *(fingerprint(v, "m", {}) for v in variants)}) == len(variants) + 1
+
+
+def test_a_mudata_modality_on_disk_streams_and_equals_the_in_memory_run(tmp_path):
+    mudata = pytest.importorskip("mudata")
+    source = Path(__file__).parent / "data" / "multiome" / "pbmc10k_multiome_1000cells_subset.h5mu"
+    streamed, in_memory = tmp_path / "streamed.h5mu", tmp_path / "in_memory.h5mu"
+    first = invoke(_markers_args(source, streamed, "--mod", "rna", "--stream", "--chunk-size", "300"))
+    second = invoke(_markers_args(source, in_memory, "--mod", "rna", "--no-stream"))
+    assert first.exit_code == 0 and second.exit_code == 0, first.output + second.output
+    a, b = mudata.read_h5mu(streamed), mudata.read_h5mu(in_memory)
+    columns = [c for c in b.mod["rna"].obs if c.startswith("cellscribe")]
+    assert columns and all(a.mod["rna"].obs[c].equals(b.mod["rna"].obs[c]) for c in columns)
+    assert "rna:cellscribe" in a.obs and "rna:cellscribe" in a.uns
+    assert a.mod["atac"].shape == b.mod["atac"].shape  # every modality kept

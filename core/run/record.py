@@ -139,13 +139,14 @@ SIDECAR_COMPRESSLEVEL = 1
 
 
 def sidecar_lines(prompts: Sequence[Prompt], generations: Sequence[Generation],
-                  by_unit: Mapping[str, Annotation], start: int = 0) -> str:
+                  by_unit: Mapping[str, Annotation], start: int | None = 0) -> str:
     """The sidecar records of ``prompts`` (numbered from ``start``), one JSON line each: the prompt's
-    units, messages, raw output, token counts and decoded answers."""
+    number, units, messages, raw output, token counts and decoded answers. ``start=None``: the lines
+    without their number, for :func:`numbered_lines` (a streamed run numbers a chunk's records once the
+    chunks before it are counted)."""
     lines = []
-    for i, (p, g) in enumerate(zip(prompts, generations), start):
+    for p, g in zip(prompts, generations):
         record = {
-            "prompt_index": i,
             "unit_ids": list(p.unit_ids),
             "strategy": p.strategy,
             "messages": [dict(m) for m in p.messages],
@@ -156,9 +157,23 @@ def sidecar_lines(prompts: Sequence[Prompt], generations: Sequence[Generation],
             "n_output_tokens": g.n_output_tokens,
             "answers": [_annotation_json(by_unit[u]) for u in p.unit_ids if u in by_unit],
         }
-        lines.append(json.dumps(record, ensure_ascii=False))
+        lines.append(_ENCODE(record))
     lines.append("")
-    return "\n".join(lines) if len(lines) > 1 else ""
+    text = "\n".join(lines) if len(lines) > 1 else ""
+    return text if start is None else numbered_lines(text, start)
+
+
+def numbered_lines(text: str, start: int) -> str:
+    """Sidecar lines made by ``sidecar_lines(..., start=None)`` with ``"prompt_index"`` (from ``start``)
+    put first in each record, as ``json.dumps`` writes it."""
+    if not text:
+        return text
+    lines = text.split("\n")[:-1]  # JSON lines hold no raw newline; the text ends with one
+    return "".join([f'{{"prompt_index": {i}, {line[1:]}\n' for i, line in enumerate(lines, start)])
+
+
+#: One encoder for every sidecar record (``json.dumps(..., ensure_ascii=False)`` makes a new one per call).
+_ENCODE = json.JSONEncoder(ensure_ascii=False).encode
 
 
 def _annotation_json(a: Annotation) -> dict[str, Any]:

@@ -34,6 +34,7 @@ What needs the whole data is handled so:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import hashlib
@@ -60,6 +61,7 @@ from .record import (
     encode_sidecar,
     h5_safe,
     is_compressed,
+    numbered_lines,
     run_params,
     sidecar_lines,
     sidecar_path,
@@ -203,7 +205,7 @@ def _sample(adata: Any) -> tuple[Any, np.ndarray]:
 def _run_key(identity: str, settings: Mapping[str, Any], plan: RunPlan, context: Any) -> str:
     """What every chunk of this run shares: the model's identity, the settings, the run's parameters,
     what the plan learned (sentence state) and the model's context."""
-    params = {k: v for k, v in plan.spec.to_params().items() if k not in ("checkpoint", "sidecar", "progress")}
+    params = {k: v for k, v in plan.spec.to_params().items() if k not in ("checkpoint", "sidecar", "progress", "workers")}
     payload = [identity, dict(settings), params, plan.found.get("sentence_state"), context]
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -315,6 +317,110 @@ class _Sidecar:
             self._direct.close()
 
 
+@attrs.frozen(eq=False)
+class _ChunkWork:
+    """What answering a chunk needs (inherited by forked workers)."""
+
+    plan: RunPlan
+    loaded: Any
+    host: Host
+    settings: Mapping[str, Any]
+    digest: str
+    per_batch: int
+    checkpoint: Checkpoint | None
+    tissues: Any
+    cell_obs: pd.DataFrame
+    key_added: str
+    chunk_size: int
+
+
+@attrs.frozen(eq=False)
+class _ChunkDone:
+    """A chunk answered: its result columns (:func:`_chunk_record`), counts and sidecar lines (numbered
+    from 0)."""
+
+    record: dict[str, Any]
+    n_prompts: int
+    n_empty: int
+    n_failed_prompts: int
+    n_failed_units: int
+    resumed: int
+    first_error: str
+    stopped: str | None
+    seconds: float
+    sidecar: str
+
+
+def _answer_chunk(work: _ChunkWork, c: int, chunk: Any, stopped: str | None) -> _ChunkDone:
+    """Prompt, answer (in checkpointed batches), decode and tabulate chunk ``c`` of the cell sentences."""
+    plan = work.plan
+    start = c * work.chunk_size
+    stop = start + len(chunk)
+    units = np.flatnonzero(~chunk.empty())
+    chunk_plan = attrs.evolve(
+        plan, sentences=chunk, unit_rows=units, prompts=[],
+        tissues=attrs.evolve(work.tissues, names=work.tissues.names[start:stop]),
+        prompt_args={**plan.prompt_args, "obs": work.cell_obs.iloc[start:stop].iloc[units]},
+        rows=np.arange(start, stop, dtype=np.int64),
+    )
+    prompts = chunk_plan.make_prompts(work.loaded.count_tokens)
+    began = time.perf_counter()
+    outcome = run_batches(work.loaded, prompts, settings=work.settings, model=work.digest,
+                          batch_prompts=work.per_batch, checkpoint=work.checkpoint, part=f"c{c:06d}-",
+                          seed_offset=c << 20, stopped=stopped)
+    seconds = time.perf_counter() - began
+    by_unit = decode_all(prompts, outcome.generations, work.host)
+    frame, chunk_summary = results_frame(chunk_plan, by_unit, work.key_added,
+                                         unit_label_scores(prompts, outcome.generations))
+    failed = [(p, g) for p, g in zip(prompts, outcome.generations) if g.error]
+    return _ChunkDone(
+        record=_chunk_record(frame, work.key_added), n_prompts=len(prompts), n_empty=chunk_summary["n_empty"],
+        n_failed_prompts=len(failed), n_failed_units=sum(len(p.unit_ids) for p, _ in failed),
+        resumed=outcome.resumed, first_error=next((g.error for _, g in failed), ""), stopped=outcome.stopped,
+        seconds=seconds, sidecar=sidecar_lines(prompts, outcome.generations, by_unit, None),
+    )
+
+
+#: The state forked workers answer chunks with (set in the parent just before the fork).
+_WORK: _ChunkWork | None = None
+
+
+def _answer_in_worker(c: int, chunk: Any, stopped: str | None) -> _ChunkDone:
+    return _answer_chunk(_WORK, c, chunk, stopped)
+
+
+@contextlib.contextmanager
+def _fork_pool(workers: int, work: _ChunkWork):
+    """``workers`` forked processes that share ``work`` (copy-on-write), closed on exit."""
+    import multiprocessing
+
+    global _WORK
+    _WORK = work
+    try:
+        pool = multiprocessing.get_context("fork").Pool(workers)
+    finally:
+        _WORK = None
+    try:
+        yield pool
+        pool.close()
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+def _workers(asked: int | None, loaded: Any, n_chunks: int) -> int:
+    """Processes answering chunks: 1 unless the model is ``forkable``, the platform forks and there are
+    several chunks; then ``asked``, else the CPUs this process may use, at most 4."""
+    import multiprocessing
+
+    if not loaded.forkable or n_chunks < 2 or "fork" not in multiprocessing.get_all_start_methods():
+        return 1
+    if asked is not None:
+        return min(asked, n_chunks)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cpus, 4, n_chunks))
+
+
 def annotate_streamed(data: Any, spec: RunSpec, *, host: Host, run_id: str,
                       sidecar: Path | None) -> StreamedRun:
     """Annotate backed ``data`` chunk by chunk as ``spec`` says (see the module docstring); write the
@@ -383,64 +489,74 @@ def annotate_streamed(data: Any, spec: RunSpec, *, host: Host, run_id: str,
     first_error = ""
     stopped: str | None = None
     seconds = 0.0
+    n_chunks = -(-n // chunk_size)
+    workers = _workers(d.workers, loaded, n_chunks)
+    plan.found["streamed"]["workers"] = workers
     with contextlib.ExitStack() as stack:
         checkpoint = None
         if plan.spec.output.checkpoint is not None:
             checkpoint = stack.enter_context(Checkpoint.open(plan.spec.output.checkpoint, identity, run=run_id))
         writer = _Sidecar(sidecar, checkpoint)
         stack.callback(writer.close)
+        work = _ChunkWork(plan, loaded, host, settings, digest, per_batch, checkpoint, tissues, cell_obs, key_added,
+                          chunk_size)
+        pool = None
+        if workers > 1:
+            pool = stack.enter_context(_fork_pool(workers, work))
         bar = stack.enter_context(tqdm(total=n, desc="cellscribe", unit="cell",
                                        disable=None if plan.spec.output.progress else True))
         chunks = sentence_chunks(features, plan.spec.sentences, state=plan.found["sentence_state"], host=host,
                                  chunk_size=chunk_size)
+        # Chunks in file order; with a pool, up to two per worker are answered while their results are
+        # taken in order (a resumed chunk waits its turn).
+        pending: collections.deque = collections.deque()
+
+        def take() -> None:
+            nonlocal first_error, stopped, seconds
+            c, size, chunk_file, key, item = pending.popleft()
+            if isinstance(item, dict):  # a finished chunk read back from the checkpoint
+                columns.add(item["columns"])
+                counts["n_prompts"] += item["n_prompts"]
+                counts["n_empty"] += item["n_empty"]
+                counts["resumed_chunks"] += 1
+                bar.update(size)
+                return
+            done: _ChunkDone = item.get() if pool is not None else item
+            columns.add(done.record)
+            offset = counts["n_prompts"]
+            counts["n_prompts"] += done.n_prompts
+            counts["n_empty"] += done.n_empty
+            counts["n_failed_prompts"] += done.n_failed_prompts
+            counts["n_failed_units"] += done.n_failed_units
+            counts["resumed_batches"] += done.resumed
+            first_error = first_error or done.first_error
+            stopped = stopped or done.stopped
+            seconds += done.seconds
+            finished = None
+            if chunk_file is not None and not done.n_failed_prompts:
+                payload = {"key": key, "n_prompts": done.n_prompts, "n_empty": done.n_empty, "columns": done.record}
+                finished = functools.partial(_finish_chunk, chunk_file, payload, checkpoint.batches(f"c{c:06d}-"))
+            # The chunk is saved as finished only once its sidecar part is on disk (then its batches go).
+            writer.write(c, numbered_lines(done.sidecar, offset), after=finished)
+            bar.update(size)
+
         for c, chunk in enumerate(chunks):
             start = c * chunk_size
-            stop = start + len(chunk)
-            chunk_tissues = tissues.names[start:stop]
+            chunk_tissues = tissues.names[start : start + len(chunk)]
             key = _chunk_key(run_key, chunk, chunk_tissues)
             chunk_file = checkpoint.path / f"chunk-{c:06d}.json" if checkpoint is not None else None
             saved = _load_chunk(chunk_file, key) if chunk_file is not None else None
             if saved is not None and (sidecar is None or writer.has(c)):
-                columns.add(saved["columns"])
-                counts["n_prompts"] += saved["n_prompts"]
-                counts["n_empty"] += saved["n_empty"]
-                counts["resumed_chunks"] += 1
-                bar.update(len(chunk))
-                continue
-            chunk_plan = attrs.evolve(
-                plan, sentences=chunk, unit_rows=np.flatnonzero(~chunk.empty()), prompts=[],
-                tissues=attrs.evolve(tissues, names=chunk_tissues),
-                prompt_args={**plan.prompt_args, "obs": cell_obs.iloc[start:stop].iloc[np.flatnonzero(~chunk.empty())]},
-                rows=np.arange(start, stop, dtype=np.int64),
-            )
-            prompts = chunk_plan.make_prompts(loaded.count_tokens)
-            began = time.perf_counter()
-            outcome = run_batches(loaded, prompts, settings=settings, model=digest, batch_prompts=per_batch,
-                                  checkpoint=checkpoint, part=f"c{c:06d}-", seed_offset=c << 20, stopped=stopped)
-            seconds += time.perf_counter() - began
-            stopped = outcome.stopped
-            by_unit = decode_all(prompts, outcome.generations, host)
-            frame, chunk_summary = results_frame(chunk_plan, by_unit, key_added,
-                                                 unit_label_scores(prompts, outcome.generations))
-            record = _chunk_record(frame, key_added)
-            columns.add(record)
-            failed = [(p, g) for p, g in zip(prompts, outcome.generations) if g.error]
-            counts["n_prompts"] += len(prompts)
-            counts["n_empty"] += chunk_summary["n_empty"]
-            counts["n_failed_prompts"] += len(failed)
-            counts["n_failed_units"] += sum(len(p.unit_ids) for p, _ in failed)
-            counts["resumed_batches"] += outcome.resumed
-            first_error = first_error or next((g.error for _, g in failed), "")
-            finished = None
-            if chunk_file is not None and not failed:
-                payload = {"key": key, "n_prompts": len(prompts), "n_empty": chunk_summary["n_empty"],
-                           "columns": record}
-                finished = functools.partial(_finish_chunk, chunk_file, payload, checkpoint.batches(f"c{c:06d}-"))
-            # The chunk is saved as finished only once its sidecar part is on disk (then its batches go).
-            writer.write(c, sidecar_lines(prompts, outcome.generations, by_unit, counts["n_prompts"] - len(prompts)),
-                         after=finished)
-            bar.update(len(chunk))
-        n_chunks = -(-n // chunk_size)
+                item: Any = saved
+            elif pool is not None:
+                item = pool.apply_async(_answer_in_worker, (c, chunk, stopped))
+            else:
+                item = _answer_chunk(work, c, chunk, stopped)
+            pending.append((c, len(chunk), chunk_file, key, item))
+            while len(pending) > (2 * workers if pool is not None else 0):
+                take()
+        while pending:
+            take()
         writer.finish(n_chunks)
 
     frame = columns.frame(key_added, index)
