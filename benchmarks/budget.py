@@ -1,7 +1,7 @@
 """Quality against budget: budgeted annotation (``budget=``) against the full run, offline ``markers`` model.
 
     python benchmarks/budget.py [--budgets 0.02 0.05 0.1 0.25 1.0] [--method medoids|random] [--seeds 0]
-                                [--data pbmc pancreas] [--groupby COLUMN]
+                                [--data pbmc pancreas] [--groupby COLUMN] [--cells N]
 
 Data: scanpy's bundled ``pbmc68k_reduced`` (700 PBMCs, truth ``obs["bulk_labels"]``; its ``.X`` is scaled,
 so the run reads the log-normalised ``.raw`` as every run does) and the pancreas cells in ``tests/data``
@@ -11,7 +11,10 @@ one full run (every cell sent), then one run per budget. Printed per run: the gr
 partial), its difference from the full run, the share of cells whose label equals the full run's, the
 cells the model was called on (first round + re-queries, and as a share of the cells) and seconds.
 Seeds (``--seeds 0 1 2``) give the spread of a method's choice; the budget's defaults are used
-otherwise. Timings are wall clock on a shared machine: noisy.
+otherwise. ``--cells N`` (scale): ``pancreas`` becomes N cells drawn from the 350 with replacement, each
+binomially thinned (every count kept with probability 0.5, seeded), so no two cells are equal; its
+seconds show what choosing and spreading cost at that size. Timings are wall clock on a shared machine:
+noisy.
 """
 
 from __future__ import annotations
@@ -25,13 +28,25 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load(name: str):
+def load(name: str, cells: int | None = None):
     import anndata as ad
+    import numpy as np
     import scanpy as sc
+    import scipy.sparse as sp
 
     if name == "pbmc":
         return sc.datasets.pbmc68k_reduced(), "bulk_labels"
-    return ad.read_h5ad(ROOT / "tests" / "data" / "pancreas_baron_human_mouse_350.h5ad"), "Group"
+    adata = ad.read_h5ad(ROOT / "tests" / "data" / "pancreas_baron_human_mouse_350.h5ad")
+    if cells is None:
+        return adata, "Group"
+    rng = np.random.default_rng(0)
+    rows = rng.integers(0, adata.n_obs, cells)
+    X = sp.csr_matrix(adata.X)[rows]
+    X.data = rng.binomial(X.data.astype(np.int64), 0.5).astype(np.float32)
+    X.eliminate_zeros()
+    obs = adata.obs.iloc[rows].reset_index(drop=True)
+    obs.index = [f"cell{i}" for i in range(cells)]
+    return ad.AnnData(X, obs=obs[["Batch", "Group"]], var=adata.var), "Group"
 
 
 def graded(adata, truth: str) -> float:
@@ -61,11 +76,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--requery", type=float, default=None, help="budget option requery (default 1.0)")
     parser.add_argument("--groupby", default=None, help="an obs column: one call per group")
+    parser.add_argument("--cells", type=int, default=None, help="pancreas as this many thinned cells (scale)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
 
     for name in args.data:
-        adata, truth = load(name)
+        adata, truth = load(name, args.cells)
         extra = {"groupby": args.groupby} if args.groupby else {}
         full, seconds = run(adata, **extra)
         reference = graded(full, truth)

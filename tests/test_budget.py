@@ -279,3 +279,82 @@ def test_atac_cells_are_chosen_on_the_modality_lsi(data_dir):
     assert record["embedding"].startswith("LSI of X")
     assert record["n_sent"] <= 0.1 * adata.n_obs
     assert adata.obs["cellscribe_status"].eq("ok").mean() > 0.9
+
+
+def test_two_modalities_are_chosen_on_both_embeddings(data_dir):
+    import mudata
+
+    mudata.set_options(pull_on_update=False)
+    path = data_dir / "multiome" / "pbmc10k_multiome_1000cells_subset.h5mu"
+    mdata = mudata.read_h5mu(path)
+    _quiet_annotate(mdata, modality="rna+atac", budget=0.1, sidecar=False)
+    record = mdata.uns["cellscribe"]["budget"]
+    assert record["embedding"].startswith("RNA: PCA") and "ATAC: LSI" in record["embedding"]
+    assert record["n_first_round"] == int(0.1 * record["n_cells"]) and record["n_sent"] <= 0.2 * mdata.n_obs
+    source = mdata.obs["cellscribe_source"].astype(str)
+    assert (source == "model").sum() == record["n_sent"]
+    assert mdata.obs["cellscribe_status"].eq("ok").mean() > 0.95
+    before = mudata.read_h5mu(path)
+    for key in ("rna", "atac"):  # the modalities themselves are not touched
+        assert np.array_equal(before.mod[key].X.toarray(), mdata.mod[key].X.toarray())
+
+
+def test_a_transformers_model_answers_only_the_chosen_cells(pancreas, tmp_path):
+    pytest.importorskip("transformers")
+    from _tiny_models import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "tiny", seed=0)
+    adata = pancreas[::5].copy()  # 70 cells
+    _quiet_annotate(adata, model=str(model), budget=0.1, generation={"max_new_tokens": 4}, device="cpu", n_genes=30)
+    record = adata.uns["cellscribe"]["budget"]
+    raw = adata.uns["cellscribe"]["raw"]
+    source = adata.obs["cellscribe_source"].astype(str)
+    assert record["n_first_round"] == 7 and record["n_sent"] <= 14
+    assert sorted(raw["unit_ids"]) == sorted(adata.obs_names[source == "model"])
+    # a random tiny model answers nonsense: unresolved answers are not spread, and nothing is invented
+    labels = adata.obs["cellscribe"].dropna().astype(str)
+    answered = adata.obs.loc[source == "model", "cellscribe"].dropna().astype(str)
+    assert set(labels) <= set(answered)
+
+
+def test_the_iterative_solver_of_large_data_gives_the_direct_solution(monkeypatch):
+    import cellscribe.core.run.budget as budget
+
+    rng = np.random.default_rng(3)
+    W = sp.random(300, 300, density=0.03, random_state=4, format="csr")
+    W = sp.csr_matrix(W + W.T + sp.diags(np.ones(299), 1) + sp.diags(np.ones(299), -1))
+    answered = np.sort(rng.choice(300, 20, replace=False))
+    labels = rng.choice(np.array(["a", "b", "c"], dtype=object), 20)
+    conf = rng.uniform(0.3, 1.0, 20)
+    direct = spread(W, answered, labels, conf)
+    monkeypatch.setattr(budget, "DIRECT_SOLVE_MAX", 0)
+    iterative = spread(W, answered, labels, conf)
+    assert direct.labels.tolist() == iterative.labels.tolist()
+    assert np.allclose(direct.agreement, iterative.agreement, atol=1e-6)
+    assert np.allclose(direct.confidence, iterative.confidence, atol=1e-6)
+
+
+def test_many_medoids_are_chosen_in_two_levels(monkeypatch):
+    import cellscribe.core.run.budget as budget
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(2000, 10)).astype(np.float32)
+    rows = np.arange(2000)
+    flat = budget._medoids(X, rows, 60, 0)
+    monkeypatch.setattr(budget, "FLAT_KMEANS_MAX", 10)
+    levels = budget._medoids(X, rows, 60, 0)
+    for chosen in (flat, levels):
+        assert len(chosen) == len(np.unique(chosen)) == 60 and np.isin(chosen, rows).all()
+
+
+@pytest.mark.slow  # pynndescent's numba compilation: about a minute
+def test_the_approximate_graph_of_large_data_is_a_symmetric_knn_graph(monkeypatch):
+    import cellscribe.core.run.budget as budget
+
+    X = np.random.default_rng(0).normal(size=(600, 8)).astype(np.float32)
+    exact = budget.knn_graph(X, 10, 0)
+    monkeypatch.setattr(budget, "EXACT_KNN_MAX", 0)
+    approximate = budget.knn_graph(X, 10, 0)
+    assert isinstance(approximate, sp.csr_matrix) and abs(approximate - approximate.T).max() < 1e-9
+    same = (exact.multiply(approximate) > 0).sum() / (exact > 0).sum()
+    assert same > 0.9  # nearly the same neighbours

@@ -116,7 +116,7 @@ def tiny(tmp_path_factory):
 
 
 def test_a_transformers_model_is_timed_here_and_its_tokenizer_counts(tiny, pancreas):
-    plan = _plan(pancreas[:40].copy(), model=str(tiny), generation={"max_new_tokens": 32}, device="cpu")
+    plan = _plan(pancreas[:40].copy(), model=str(tiny), generation={"max_new_tokens": 32}, device="cpu", n_genes=30)
     est = plan.estimate()
     assert est["rate_source"].startswith(f"measured on this machine: {MEASURE_PROMPTS} of the run's prompts")
     assert f"{MEASURE_NEW_TOKENS} more new tokens" in est["rate_source"] or "more new tokens" in est["rate_source"]
