@@ -312,9 +312,11 @@ class _Sidecar:
         os.replace(tmp, self.path)
 
     def close(self) -> None:
+        """Wait for the writes; a run that stopped before :meth:`finish` leaves no partial file."""
         self._pool.shutdown(wait=True)
         if self._direct is not None and not self._direct.closed:
             self._direct.close()
+            Path(self._direct.name).unlink(missing_ok=True)
 
 
 @attrs.frozen(eq=False)
