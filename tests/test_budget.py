@@ -358,3 +358,12 @@ def test_the_approximate_graph_of_large_data_is_a_symmetric_knn_graph(monkeypatc
     assert isinstance(approximate, sp.csr_matrix) and abs(approximate - approximate.T).max() < 1e-9
     same = (exact.multiply(approximate) > 0).sum() / (exact > 0).sum()
     assert same > 0.9  # nearly the same neighbours
+
+
+def test_more_groups_than_the_budget_still_sends_at_most_twice_the_budget(pbmc):
+    adata = pbmc.copy()
+    adata.obs["many"] = pd.Categorical((np.arange(adata.n_obs) % 50).astype(str))
+    with pytest.warns(UserWarning, match="one cell per group is sent, and fewer re-queried"):
+        cs.tl.annotate(adata, budget=0.05, groupby="many", progress=False)
+    record = adata.uns["cellscribe"]["budget"]
+    assert record["n_first_round"] == 50 and record["n_sent"] <= 70 == 2 * int(0.05 * adata.n_obs)

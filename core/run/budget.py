@@ -9,18 +9,20 @@ A run with a budget goes through the same steps as any run, with three additions
    uniform sample (``"random"``). With ``groupby`` the budget is shared among the groups in proportion
    to their size, at least one cell each, and chosen within each group.
 2. **Spread** (after step 3, :func:`spread`): the answers go to every cell over the kNN graph of the
-   embedding (``scanpy.pp.neighbors``, adaptive Gaussian kernel): label propagation with the answered cells clamped
-   (the harmonic solution of Zhu, Ghahramani and Lafferty 2003, solved with scipy's sparse LU, or
-   conjugate gradients on very large data), so a cell's weight on a label is the probability that a random walk from it over the
-   graph reaches a cell answered with that label first. The *agreement* of a cell is the share of that
-   weight its label carries; its confidence is the agreement times the mean confidence of the answers
-   that carry the label (each weighted by its walk probability). Answers pull in proportion to the
-   model's confidence in them. sklearn's ``LabelPropagation`` takes neither a graph nor weighted answers.
+   embedding (``scanpy.pp.neighbors``, adaptive Gaussian kernel): label propagation with the answered
+   cells clamped (the harmonic solution of Zhu, Ghahramani and Lafferty 2003, solved with scipy's sparse
+   LU, or conjugate gradients on very large data), so a cell's weight on a label is the probability that
+   a random walk from it over the graph reaches a cell answered with that label first. The *agreement*
+   of a cell is the share of that weight its label carries; its confidence is the agreement times the
+   mean confidence of the answers that carry the label (each weighted by its walk probability). Answers
+   pull in proportion to the model's confidence in them. sklearn's ``LabelPropagation`` takes neither a
+   graph nor weighted answers.
 3. **Re-query** (one bounded second round): the cells whose label has an agreement below
    ``min_agreement`` (where the spread labels disagree, or no answer reaches) are sent too: at most
-   ``requery`` x the first round's cells, chosen among them as in step 1. Then the labels are spread again
-   from every answer. With ``groupby``: the groups whose representatives disagree get more
-   representatives. So ``budget=0.05`` sends at most 10% of the cells in all.
+   ``requery`` x the budget's cells (fewer when ``groupby`` forced more into the first round), chosen
+   among them as in step 1. Then the labels are spread again from every answer. With ``groupby``: the
+   groups whose representatives disagree get more representatives. So ``budget=0.05`` sends at most
+   10% of the cells in all.
 
 Written: ``obs[f"{key}_source"]`` (``"model"``: the cell was sent to the model; ``"propagated"``: its
 label was spread to it), the note of each propagated cell says so, ``uns[key]["budget"]`` records what
@@ -116,7 +118,8 @@ class Budget:
     chosen per round (rows of the run's sentences).
 
     ``pool``: rows that can be sent (cells with a sentence); ``graph``: the kNN graph (symmetric
-    connectivities) over ``pool`` (indices are positions in ``pool``); ``groups``: the group of each row with ``groupby``.
+    connectivities) over ``pool`` (indices are positions in ``pool``); ``groups``: the group of each row
+    with ``groupby``.
     """
 
     asked: int | float
@@ -171,6 +174,7 @@ def plan_budget(prepared: Any, sentences: Any, spec: Any, cell_obs: pd.DataFrame
     options = check_budget_options(p.budget_options)
     pool = np.flatnonzero(~sentences.empty()).astype(np.int64)
     n_first = _counts(p.budget, len(pool)) if len(pool) else 0
+    asked = n_first
     codes, names = None, []
     notes: list[str] = []
     if groups is not None:
@@ -179,13 +183,15 @@ def plan_budget(prepared: Any, sentences: Any, spec: Any, cell_obs: pd.DataFrame
         n_groups = len(np.unique(codes[pool]))
         if n_first < n_groups:
             note = (f"budget={p.budget!r} allows {n_first} cells but there are {n_groups} groups with expressed "
-                    f"genes: one cell per group is sent")
+                    f"genes: one cell per group is sent, and fewer re-queried")
             warnings.warn(note, UserWarning, stacklevel=4)
             notes.append(note)
             n_first = n_groups
     everything = n_first >= len(pool)
-    n_second_max = 0 if everything else min(int(math.floor(options["requery"] * n_first + 1e-9)),
-                                            len(pool) - n_first)
+    # Re-queries at most ``requery`` x the cells the budget asked for, counting any cell the groups forced
+    # into the first round: the run never sends more than (1 + requery) x budget in all.
+    in_all = int(math.floor((1 + options["requery"]) * asked + 1e-9))
+    n_second_max = 0 if everything else max(0, min(in_all - n_first, len(pool) - n_first))
     graph = None
     if everything:  # nothing to choose or spread: no embedding
         embedding, source = np.zeros((len(sentences), 0), dtype=np.float32), "none (every cell is sent)"
@@ -433,8 +439,9 @@ def spread(graph: sp.spmatrix, answered: np.ndarray, labels: np.ndarray, confide
     with that label, times that answer's weight. The system is symmetric positive definite on the cells
     connected to an answer: solved by a sparse LU factorisation (``scipy.sparse.linalg.splu``) for every
     label at once, above :data:`DIRECT_SOLVE_MAX` cells by conjugate gradients per label
-    (``scipy.sparse.linalg.cg``, Jacobi-preconditioned). Cells in a connected component (``scipy.sparse.csgraph``) without
-    any answer are not reached. See the module docstring for the agreement and the confidence."""
+    (``scipy.sparse.linalg.cg``, Jacobi-preconditioned). Cells in a connected component
+    (``scipy.sparse.csgraph``) without any answer are not reached. See the module docstring for the
+    agreement and the confidence."""
     from scipy.sparse.csgraph import connected_components
 
     graph = sp.csr_matrix(graph, dtype=np.float64)
