@@ -152,7 +152,7 @@ peak = [0]
 def sample():
     while proc.poll() is None:
         peak[0] = max(peak[0], sum(pss(p) for p in tree(proc.pid)))
-        time.sleep(0.5)
+        time.sleep(1.0)
 threading.Thread(target=sample, daemon=True).start()
 err = proc.stderr.read()
 proc.wait()
@@ -219,7 +219,7 @@ def report(name: str, n_cells: int, r: dict, input_path: Path, out: Path) -> Non
     added = (out.stat().st_size - input_path.stat().st_size) / n_cells if out.exists() else float("nan")
     print(f"{name}: exit {r['code']}, {r['wall']:.1f} s wall, {r['cpu']:.1f} s CPU -> {n_cells / r['wall']:,.0f} "
           f"cells/s (wall), {n_cells / r['cpu']:,.0f} cells per CPU-second; peak memory {r['tree_pss'] / 2**20:,.0f} MiB "
-          f"(PSS of the process and its workers, sampled every 0.5 s; largest one process's RSS "
+          f"(PSS of the process and its workers, sampled every second; largest one process's RSS "
           f"{r['maxrss'] / 2**20:,.0f} MiB)",
           flush=True)
     if out.exists():
@@ -264,6 +264,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="also kill a run when this share of its chunks is done, resume it, compare")
     parser.add_argument("--chunk-size", type=int, default=10_000)
     parser.add_argument("--tag", default="run", help="name of the output files")
+    parser.add_argument("--reuse", action="store_true",
+                        help="with --kill-at: compare with the OUTPUT of an earlier uninterrupted run of the same tag")
     parser.add_argument("args", nargs="*", help="extra arguments for cellscribe annotate (after --)")
     args = parser.parse_args(argv)
 
@@ -274,10 +276,11 @@ def main(argv: list[str] | None = None) -> None:
     extra = ["--chunk-size", str(args.chunk_size), *args.args]
 
     out = args.workdir / f"{args.tag}_{args.source}_{args.cells}.h5ad"
-    r = run_measured(annotate_command(input_path, out, extra), args.pythonpath)
-    report("annotate", args.cells, r, input_path, out)
-    if r["code"]:
-        raise SystemExit(1)
+    if not (args.reuse and out.exists()):
+        r = run_measured(annotate_command(input_path, out, extra), args.pythonpath)
+        report("annotate", args.cells, r, input_path, out)
+        if r["code"]:
+            raise SystemExit(1)
     adata, columns, backed = read_output(out, args.cells)
     how = '(backed="r")' if backed else ""
     print(f"  anndata.read_h5ad{how}: {adata.n_obs:,} cells, columns {columns}; "

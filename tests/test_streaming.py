@@ -194,3 +194,18 @@ def test_a_mudata_modality_on_disk_streams_and_equals_the_in_memory_run(tmp_path
     assert columns and all(a.mod["rna"].obs[c].equals(b.mod["rna"].obs[c]) for c in columns)
     assert "rna:cellscribe" in a.obs and "rna:cellscribe" in a.uns
     assert a.mod["atac"].shape == b.mod["atac"].shape  # every modality kept
+
+
+def test_a_markers_run_on_a_kept_checkpoint_resumes_every_chunk_in_a_new_process(tmp_path, cells40):
+    """The markers model sets a sentence preference that is a function: the chunks' key must not hold
+    its memory address, or a new process never resumes a chunk."""
+    folder = tmp_path / "kept"
+    args = ("--stream", "--chunk-size", "10", "--checkpoint", str(folder), "--workers", "1")
+    first = cli_process(_markers_args(cells40, tmp_path / "a.h5ad", *args))
+    second_args = _markers_args(cells40, tmp_path / "b.h5ad", *args)
+    assert first.wait(timeout=300) == 0, first.stdout.read()
+    assert len(list(folder.glob("chunk-*.json"))) == 4  # a named folder is kept
+    second = cli_process(second_args)
+    assert second.wait(timeout=300) == 0, second.stdout.read()
+    assert ad.read_h5ad(tmp_path / "b.h5ad").uns["cellscribe"]["summary"]["resumed_chunks"] == 4
+    pd.testing.assert_frame_equal(result_columns(tmp_path / "a.h5ad"), result_columns(tmp_path / "b.h5ad"))

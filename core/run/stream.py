@@ -41,6 +41,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -207,7 +208,22 @@ def _run_key(identity: str, settings: Mapping[str, Any], plan: RunPlan, context:
     what the plan learned (sentence state) and the model's context."""
     params = {k: v for k, v in plan.spec.to_params().items() if k not in ("checkpoint", "sidecar", "progress", "workers")}
     payload = [identity, dict(settings), params, plan.found.get("sentence_state"), context]
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+    # The recorded parameters name a function by its repr (a model's sentence preference): without
+    # its memory address, which differs from process to process.
+    text = _ADDRESS.sub("", json.dumps(payload, sort_keys=True, default=_stable))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def _stable(value: Any) -> str:
+    """A value JSON cannot hold, as text that is the same in every process: a function or class by its
+    qualified name (a model's sentence preference may be one), anything else by ``str`` without memory
+    addresses."""
+    if callable(value) and hasattr(value, "__qualname__"):
+        return f"{getattr(value, '__module__', '')}.{value.__qualname__}"
+    return _ADDRESS.sub("", str(value))
 
 
 def _chunk_key(run_key: str, chunk: Any, tissues: np.ndarray) -> str:
