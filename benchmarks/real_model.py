@@ -155,7 +155,9 @@ def measure(record: dict, candidates: list[str]) -> dict:
     obs = adata.obs
     params = adata.uns["cellscribe"]["params"]
     cap = {**params.get("generation_defaults", {}), **params.get("generation", {})}.get("max_new_tokens")
-    sidecar = [json.loads(line) for line in Path(str(out) + ".cellscribe.jsonl").open()]
+    from cellscribe.core.run.record import read_sidecar
+
+    sidecar = read_sidecar(str(out) + ".cellscribe.jsonl.gz")
     sidecar = sidecar or []
     n_out = [r.get("n_output_tokens") for r in sidecar]
     labels = obs["cellscribe"].dropna().astype(str)

@@ -148,12 +148,17 @@ def atomic_output(output: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def write_data(data: Any, output: Path, mod: str | None) -> None:
+def write_data(data: Any, output: Path, mod: str | None, key_added: str | None = None) -> None:
     """Write an AnnData (``.h5ad``) or MuData (``.h5mu``; ``.h5ad`` with ``mod``: that modality) to
-    ``output``."""
+    ``output``. Data read from disk (backed) is written by :func:`write_backed` (``key_added`` names the
+    result columns to add)."""
     import click
 
-    from ..core.run import is_mudata
+    from ..core.run import is_backed, is_mudata
+
+    if is_backed(data):
+        write_backed(data, output, mod, key_added or "cellscribe")
+        return
 
     if is_mudata(data):
         import mudata
@@ -170,3 +175,93 @@ def write_data(data: Any, output: Path, mod: str | None) -> None:
         if output.name.lower().endswith(".h5mu"):
             raise click.UsageError("the input is an AnnData: write it to a .h5ad file")
         data.write_h5ad(output)
+
+
+def result_columns(obs: Any, key_added: str) -> list[str]:
+    """The columns of ``obs`` a run with ``key_added`` wrote (``key_added`` and ``f"{key_added}_..."``,
+    also mirrored ``"{mod}:{key_added}..."`` ones)."""
+    def ours(name: str) -> bool:
+        name = name.split(":", 1)[1] if ":" in name else name
+        return name == key_added or name.startswith(f"{key_added}_")
+
+    return [c for c in obs.columns if ours(str(c))]
+
+
+def write_backed(data: Any, output: Path, mod: str | None, key_added: str) -> None:
+    """Write data that was read from disk (backed) with a run's results: the file it was read from is
+    copied as it is (the matrices are never read into memory) and the run's ``obs`` columns and ``uns``
+    entries are written into the copy with anndata's own element writer. A MuData keeps every modality
+    (``.h5mu``), or gives the one named by ``mod`` as an ``.h5ad``."""
+    import shutil
+
+    import h5py
+
+    from ..core.run import is_mudata
+
+    source = Path(data.filename)
+    if not is_mudata(data):
+        shutil.copyfile(source, output)
+        with h5py.File(output, "r+") as f:
+            _add_results(f, data, key_added)
+        return
+    if output.name.lower().endswith(".h5ad"):
+        if mod is None:
+            import click
+
+            raise click.UsageError("writing a MuData to .h5ad needs --mod (which modality to write)")
+        with h5py.File(source, "r") as src, h5py.File(output, "w") as f:
+            group = src["mod"][mod]
+            for name, value in group.attrs.items():
+                f.attrs[name] = value
+            for name in group:
+                src.copy(group[name], f, name)  # HDF5's own copy: chunks are copied, not decoded
+            _add_results(f, data.mod[mod], key_added)
+        return
+    shutil.copyfile(source, output)
+    with h5py.File(output, "r+") as f:
+        for name, modality in data.mod.items():
+            _add_results(f["mod"][name], modality, key_added)
+        _add_results(f, data, key_added, uns_prefixes=tuple(f"{name}:" for name in data.mod))
+
+
+def _add_results(group: Any, adata: Any, key_added: str, uns_prefixes: tuple[str, ...] = ("",)) -> None:
+    """Write the result columns of ``adata.obs`` (:func:`result_columns`) into ``group["obs"]`` (each
+    column replaced, the column order extended) and its ``uns`` entries for ``key_added`` into
+    ``group["uns"]``, with :func:`anndata.io.write_elem`. String columns with repeated values are
+    written as categoricals, by ``AnnData.strings_to_categoricals`` (as ``AnnData.write_h5ad`` writes
+    them)."""
+    from anndata.io import write_elem
+
+    columns = result_columns(adata.obs, key_added)
+    frame = adata.obs[columns].copy()
+    adata.strings_to_categoricals(frame)  # anndata's own rule, as AnnData.write_h5ad applies it
+    group_obs = group["obs"]
+    order = [str(c) for c in group_obs.attrs.get("column-order", [])]
+    for column in columns:
+        if column in group_obs:
+            del group_obs[column]
+        write_elem(group_obs, column, frame[column].values)
+        if column not in order:
+            order.append(column)
+    group_obs.attrs["column-order"] = order
+    uns = group.require_group("uns")
+    for prefix in uns_prefixes:
+        key = f"{prefix}{key_added}"
+        if key in adata.uns:
+            if key in uns:
+                del uns[key]
+            write_elem(uns, key, adata.uns[key])
+
+
+def count_cells(path: str | os.PathLike) -> int:
+    """The number of cells of an ``.h5ad`` or ``.h5mu`` file, read from its ``obs`` index without loading
+    anything (0 when the file does not say)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            obs = f["obs"]
+            index = obs.attrs.get("_index", "_index")
+            return int(obs[index].shape[0])
+    except (OSError, KeyError, TypeError, ValueError):
+        return 0

@@ -37,6 +37,8 @@ def _force_option() -> click.Option:
 def annotate_command() -> click.Command:
     """``cellscribe annotate``: one flag per run parameter (``--modality`` and ``--adapter`` repeat for
     several modalities of one MuData, annotated with one loaded model)."""
+    from ..core.run.stream import STREAM_MIN_CELLS
+
     plugin_params = plugin_options("annotate")
     params: list[click.Parameter] = [
         _input_argument(),
@@ -48,7 +50,14 @@ def annotate_command() -> click.Command:
         click.Option(["--base-url"], default=None,
                      help="Server URL for openai: models (same as --model-option base_url=...)."),
         click.Option(["--limit"], type=int, default=None, help="Annotate only the first N cells."),
-        click.Option(["--dry-run"], is_flag=True, help="Print the plan (cells, prompts, token estimate) and exit."),
+        click.Option(["--dry-run"], is_flag=True, help="Print the plan and its cost (prompts, prompt and new tokens, "
+                     "estimated model time; a local model is timed on a few prompts) and exit."),
+        click.Option(["--rate"], multiple=True, metavar="KEY=VALUE",
+                     help="With --dry-run: the model's speed instead of the measured or assumed one (repeat): "
+                          "prompt_tokens_per_s, new_tokens_per_s, prompts_per_s."),
+        click.Option(["--stream/--no-stream"], default=None,
+                     help="Annotate the input on disk chunk by chunk of cells, in bounded memory (default: when "
+                          f"it has at least {STREAM_MIN_CELLS:,} cells and the run can be streamed)."),
         _force_option(),
         *plugin_params,
     ]
@@ -72,13 +81,19 @@ def annotate_command() -> click.Command:
         )
 
         modality_extra = split_plugin_values(kw, plugin_params)
-        limit, dry_run, force = kw.pop("limit"), kw.pop("dry_run"), kw.pop("force")
+        limit, dry_run, force, stream = kw.pop("limit"), kw.pop("dry_run"), kw.pop("force"), kw.pop("stream")
         candidates_file, base_url = kw.pop("candidates_file"), kw.pop("base_url")
+        rates = parse_pairs(kw.pop("rate"), "--rate")
+        if rates and not dry_run:
+            raise click.UsageError("--rate is for --dry-run (the cost estimate); leave it out of a run")
         values = run_values(kw)
         values["candidates"] = read_candidates(values["candidates"], candidates_file)
         if base_url:
             values["model_options"]["base_url"] = base_url
         values["modality_options"] = {**values["modality_options"], **modality_extra}
+        no_sidecar = str(values["sidecar"] or "").strip().lower() in ("none", "off")
+        if no_sidecar:
+            values["sidecar"] = None
         modalities = list(dict.fromkeys(values.pop("modality")))
         adapters = parse_adapters(values.pop("adapter"), modalities)
         several = len(modalities) > 1
@@ -89,7 +104,7 @@ def annotate_command() -> click.Command:
         specs = {m: RunSpec.from_kwargs(**values, modality=m) for m in modalities}
         out = Path(output)
         checkpoint = Path(values["checkpoint"] or out.with_name(out.name + ".cellscribe.ckpt"))
-        sidecar = Path(values["sidecar"] or out.with_name(out.name + ".cellscribe.jsonl"))
+        sidecar = Path(values["sidecar"] or out.with_name(out.name + ".cellscribe.jsonl.gz"))
         command = command_key(input_path, {k: v for k, v in values.items() if k != "progress"},
                               {"limit": limit, "modalities": modalities, "adapters": adapters,
                                "output": str(out.resolve())})
@@ -100,7 +115,8 @@ def annotate_command() -> click.Command:
             check_writable(out.parent, "output")
             check_writable(sidecar.parent, "sidecar")
 
-        data = read_input(input_path, **values["modality_options"])
+        stream = _streams(stream, input_path, specs, dry_run=dry_run, limit=limit)
+        data = read_input(input_path, **({"backed": "r"} if stream else {}), **values["modality_options"])
         if limit is not None:
             data = data[: min(limit, data.n_obs)].copy()
         check_output_format(data, out, values["mod"], several or any("+" in m for m in modalities))
@@ -111,7 +127,7 @@ def annotate_command() -> click.Command:
         if dry_run:
             for spec in specs.values():
                 plan = plan_run(data, spec.replace(reference=reference))
-                for key, value in plan.summary().items():
+                for key, value in {**plan.summary(), **plan.estimate(rates=rates)}.items():
                     click.echo(f"{key}: {value}")
                 if plan.prompts:
                     click.echo("first prompt:")
@@ -132,7 +148,7 @@ def annotate_command() -> click.Command:
                     spec = RunSpec.from_kwargs(
                         **{**per_run, "reference": reference}, modality=modality, model=model,
                         checkpoint=str(checkpoint / modality if several else checkpoint),
-                        sidecar=str(sidecar.with_name(f"{sidecar.stem}{suffix}{sidecar.suffix}")),
+                        sidecar=False if no_sidecar else str(_per_modality(sidecar, suffix)),
                     )
                     summaries.append((modality, run(data, spec)))
                 n_prompts = sum(summary["n_prompts"] for _, summary in summaries)
@@ -142,7 +158,7 @@ def annotate_command() -> click.Command:
                 if failed and failed == n_prompts:
                     raise click.exceptions.Exit(_no_answer(failed, why, out))
                 with atomic_output(out) as tmp:
-                    write_data(data, tmp, values["mod"])
+                    write_data(data, tmp, values["mod"], values["key_added"])
                 mark_partial_output(checkpoint, out, command if failed else None)
                 if not failed and values["checkpoint"] is None:
                     shutil.rmtree(checkpoint, ignore_errors=True)  # OUTPUT holds everything; a named folder stays
@@ -176,6 +192,37 @@ def annotate_command() -> click.Command:
         prompts got no answer from the model (OUTPUT written, their cells unresolved; run the same
         command again to send only them); 4 no prompt was answered (nothing written).""",
     )
+
+
+def _per_modality(sidecar: Path, suffix: str) -> Path:
+    """The sidecar of one modality of a several-modality run: ``out.cellscribe.rna.jsonl.gz``."""
+    if not suffix:
+        return sidecar
+    name = sidecar.name
+    for ending in (".jsonl.gz", ".jsonl", ".gz"):
+        if name.lower().endswith(ending):
+            return sidecar.with_name(f"{name[: -len(ending)]}{suffix}{name[-len(ending):]}")
+    return sidecar.with_name(f"{name}{suffix}")
+
+
+def _streams(asked: bool | None, input_path: str, specs: dict[str, Any], *, dry_run: bool, limit: int | None) -> bool:
+    """Whether ``cellscribe annotate`` reads INPUT from disk chunk by chunk (``--stream``; by default when
+    it holds at least ``STREAM_MIN_CELLS`` cells and the run can be streamed)."""
+    from ..core.run import STREAM_MIN_CELLS, streaming_obstacle
+    from ._files import count_cells
+
+    why = next((reason for spec in specs.values() if (reason := streaming_obstacle(spec))), None)
+    if not input_path.lower().endswith((".h5ad", ".h5mu")):
+        why = why or "only .h5ad and .h5mu files are read chunk by chunk"
+    if dry_run:
+        why = why or "--dry-run plans in memory"
+    if limit is not None:
+        why = why or "--limit annotates a few cells in memory"
+    if asked is None:
+        return why is None and count_cells(input_path) >= STREAM_MIN_CELLS
+    if asked and why is not None:
+        raise click.UsageError(f"--stream: this run cannot be streamed ({why}); leave out --stream")
+    return asked
 
 
 #: Exit statuses of ``cellscribe annotate`` (README, "Reliability"): 0 every prompt answered; 1 the run

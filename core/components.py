@@ -67,6 +67,15 @@ class Modality(Protocol):
     #: Options that give values fit for correlation, used by label transfer (``tl.transfer_labels``).
     transfer_options: Mapping[str, Any] = {}
 
+    def embedding(self, adata: AnnData, **options: Any) -> tuple[Any, str] | None:
+        """A low-dimensional embedding of the cells of ``adata`` in which neighbours are similar cells
+        (the standard one of the modality: a PCA of log-normalised expression, an LSI of accessibility),
+        for budgeted runs (``budget=``). Called with ``features`` (the FeatureMatrix :meth:`prepare`
+        made), ``n_components``, ``seed``, ``chunk_size`` and the modality's options. Returns
+        ``(cells x components array, a note saying what it is)``; ``None`` (the default): the run uses
+        a truncated SVD of ``log1p`` of the FeatureMatrix. Never modifies ``adata``."""
+        return None
+
 
 @runtime_checkable
 class SentenceStrategy(Protocol):
@@ -147,6 +156,9 @@ class LoadedModel(Protocol):
     prompts_per_call: int | None = None
     #: Requests a serving backend keeps in flight.
     max_concurrency: int = 1
+    #: Whether forked copies of the loaded model may answer prompts side by side (CPU only, no device,
+    #: thread or connection state): a streamed run then answers its chunks in ``workers`` processes.
+    forkable: bool = False
 
     def count_tokens(self, text: str) -> int | None:
         """Tokens of ``text`` with the model's tokenizer (``None``: it has none)."""
@@ -214,6 +226,16 @@ class Backend(Protocol):
     #: when the user kept the default sentence settings; a modality's entry in ``"modalities"``
     #: overrides the others for runs of that modality.
     sentence_preferences: Mapping[str, Any] | None = None
+
+    def rates(self, spec: str, **options: Any) -> Mapping[str, Any] | None:
+        """The model's assumed speed for a run's cost estimate (``--dry-run``,
+        :mod:`cellscribe.core.run.estimate`) where timing it on this machine would not tell what the run
+        costs (the model runs on a GPU, or behind a server): ``{"prompt_tokens_per_s", "new_tokens_per_s",
+        "source"}`` (or ``"prompts_per_s"``), ``source`` saying what is assumed. Called with ``device``,
+        ``dtype``, ``batch_size`` and ``model_options``. ``None`` (the default): the estimate loads the
+        model and times it on a few of the run's prompts here. A backend whose calls cost money returns
+        an assumption."""
+        return None
 
 
 @runtime_checkable

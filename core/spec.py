@@ -2,11 +2,12 @@
 
 A :class:`RunSpec` is a frozen value made of seven small parts, one per stage of a run::
 
-    DataSpec        which data and matrix        modality, mod, layer, use_raw, modality_options, chunk_size
+    DataSpec        which data and matrix        modality, mod, layer, use_raw, modality_options, chunk_size,
+                                                 workers
     SentenceSpec    cell sentences               sentence, n_genes, sentence_options
     PromptSpec      prompts and units            prompt, mode, candidates, tissue, reference, reference_key,
-                                                 reference_modality, k, groupby, n_representatives, seed,
-                                                 max_prompt_tokens, prompt_options
+                                                 reference_modality, k, groupby, n_representatives, budget,
+                                                 budget_options, seed, max_prompt_tokens, prompt_options
     ModelSpec       model and how to load it     model, adapter, device, dtype, trust_remote_code,
                                                  batch_size, model_options
     GenerationSpec  how the model answers        generation, decode
@@ -61,6 +62,8 @@ __all__ = [
 
 MODES = ("direct", "reasoning")
 DECODE_MODES = ("generate", "constrained", "score")
+#: What ``obs[f"{key_added}_reasoning"]`` keeps of each answer's reasoning (``reasoning=``).
+REASONING_KEPT = ("short", "full", "none")
 
 
 @attrs.frozen
@@ -147,6 +150,33 @@ def _positive(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{attribute.name} must be a positive integer, got {value!r}")
+
+
+def _budget(value: Any) -> Any:
+    """A budget as given (``0.05``, ``2000``, ``"5%"``, ``"0.05"``) to a float share or an int count."""
+    value = _plain(value)
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            if text.endswith("%"):
+                return float(text[:-1]) / 100
+            return float(text) if any(c in text for c in ".eE") else int(text)
+        except ValueError:
+            raise ValueError(f"budget must be a share of cells (0.05, 5%) or a number of cells (2000), got "
+                             f"{value!r}") from None
+    if isinstance(value, float) and value > 1 and value.is_integer():
+        return int(value)
+    return value
+
+
+def _budget_check(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is None:
+        return
+    share = isinstance(value, float) and 0 < value <= 1
+    count = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    if not (share or count):
+        raise ValueError(f"budget must be a share of cells in (0, 1] (0.05) or a number of cells >= 1 (2000), "
+                         f"got {value!r}")
 
 
 def _integer(value: Any) -> Any:
@@ -252,6 +282,14 @@ class DataSpec:
         doc="Cells per chunk when reading the matrix.",
         flag=Flag(("--chunk-size",), "Cells per chunk when reading the matrix.", type="int", show_default=True),
     )
+    workers: int | None = param(
+        converter=_optional_int, validator=_positive,
+        doc="Processes that answer the chunks of a streamed run side by side, for models that allow it "
+            "(``LoadedModel.forkable``: the ``markers`` model); the results do not depend on it. Default: "
+            "the CPUs this process may use, at most 4; ``1``: one process.",
+        flag=Flag(("--workers",), "Processes answering a streamed run's chunks (markers model; default: the "
+                  "CPUs, at most 4).", type="int"),
+    )
 
     def __attrs_post_init__(self) -> None:
         if self.mod is not None and "+" in self.modality and len(self.mod.split("+")) != len(self.modality.split("+")):
@@ -354,6 +392,30 @@ class PromptSpec:
         doc="Cells per group with ``groupby`` (default: the prompt strategy's choice, 5; 1 for puzzles).",
         flag=Flag(("--n-representatives",), "Cells per cluster with --groupby.", type="int"),
     )
+    budget: int | float | None = param(
+        converter=_budget, validator=_budget_check,
+        doc="Send only some cells to the model: a fraction of the cells (``0.05``) or a number of cells "
+            "(``2000``). Representative cells are chosen on an embedding (``budget_options``), their answers "
+            "spread to every cell over the kNN graph, with a confidence that multiplies the neighbours' "
+            "agreement and the model's confidence, and the cells where the spread labels disagree are sent "
+            "in one second round (at most as many cells again: ``budget=0.05`` sends at most 10% of the "
+            "cells). With ``groupby`` the budget is shared among the groups by size (at least one cell "
+            "each) and every cell still gets its group's call. Writes ``obs[f\"{key_added}_source\"]`` "
+            "(``model`` or ``propagated``) and ``uns[key_added][\"budget\"]``.",
+        flag=Flag(("--budget",), "Send only this share (0.05) or number (2000) of cells to the model; the "
+                  "rest get labels spread over the kNN graph.", metavar="SHARE|N"),
+    )
+    budget_options: Mapping[str, Any] = param(
+        converter=_options,
+        doc="Settings of ``budget``: ``method`` (``\"medoids\"``: the cell nearest each k-means centre of "
+            "the embedding, the default; ``\"random\"``: a seeded uniform sample), ``use_rep`` (an ``obsm`` "
+            "key to use as the embedding instead of the modality's PCA/LSI), ``n_components`` (50), "
+            "``n_neighbors`` (kNN graph, 15), ``requery`` (second-round cells as a share of the first round, "
+            "1.0; 0 for none), ``min_agreement`` (cells whose spread label carries less of their "
+            "neighbourhood's weight are re-queried, 0.9).",
+        flag=Flag(("--budget-option",), "Budget option (repeat): method, use_rep, n_components, n_neighbors, "
+                  "requery, min_agreement.", kind="pairs", metavar="KEY=VALUE"),
+    )
     seed: int = param(
         0, converter=_integer, validator=attrs.validators.instance_of(int),
         doc="Seed for example sampling and puzzle grouping.",
@@ -374,6 +436,14 @@ class PromptSpec:
     def __attrs_post_init__(self) -> None:
         if self.reference is not None and self.reference_key is None:
             raise ValueError("reference= needs reference_key= (the obs column with its labels)")
+        if self.budget is not None and self.n_representatives is not None:
+            raise ValueError("budget= decides how many cells of each group are sent; leave n_representatives out")
+        if self.budget_options and self.budget is None:
+            raise ValueError("budget_options= needs budget= (the share or number of cells sent to the model)")
+        if self.budget_options:
+            from .run.budget import check_budget_options
+
+            check_budget_options(self.budget_options)
 
 
 @attrs.frozen(kw_only=True)
@@ -510,10 +580,12 @@ class OutputSpec:
     )
     sidecar: str | bool | None = param(
         converter=_sidecar,
-        doc="A file for every prompt and raw model output (JSONL, one record per prompt). ``None``: no file; "
-            "the raw outputs are kept in memory, in ``uns[key_added][\"raw\"]``; ``False``: not kept at all. "
-            "(The command line writes ``OUTPUT.cellscribe.jsonl``.)",
-        flag=Flag(("--sidecar",), "Raw outputs JSONL (default: OUTPUT.cellscribe.jsonl).", type="path"),
+        doc="A file for every prompt and raw model output (JSONL, one record per prompt; gzip-compressed when "
+            "the name ends in ``.gz``). ``None``: no file; the raw outputs are kept in memory, in "
+            "``uns[key_added][\"raw\"]``; ``False``: not kept at all. (The command line writes "
+            "``OUTPUT.cellscribe.jsonl.gz``; ``--sidecar none`` keeps none.)",
+        flag=Flag(("--sidecar",), "Raw outputs JSONL, compressed when it ends in .gz (default: "
+                  "OUTPUT.cellscribe.jsonl.gz; 'none': no sidecar).", type="path"),
     )
     checkpoint: str | None = param(
         converter=_path,
@@ -523,6 +595,15 @@ class OutputSpec:
             "weights or data are never resumed, and one run at a time owns the folder.",
         flag=Flag(("--checkpoint",), "Folder of finished batches (default OUTPUT.cellscribe.ckpt); re-run "
                   "to resume.", type="dir"),
+    )
+    reasoning: str = param(
+        "short", validator=_one_of(REASONING_KEPT),
+        doc="What ``obs[f\"{key_added}_reasoning\"]`` keeps of each answer's reasoning: ``\"short\"`` its "
+            "conclusion (the last line, at most 200 characters; a few bytes per cell where the whole text "
+            "is several hundred), ``\"full\"`` the whole text, ``\"none\"`` no column. The whole text is "
+            "always in the sidecar (or, without a sidecar file, in ``uns[key_added][\"raw\"]``).",
+        flag=Flag(("--reasoning",), "obs reasoning column: short (its conclusion; the whole text is in the "
+                  "sidecar), full, or none.", type="choice", choices=REASONING_KEPT, show_default=True),
     )
     progress: bool = param(
         True, converter=_bool, validator=_is_bool,

@@ -54,7 +54,7 @@ def _accuracy(judged: pd.DataFrame) -> float:
 
 @pytest.fixture(scope="module")
 def schep_blood(schep):
-    return _annotate(schep, tissue="blood")
+    return _annotate(schep, tissue="blood", reasoning="full")  # a test reads the whole reasoning
 
 
 def test_schep_blood_lineages_every_cell_kept_no_foreign_label(schep, schep_blood):

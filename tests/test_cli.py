@@ -44,7 +44,7 @@ def test_annotate_writes_output_and_never_the_input(runner, rules, pancreas_path
     assert _sha(src) == before
     annotated = ad.read_h5ad(out)
     assert {"cellscribe", "cellscribe_status", "cellscribe_confidence", "cellscribe_reasoning"} <= set(annotated.obs)
-    assert (tmp_path / "out.h5ad.cellscribe.jsonl").exists()
+    assert (tmp_path / "out.h5ad.cellscribe.jsonl.gz").exists()  # compressed by default
     assert "annotated 350 cells" in result.output
     assert not list(tmp_path.glob("*.partial*"))
 
@@ -72,7 +72,7 @@ def test_outputs_follow_the_umask(runner, rules, pancreas_path, tmp_path, umask)
     assert result.exit_code == 0, result.output
     expected = 0o666 & ~umask
     assert out.stat().st_mode & 0o777 == expected
-    assert (tmp_path / "out.h5ad.cellscribe.jsonl").stat().st_mode & 0o777 == expected
+    assert (tmp_path / "out.h5ad.cellscribe.jsonl.gz").stat().st_mode & 0o777 == expected
 
 
 def test_annotate_help_is_clean(runner):
@@ -108,11 +108,13 @@ def test_candidates_file_keeps_commas(runner, rules, pancreas_path, tmp_path):
 
 
 def test_dry_run_prints_plan_without_model(runner, rules, pancreas_path, tmp_path):
+    # with the model's speed given, the plan and its cost come without calling the model
     result = runner.invoke(main, ["annotate", str(pancreas_path), "-o", str(tmp_path / "o.h5ad"),
-                                  "--model", "rules", "--dry-run"])
+                                  "--model", "rules", "--dry-run", "--rate", "prompts_per_s=100"])
     assert result.exit_code == 0, result.output
     assert "cells: 350" in result.output and "prompts: 350" in result.output
     assert "estimated_prompt_tokens" in result.output
+    assert "estimate_model_time: 3.5 s" in result.output and "rate_source: given: prompts_per_s" in result.output
     assert rules.calls == [] and not (tmp_path / "o.h5ad").exists()
 
 

@@ -18,6 +18,7 @@ from click.testing import CliRunner
 
 from cellscribe.cli import main
 from cellscribe.core import run
+from cellscribe.core.run.record import read_sidecar
 
 N_GENES = 20
 GEN = ["--generation", "do_sample=false", "--generation", "max_new_tokens=8"]
@@ -74,7 +75,7 @@ def test_ok_path_labels_params_and_sidecar(host, trained_dir, subset_path, tmp_p
     assert params["model_info"]["backend"] == "transformers"
     assert params["trust_remote_code"] is False or params["trust_remote_code"] == 0
     sidecar = adata.uns["cellscribe"]["sidecar"]
-    records = [json.loads(line) for line in open(sidecar)]
+    records = read_sidecar(sidecar)
     assert len(records) == 20
     assert all(r["output"].strip() == r["answers"][0]["label"] for r in records)
 
@@ -91,7 +92,7 @@ def test_unresolved_path_keeps_raw_text(host, untrained_dir, subset_path, tmp_pa
     unresolved = adata.obs["cellscribe_status"] == "unresolved"
     assert unresolved.sum() >= 15
     assert adata.obs.loc[unresolved, "cellscribe"].isna().all()
-    records = [json.loads(line) for line in open(adata.uns["cellscribe"]["sidecar"])]
+    records = read_sidecar(adata.uns["cellscribe"]["sidecar"])
     raw = {r["unit_ids"][0]: r["output"] for r in records}
     assert all(raw[c] for c in adata.obs_names[unresolved])
 

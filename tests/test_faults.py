@@ -22,6 +22,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from cellscribe.core.run.record import read_sidecar
+
 sys.path.insert(0, str(Path(__file__).parent))
 from _fault_helpers import (  # noqa: E402
     N_CELLS,
@@ -82,7 +84,7 @@ def test_odd_answers_are_kept_and_the_run_succeeds(tmp_path, answer, note):
     assert len(obs) == N_CELLS and not _checkpoint(out).exists()
     if note:
         assert obs["cellscribe_note"].astype(str).str.contains(note).all()
-    raw = [json.loads(line) for line in (tmp_path / "out.h5ad.cellscribe.jsonl").open(encoding="utf-8")]
+    raw = read_sidecar(tmp_path / "out.h5ad.cellscribe.jsonl.gz")
     assert [r["output"] for r in raw] == [answer] * N_CELLS  # the raw answer, byte for byte, in the sidecar
 
 
@@ -113,7 +115,7 @@ def test_every_request_refused_exits_4_and_writes_nothing(tmp_path, server, stat
     assert result.exit_code == 4, result.output
     assert message in result.output and "nothing was written" in result.output
     assert not out.exists() and not _checkpoint(out).exists()  # no answer to resume
-    raw = [json.loads(line) for line in (tmp_path / "out.h5ad.cellscribe.jsonl").open(encoding="utf-8")]
+    raw = read_sidecar(tmp_path / "out.h5ad.cellscribe.jsonl.gz")
     assert len(raw) == N_CELLS and all(r["error"] for r in raw)  # the sidecar says what each request got
     if requests == "all":  # a 400 is the prompt's own problem: each prompt once, never retried
         assert len(server.requests) == N_CELLS

@@ -243,7 +243,7 @@ def test_kshot_uses_the_reference_labels(pancreas):
     query = pancreas[pancreas.obs["Batch"] == "human"].copy()
     reference = pancreas[pancreas.obs["Batch"] == "mouse"].copy()
     reference.obs["cell_type"] = "ref " + reference.obs["Group"].astype(str)  # labels only the reference has
-    _quiet_annotate(query, prompt="k-shot", reference=reference, reference_key="cell_type", k=5)
+    _quiet_annotate(query, prompt="k-shot", reference=reference, reference_key="cell_type", k=5, reasoning="full")
     predicted = query.obs["cellscribe"].astype(str)
     assert set(predicted) <= set(reference.obs["cell_type"])
     accuracy = np.mean(predicted == "ref " + query.obs["Group"].astype(str))
@@ -253,7 +253,7 @@ def test_kshot_uses_the_reference_labels(pancreas):
 
 def test_reasoning_names_real_markers_in_both_modes(human):
     for mode in ("direct", "reasoning"):
-        adata = _quiet_annotate(human.copy(), tissue="pancreas", mode=mode)
+        adata = _quiet_annotate(human.copy(), tissue="pancreas", mode=mode, reasoning="full")  # the whole text
         obs = adata.obs
         alpha = obs[(obs["Group"] == "alpha") & (obs["cellscribe"] == "pancreatic A cell")]
         beta = obs[(obs["Group"] == "beta") & (obs["cellscribe"] == "type B pancreatic cell")]

@@ -87,7 +87,7 @@ def test_several_modalities_in_one_command_load_the_model_once(with_plugin, mult
     for mod in ("rna", "atac"):
         assert after.mod[mod].uns["cellscribe"]["params"]["modality"] == mod
         assert after.obs[f"{mod}:cellscribe_status"].eq("ok").mean() > 0.5
-        assert (tmp_path / f"both.h5mu.cellscribe.{mod}.jsonl").exists()
+        assert (tmp_path / f"both.h5mu.cellscribe.{mod}.jsonl.gz").exists()
     assert not (tmp_path / "both.h5mu.cellscribe.ckpt").exists()
 
     with_mod = CliRunner().invoke(main, [*args, "--mod", "rna", "--force"])

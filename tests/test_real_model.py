@@ -303,7 +303,9 @@ def test_cli_runs_the_real_model(real_model_dir, pbmc_all, tmp_path):
 
     annotated = ad.read_h5ad(out)
     assert annotated.n_obs == 2 and annotated.uns["cellscribe"]["params"]["backend"] == "transformers"
-    lines = Path(str(out) + ".cellscribe.jsonl").read_text().splitlines()
-    assert len(lines) == 2 and all(json.loads(line)["output"] for line in lines)
+    from cellscribe.core.run.record import read_sidecar
+
+    records = read_sidecar(str(out) + ".cellscribe.jsonl.gz")  # the compressed sidecar, by default
+    assert len(records) == 2 and all(record["output"] for record in records)
     assert np.isin(annotated.obs["cellscribe_status"], ["ok", "unresolved"]).all()
     assert isinstance(annotated.obs["cellscribe"].dtype, pd.CategoricalDtype)

@@ -43,6 +43,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 import _real_model  # noqa: E402
 
+from cellscribe.core.run.record import read_sidecar  # noqa: E402
+
 import cellscribe as cs  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -219,7 +221,7 @@ def _cli(pbmc_file: Path, out: Path, base_url: str, *args: str):
         "--use-raw", "--no-progress", "--force", *args,
     ])
     assert result.exit_code == 0, result.output
-    sidecar = [json.loads(line) for line in Path(str(out) + ".cellscribe.jsonl").open()]
+    sidecar = read_sidecar(str(out) + ".cellscribe.jsonl.gz")
     return ad.read_h5ad(out), sidecar
 
 

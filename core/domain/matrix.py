@@ -33,7 +33,24 @@ def iter_row_chunks(X: Any, chunk_size: int = DEFAULT_CHUNK) -> Iterator[tuple[i
         X = sp.csr_matrix(X)
     for start in range(0, n, chunk_size):
         stop = min(start + chunk_size, n)
-        yield start, stop, _to_csr(X[start:stop])
+        yield start, stop, row_slice(X, start, stop)
+
+
+def row_slice(X: Any, start: int, stop: int) -> sp.csr_matrix:
+    """Rows ``start:stop`` of ``X`` as a CSR matrix.
+
+    An in-memory CSR is sliced by its arrays (the data and indices of the rows are views): SciPy's own
+    ``X[a:b]`` first casts the whole ``indptr`` and ``indices`` to one index type when they differ
+    (int64 ``indptr`` with int32 ``indices``, as anndata writes large files), which costs a pass over
+    every stored value for each slice (~1 s per 10,000-row slice of a 105k x 12k matrix).
+    """
+    if sp.issparse(X) and X.format == "csr":
+        indptr = X.indptr[start : stop + 1]
+        a, b = int(indptr[0]), int(indptr[-1])
+        return sp.csr_matrix(
+            (X.data[a:b], X.indices[a:b], indptr - a), shape=(stop - start, X.shape[1]), copy=False
+        )
+    return _to_csr(X[start:stop])
 
 
 def read_rows(X: Any, rows: np.ndarray) -> sp.csr_matrix:

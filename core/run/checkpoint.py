@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import numpy as np
 
 from ..types import Generation, ModelUnavailableError, Prompt
 
@@ -75,6 +76,9 @@ MODEL_FILE_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".csv", ".tsv", "
 MANIFEST = "run.json"
 LOCK = "LOCK"
 OWNER = "OWNER"
+#: The files of a run's answers in a checkpoint folder (batches; a streamed run's finished chunks and
+#: their sidecar parts): removed together when the folder holds another run's.
+RUN_FILES = ("batch-*.json", "chunk-*.json", "sidecar-*.jsonl*")
 
 
 class CheckpointInUse(RuntimeError):
@@ -147,18 +151,58 @@ def identity_digest(identity: Mapping[str, Any]) -> str:
 
 def fingerprint(prompts: Sequence[Prompt], model: str, settings: Mapping[str, Any]) -> str:
     """A hash of everything that determines a batch's outputs: its prompts (texts, prefix, edits,
-    defaults, candidates, tissue, units), the model's identity (``model``) and the settings."""
+    defaults, candidates, tissue, units), the model's identity (``model``) and the settings.
+
+    Every field of every prompt is one string (texts as they are, other fields as JSON, each object
+    that prompts share encoded once); the hash covers the strings joined and the length of each
+    (``-1`` for a missing value), so no two different batches hash alike."""
     h = hashlib.sha256()
     h.update(json.dumps({"model": model, "settings": dict(settings)}, sort_keys=True, default=str).encode())
+    shared: dict[Any, str] = {}
+    strings: list[str] = []
+    lengths: list[int] = []
+
+    def value(obj: Any) -> str:
+        # Equal values (each prompt's own copy of the same defaults) are encoded once: keyed by their
+        # items and the items' types (True == 1 == 1.0 in Python, not in JSON) when those can be
+        # hashed, else by the object.
+        mapping = isinstance(obj, Mapping)
+        try:
+            if mapping:
+                key = (True, tuple((k, type(v), v) for k, v in obj.items()))
+            elif isinstance(obj, tuple):
+                key = (False, tuple((type(v), v) for v in obj))
+            else:
+                key = id(obj)
+            hash(key)
+        except TypeError:
+            key = id(obj)
+        text = shared.get(key)
+        if text is None:
+            plain = dict(obj) if mapping else list(obj) if isinstance(obj, tuple) else obj
+            text = shared[key] = json.dumps(plain, sort_keys=True, default=str)
+        return text
+
+    add = strings.append
     for p in prompts:
-        h.update(
-            json.dumps(
-                [list(map(dict, p.messages)), p.response_prefix, list(p.remove_from_rendered), dict(p.generation),
-                 list(p.candidates), list(p.unit_ids), p.tissue],
-                sort_keys=True,
-                default=str,
-            ).encode()
-        )
+        add(str(len(p.messages)))
+        for m in p.messages:
+            if len(m) == 2 and "role" in m and "content" in m:
+                add(str(m["role"]))
+                add(str(m["content"]))
+            else:
+                add(value(m))
+        add(p.response_prefix or "")
+        add(value(p.remove_from_rendered))
+        add(value(p.generation))
+        add(value(p.candidates))
+        add("\x1f".join(map(str, p.unit_ids)))
+        add(p.tissue or "")
+        lengths.append(-1 if p.response_prefix is None else 0)
+        lengths.append(-1 if p.tissue is None else 0)
+    h.update("".join(strings).encode("utf-8", "surrogatepass"))
+    h.update(np.fromiter(map(len, strings), dtype=np.int64, count=len(strings)).tobytes())
+    h.update(np.asarray(lengths, dtype=np.int64).tobytes())
     return h.hexdigest()
 
 
@@ -246,7 +290,7 @@ class Checkpoint:
                     previous = json.loads(manifest.read_text(encoding="utf-8")).get("identity")
                 except (OSError, ValueError):
                     previous = "unreadable"
-            batches = sorted(path.glob("batch-*.json"))
+            batches = sorted(p for pattern in RUN_FILES for p in path.glob(pattern))
             if batches and previous != digest:
                 log.warning(
                     "checkpoint folder %s holds %d batch(es) of another run (model, weights, server, adapter or "
@@ -258,12 +302,13 @@ class Checkpoint:
                 _write_json(manifest, {"identity": digest, "what": dict(identity)})
             yield cls(path, digest)
 
-    def file(self, index: int) -> Path:
-        return self.path / f"batch-{index:06d}.json"
+    def file(self, index: int, part: str = "") -> Path:
+        """The file of batch ``index`` (of the part ``part`` of a run: a streamed run's chunk)."""
+        return self.path / f"batch-{part}{index:06d}.json"
 
-    def load(self, index: int, key: str) -> list[Generation] | None:
+    def load(self, index: int, key: str, part: str = "") -> list[Generation] | None:
         """The saved generations of batch ``index`` when its fingerprint is ``key``, else ``None``."""
-        file = self.file(index)
+        file = self.file(index, part)
         if not file.exists():
             return None
         try:
@@ -276,9 +321,13 @@ class Checkpoint:
             log.warning("unreadable checkpoint %s; running the batch again", file)
             return None
 
-    def save(self, index: int, key: str, generations: Sequence[Generation]) -> None:
+    def save(self, index: int, key: str, generations: Sequence[Generation], part: str = "") -> None:
         """Write batch ``index`` atomically (a temporary file, then a rename)."""
-        _write_json(self.file(index), {"fingerprint": key, "generations": [attrs.asdict(g) for g in generations]})
+        _write_json(self.file(index, part), {"fingerprint": key, "generations": [_to_json(g) for g in generations]})
+
+    def batches(self, part: str = "") -> list[Path]:
+        """The batch files of ``part`` (every batch file with ``part=""``)."""
+        return sorted(self.path.glob(f"batch-{part}*.json"))
 
     def failed_prompts(self) -> int:
         """Prompts saved as failed (what a re-run sends again)."""
@@ -293,6 +342,21 @@ def _write_json(path: Path, payload: Any) -> None:
     tmp = path.with_suffix(".partial")
     tmp.write_text(json.dumps(payload, default=str), encoding="utf-8")
     os.replace(tmp, path)
+
+
+def _to_json(g: Generation) -> dict[str, Any]:
+    """A generation as the JSON-able dict :func:`_from_json` reads (``attrs.asdict``'s layout, built
+    directly: it is called once per prompt)."""
+    return {
+        "text": g.text,
+        "confidence": None if g.confidence is None else list(g.confidence),
+        "label_scores": None if g.label_scores is None else [dict(s) for s in g.label_scores],
+        "n_prompt_tokens": g.n_prompt_tokens,
+        "n_output_tokens": g.n_output_tokens,
+        "error": g.error,
+        "notes": None if g.notes is None else list(g.notes),
+        "finish_reason": g.finish_reason,
+    }
 
 
 def _from_json(d: Mapping[str, Any]) -> Generation:
@@ -374,24 +438,28 @@ def run_batches(
     batch_prompts: int,
     checkpoint: Checkpoint | None = None,
     progress: Callable[[int], None] | None = None,
+    part: str = "",
+    seed_offset: int = 0,
+    stopped: str | None = None,
 ) -> BatchOutcome:
     """Generate for every prompt, ``batch_prompts`` at a time, saving each batch to ``checkpoint``.
 
-    When ``settings`` has a ``seed``, batch ``i`` runs with ``seed + i`` so sampling is reproducible
-    batch by batch. A saved batch is resumed whole; one saved with failed prompts sends only those
-    again. After a :class:`~cellscribe.core.types.ModelUnavailableError` nothing more is sent: saved
-    batches are still read, the other prompts are returned as failed, and ``stopped`` says why.
+    When ``settings`` has a ``seed``, batch ``i`` runs with ``seed + seed_offset + i`` so sampling is
+    reproducible batch by batch. A saved batch is resumed whole; one saved with failed prompts sends only
+    those again. After a :class:`~cellscribe.core.types.ModelUnavailableError` nothing more is sent: saved
+    batches are still read, the other prompts are returned as failed, and ``stopped`` says why (a
+    ``stopped`` given by the caller, from an earlier part of the run, sends nothing from the start).
+    ``part`` names the batch files of one part of a run (a streamed run's chunk of cells).
     """
     out: list[Generation] = []
     resumed = 0
-    stopped: str | None = None
     for index, start in enumerate(range(0, len(prompts), batch_prompts)):
         batch = prompts[start : start + batch_prompts]
         batch_settings = dict(settings)
         if "seed" in batch_settings:
-            batch_settings["seed"] = int(batch_settings["seed"]) + index
+            batch_settings["seed"] = int(batch_settings["seed"]) + seed_offset + index
         key = fingerprint(batch, model, batch_settings)
-        saved = checkpoint.load(index, key) if checkpoint is not None else None
+        saved = checkpoint.load(index, key, part) if checkpoint is not None else None
         if saved is not None and len(saved) == len(batch):
             todo = [i for i, g in enumerate(saved) if g.error]
             if progress and len(batch) - len(todo):
@@ -400,7 +468,7 @@ def run_batches(
                 out.extend(saved)
                 resumed += 1
                 continue
-            log.info("checkpoint %s: %d failed prompt(s) sent again", checkpoint.file(index).name, len(todo))
+            log.info("checkpoint %s: %d failed prompt(s) sent again", checkpoint.file(index, part).name, len(todo))
         else:
             saved, todo = [Generation(text="", error="not sent")] * len(batch), list(range(len(batch)))
         if stopped is not None:
@@ -418,7 +486,7 @@ def run_batches(
         for i, g in zip(todo, fresh, strict=True):
             generations[i] = g
         if checkpoint is not None and any(not g.error for g in fresh):
-            checkpoint.save(index, key, generations)
+            checkpoint.save(index, key, generations, part)
         out.extend(generations)
     if resumed:
         log.info("resumed %d finished batch(es) from %s", resumed, checkpoint.path if checkpoint else None)

@@ -95,33 +95,46 @@ def batch_prompts(loaded: Any, batch_size: int | None) -> int:
     return max(1, batch_size or 8, loaded.max_concurrency) * CHECKPOINT_BATCHES
 
 
-def execute(plan: RunPlan, model: Model, run_id: str = "", *, host: Host | None = None) -> Execution:
-    """Build the plan's prompts for ``model`` and generate every answer (see the module docstring), with
-    the run's executor (``executor=``: in this process, or replicas of the model on a cluster).
-
-    With ``spec.output.checkpoint`` the folder is owned by this run while it generates
-    (:class:`~cellscribe.core.run.checkpoint.CheckpointInUse` when another run holds it) and keeps
-    every finished batch; nothing is removed here."""
-    spec = plan.spec
-    loaded = model.loaded
-    loaded.use_modality(spec.data.modality)  # the modality's adapter when the model has one, else the base
-    # Models that weigh genes against knowledge score within what this data set can show.
-    observability = loaded.use_assay(plan.assay)
-    plan.make_prompts(loaded.count_tokens)
-    context = loaded.survey(plan.prompts)  # a model may look at the whole run first (a tissue context)
-    if context:
-        observability = {**dict(observability or {}), "context": context}
-
+def generation_settings(spec: Any, model: Model) -> dict[str, Any]:
+    """The user's generation settings for ``model``, with ``decode`` when it is not plain generation (a
+    ``ValueError`` when the model cannot decode that way)."""
     settings = dict(spec.generation.generation)
     decode = spec.generation.decode
     if decode != "generate":
-        modes = tuple(loaded.decode_modes)
+        modes = tuple(model.loaded.decode_modes)
         if decode not in modes:
             raise ValueError(
                 f"model {model.name!r} ({model.backend} backend) cannot decode={decode!r}; it supports "
                 f"{', '.join(modes)}. Use a local transformers model for constrained decoding and scoring."
             )
         settings["decode"] = decode
+    return settings
+
+
+def execute(
+    plan: RunPlan, model: Model, run_id: str = "", *, host: Host | None = None, survey: Sequence[Prompt] | None = None
+) -> Execution:
+    """Build the plan's prompts for ``model`` and generate every answer (see the module docstring), with
+    the run's executor (``executor=``: in this process, or replicas of the model on a cluster).
+
+    With ``spec.output.checkpoint`` the folder is owned by this run while it generates
+    (:class:`~cellscribe.core.run.checkpoint.CheckpointInUse` when another run holds it) and keeps
+    every finished batch; nothing is removed here. ``survey``: the prompts the model looks at before
+    answering (``LoadedModel.survey``; default the plan's)."""
+    spec = plan.spec
+    loaded = model.loaded
+    loaded.use_modality(spec.data.modality)  # the modality's adapter when the model has one, else the base
+    # Models that weigh genes against knowledge score within what this data set can show.
+    observability = loaded.use_assay(plan.assay)
+    plan.make_prompts(loaded.count_tokens)
+    # A model may look at the whole run first (a tissue context); a budgeted run's second round passes
+    # the first round's prompts, so that both rounds are answered in one context.
+    surveyed = plan.prompts if survey is None else survey
+    context = loaded.survey(surveyed)
+    if context:
+        observability = {**dict(observability or {}), "context": context}
+
+    settings = generation_settings(spec, model)
 
     from tqdm.auto import tqdm
 
@@ -137,7 +150,7 @@ def execute(plan: RunPlan, model: Model, run_id: str = "", *, host: Host | None 
         executor = (host or get_host()).registry.get("executor", run.executor)
         # The executor runs run_batches's batches here or on replicas made as this model was made.
         replica = model.replica(modality=spec.data.modality, assay=plan.assay,
-                                surveyed=plan.prompts if context else None)
+                                surveyed=surveyed if context else None)
         outcome = executor.run(
             loaded, plan.prompts, replica=replica, address=run.executor_address, options=dict(run.executor_options),
             settings=settings, model=identity_digest(identity),
@@ -161,13 +174,17 @@ def decode_all(prompts: Sequence[Prompt], generations: Sequence[Generation], hos
     characters in an answer (a NUL, which h5ad cannot store) are replaced by spaces first, and the
     units' note says so; the generations themselves (the sidecar, the checkpoint) keep the raw text."""
     by_unit: dict[str, Annotation] = {}
+    decoders: dict[str, Any] = {}
     for prompt, generation in zip(prompts, generations, strict=True):
         text, removed = printable(generation.text)
-        if removed or (generation.error and printable(generation.error)[1]):
+        error, removed_error = printable(generation.error) if generation.error else (generation.error, 0)
+        if removed or removed_error:
             # Control characters (a NUL) cannot be stored in h5ad strings; the sidecar keeps the raw text.
-            generation = attrs.evolve(generation, text=text, error=printable(generation.error)[0] or None)
+            generation = attrs.evolve(generation, text=text, error=error or None)
         try:
-            decoder = host.registry.get("decoder", prompt.decoder)
+            decoder = decoders.get(prompt.decoder)
+            if decoder is None:
+                decoder = decoders[prompt.decoder] = host.registry.get("decoder", prompt.decoder)
             annotations = decoder.decode(generation, prompt)
             if len(annotations) != len(prompt.unit_ids):
                 raise RuntimeError(

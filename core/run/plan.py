@@ -12,7 +12,7 @@ import copy
 import logging
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -58,6 +58,8 @@ class RunPlan:
     prompts: list[Prompt] = attrs.field(factory=list)
     #: Row of ``adata`` of each row of ``sentences`` (results are written by position).
     rows: np.ndarray | None = None
+    #: With ``budget=``: the :class:`~cellscribe.core.run.budget.Budget` (embedding, graph, rounds).
+    budget: Any = None
 
     @property
     def params(self) -> dict[str, Any]:
@@ -85,7 +87,18 @@ class RunPlan:
             "model": self.spec.model.name,
             "estimated_prompt_tokens": int(chars / 3.5),
             "max_new_tokens_per_prompt": gen.get("max_new_tokens"),
+            **(self.budget.summary() if self.budget is not None else {}),
         }
+
+    def estimate(self, *, rates: Mapping[str, Any] | None = None, measure: bool = True,
+                 host: Host | None = None) -> dict[str, Any]:
+        """The run's cost before it runs: prompts, prompt and new tokens, the model's estimated time and
+        where its rates come from (:func:`~cellscribe.core.run.estimate.estimate_run`; ``rates`` override
+        them: ``prompt_tokens_per_s``, ``new_tokens_per_s``, ``prompts_per_s``). A local model is loaded
+        and timed on a few prompts unless ``measure=False``; nothing is written."""
+        from .estimate import estimate_run
+
+        return estimate_run(self, rates=rates, measure=measure, host=host)
 
 
 def resolve(spec: RunSpec, host: Host) -> tuple[RunSpec, Any, dict[str, Any]]:
@@ -206,10 +219,17 @@ def plan_run(data: Any, spec: RunSpec | None = None, *, host: Host | None = None
     if p.groupby is not None:
         groups = cell_obs[p.groupby]
         per_group = p.n_representatives or prompt_c.representatives_per_group
-        representatives = pick_representatives(sentences, groups, per_group)
-        unit_rows = np.array(sorted(r for rows in representatives.values() for r in rows), dtype=np.int64)
+        representatives = pick_representatives(sentences, groups, per_group) if p.budget is None else None
+        unit_rows = np.array(sorted(r for rows in (representatives or {}).values() for r in rows), dtype=np.int64)
     else:
         unit_rows = np.flatnonzero(~sentences.empty())
+    budget = None
+    if p.budget is not None:  # only some cells are sent (core/run/budget.py)
+        from .budget import plan_budget
+
+        budget = plan_budget(prepared, sentences, spec, cell_obs, groups, host)
+        unit_rows = budget.first
+        representatives = budget.by_group(unit_rows) if groups is not None else None
 
     # The cells' tissue: the run's tissue=, else what a standard obs column states per cell (the model
     # infers a context for the cells without one); "any" asks for no tissue at all.
@@ -256,7 +276,7 @@ def plan_run(data: Any, spec: RunSpec | None = None, *, host: Host | None = None
     }
     plan = RunPlan(
         spec, adata, prepared.mod, features, sentences, unit_rows, groups, representatives, prompt_c,
-        prompt_args, prepared.assay, found, tissues, rows=prepared.rows,
+        prompt_args, prepared.assay, found, tissues, rows=prepared.rows, budget=budget,
     )
     if build_prompts:
         plan.make_prompts(count_tokens)

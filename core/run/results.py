@@ -38,18 +38,18 @@ def results_frame(
     note[empty] = EMPTY_NOTE
     extra: dict[str, Any] = {}
 
-    def fill(row: int, ann: Annotation) -> None:
-        label[row] = ann.label if ann.status == STATUS_OK else None
-        conf[row] = np.nan if ann.confidence is None else ann.confidence
-        reasoning[row] = ann.reasoning
-        status[row] = ann.status
-        note[row] = ann.note
-
     if plan.representatives is None:
-        for row in plan.unit_rows.tolist():
-            ann = by_unit.get(str(cell_ids[row]))
-            if ann is not None:
-                fill(row, ann)
+        rows = plan.unit_rows
+        anns = [by_unit.get(str(u)) for u in cell_ids[rows].tolist()]
+        found = np.fromiter((a is not None for a in anns), dtype=bool, count=len(anns))
+        if not found.all():
+            rows, anns = rows[found], [a for a in anns if a is not None]
+        if len(anns):
+            label[rows] = _objects([a.label if a.status == STATUS_OK else None for a in anns])
+            conf[rows] = [np.nan if a.confidence is None else a.confidence for a in anns]
+            reasoning[rows] = _objects([a.reasoning for a in anns])
+            status[rows] = _objects([a.status for a in anns])
+            note[rows] = _objects([a.note for a in anns])
     else:
         per_cell = np.full(n, None, dtype=object)
         clusters = {}
@@ -87,16 +87,16 @@ def results_frame(
             }
         extra["per_cell"] = per_cell
         extra["clusters"] = clusters
-    frame = pd.DataFrame(
-        {
-            key_added: pd.Categorical(label),
-            f"{key_added}_confidence": conf,
-            f"{key_added}_reasoning": reasoning,
-            f"{key_added}_status": pd.Categorical(status, categories=[STATUS_OK, STATUS_UNRESOLVED]),
-            f"{key_added}_note": note,
-        },
-        index=pd.Index(cell_ids.astype(str)),
-    )
+    columns = {
+        key_added: pd.Categorical(label),
+        f"{key_added}_confidence": conf,
+        f"{key_added}_reasoning": kept_reasoning(reasoning, plan.spec.output.reasoning),
+        f"{key_added}_status": pd.Categorical(status, categories=[STATUS_OK, STATUS_UNRESOLVED]),
+        f"{key_added}_note": note,
+    }
+    if plan.spec.output.reasoning == "none":
+        del columns[f"{key_added}_reasoning"]
+    frame = pd.DataFrame(columns, index=pd.Index(cell_ids.astype(str)))
     if "per_cell" in extra:
         frame[f"{key_added}_cell"] = pd.Categorical(extra["per_cell"])
     ontology_id, ontology_name = map_to_ontology(frame[key_added])
@@ -113,6 +113,39 @@ def results_frame(
     if "clusters" in extra:
         summary["clusters"] = extra["clusters"]
     return frame, summary
+
+
+def _objects(values: list[Any]) -> np.ndarray:
+    """``values`` as a 1-d object array (never a fixed-width string array, which would pad every text to
+    the longest one)."""
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
+
+
+#: Characters of the reasoning ``reasoning="short"`` keeps per cell (its conclusion).
+SHORT_REASONING = 200
+
+
+def conclusion(text: str, limit: int = SHORT_REASONING) -> str:
+    """The conclusion of a reasoning text: its last non-empty line, cut at a word to at most ``limit``
+    characters (an ellipsis marks a cut)."""
+    text = text.rstrip()
+    line = text[text.rfind("\n") + 1 :].strip()
+    if len(line) > limit:
+        cut = line.rfind(" ", 0, limit)
+        line = line[: cut if cut > limit // 2 else limit - 1].rstrip() + "\u2026"
+    return line
+
+
+def kept_reasoning(reasoning: np.ndarray, kept: str) -> np.ndarray:
+    """What ``obs[f"{key}_reasoning"]`` keeps of each cell's reasoning (``reasoning=``): ``"short"``
+    the :func:`conclusion` (each distinct text shortened once), ``"full"`` all of it."""
+    if kept != "short" or len(reasoning) == 0:
+        return reasoning
+    short: dict[str, str] = {}
+    return np.asarray([short[r] if r in short else short.setdefault(r, conclusion(r)) for r in reasoning.tolist()],
+                      dtype=object)
 
 
 def map_to_ontology(labels: pd.Series) -> tuple[pd.Categorical, pd.Categorical]:

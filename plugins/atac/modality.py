@@ -110,6 +110,24 @@ class AtacModality:
     #: enrichment the sentences rank).
     transfer_options = {"normalization": "depth"}
 
+    def embedding(
+        self, adata: Any, *, layer: str | None = None, use_raw: bool | None = None, use_rep: str | None = None,
+        n_components: int | None = None, seed: int = 0, chunk_size: int = DEFAULT_CHUNK, **options: Any,
+    ) -> tuple[np.ndarray, str]:
+        """The LSI embedding the smoothing uses, for a budgeted run: ``obsm[use_rep]``, else
+        ``obsm["X_lsi"]`` (the fragments reader writes it; muon's ``atac.tl.lsi`` too), else an LSI
+        (:func:`.embedding.lsi`) of the input matrix (peaks, or gene activity). ``adata`` is not touched."""
+        rep = use_rep if use_rep is not None else (LSI_KEY if LSI_KEY in adata.obsm else None)
+        if rep is not None:
+            if rep not in adata.obsm:
+                keys = ", ".join(map(repr, adata.obsm.keys())) or "none"
+                raise ValueError(f"use_rep={rep!r} is not in obsm (keys: {keys}); leave it unset to compute an "
+                                 "LSI embedding")
+            return np.asarray(adata.obsm[rep], dtype=np.float32), f"obsm[{rep!r}]"
+        matrix, _, _, source = _choose_matrix(adata, layer, use_raw)
+        embedding = lsi(_load(matrix, chunk_size, "an LSI embedding"), n_components=n_components, seed=seed)
+        return embedding, f"LSI of {source} ({embedding.shape[1]} components)"
+
     def prepare(
         self,
         adata: Any,

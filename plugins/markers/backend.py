@@ -412,6 +412,8 @@ class MarkersModel:
     prompts_per_call = 8192
     #: Decode modes that make sense for a scorer: its answers always come from scores.
     decode_modes = ("generate", "constrained", "score")
+    #: NumPy and SciPy on the CPU, nothing open: forked copies answer a streamed run's chunks side by side.
+    forkable = True
 
     def __init__(
         self,

@@ -980,6 +980,17 @@ class OpenAIBackend:
         "dialect", "render", "tokenizer", "guided_choice", "extra_body",
     )
 
+    def rates(self, spec: str, *, model_options: Mapping[str, Any] | None = None, **_: Any) -> Mapping[str, Any]:
+        """For a cost estimate: the documented GPU assumption
+        (:func:`~cellscribe.core.run.estimate.assumed_gpu_rates`) for a server running a 7B model on one
+        H100 with ``max_concurrency`` requests in flight (a server's size and hardware are not known
+        here; ``--rate`` gives the real figures). Nothing is sent."""
+        from cellscribe.core.run.estimate import assumed_gpu_rates
+
+        concurrency = int((model_options or {}).get("max_concurrency") or 8)
+        return assumed_gpu_rates(None, concurrency=concurrency,
+                                 what=f"the server ({concurrency} requests in flight)").as_dict()
+
     def handles(self, spec: str) -> bool:
         """True for ``"openai:<name>"``."""
         return isinstance(spec, str) and spec.startswith(SPEC_PREFIX)

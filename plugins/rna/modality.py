@@ -118,6 +118,14 @@ class RnaModality:
     )
     mudata_keys: tuple[str, ...] = ("rna", "gex", "RNA")
 
+    def embedding(self, adata: Any, *, features: FeatureMatrix, n_components: int | None = None, seed: int = 0,
+                  chunk_size: int = DEFAULT_CHUNK, **options: Any) -> tuple[np.ndarray, str]:
+        """PCA of the log-normalised expression :meth:`prepare` chose (:func:`.embedding.pca_embedding`),
+        the embedding a budgeted run spreads labels over. ``adata`` is not touched."""
+        from .embedding import pca_embedding
+
+        return pca_embedding(features, n_components=n_components, seed=seed, chunk_size=chunk_size)
+
     def prepare(
         self,
         adata: Any,

@@ -186,6 +186,36 @@ def hub_offline() -> bool:
     return False
 
 
+#: Prompts a GPU run is assumed to decode at once for its cost estimate (the token-budget batches of a
+#: ~1,000-token prompt in the memory an 80 GB card leaves a 7B model).
+GPU_ASSUMED_BATCH = 32
+
+
+def _parameter_count(spec: str) -> float | None:
+    """Parameters of a local model folder (or one in the hub cache), from its safetensors headers
+    (shapes only); ``None`` when they are not on this machine."""
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(spec, "config.json")
+            path = Path(found).parent if isinstance(found, str) else None
+        except Exception:  # noqa: BLE001 (no cache, an odd id: the size is unknown)
+            path = None
+    files = sorted(path.glob("*.safetensors")) if path is not None else []
+    if not files:
+        return None
+    from safetensors import safe_open
+
+    total = 0
+    for file in files:
+        with safe_open(str(file), framework="np") as handle:
+            for key in handle.keys():
+                total += math.prod(handle.get_slice(key).get_shape())
+    return float(total) or None
+
+
 def _resolve_device(device: Any, torch: Any) -> str:
     if device is None or device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -979,6 +1009,25 @@ class TransformersBackend:
         except ValueError:
             return True  # a broken manifest of that name: load() reports what is wrong with it
         return manifest is not None and manifest.backend == BACKEND_NAME
+
+    def rates(self, spec: str, *, device: str | None = None, dtype: Any = None, batch_size: int | None = None,
+              **options: Any) -> Mapping[str, Any] | None:
+        """For a cost estimate on a CUDA device, the documented GPU assumption
+        (:func:`~cellscribe.core.run.estimate.assumed_gpu_rates`) for the model's size, read from the
+        headers of its local safetensors files (no weights are loaded), and :data:`GPU_ASSUMED_BATCH`
+        prompts decoded at once unless ``batch_size`` says fewer. ``None`` on a CPU: the estimate times
+        the model here."""
+        import torch
+
+        from cellscribe.core.run.estimate import assumed_gpu_rates
+
+        if not _resolve_device(device, torch).startswith("cuda"):
+            return None
+        dtype_name = str(dtype or "bfloat16").lower()
+        width = 4.0 if "32" in dtype_name or dtype_name in ("fp32", "float") else 2.0
+        batch = min(int(batch_size), GPU_ASSUMED_BATCH) if batch_size else GPU_ASSUMED_BATCH
+        return assumed_gpu_rates(_parameter_count(spec), concurrency=batch, bytes_per_param=width,
+                                 what=f"transformers generate on {device or 'cuda'}").as_dict()
 
     def load(
         self,
