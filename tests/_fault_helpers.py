@@ -8,8 +8,10 @@ a known, deterministic result to compare a resumed run with.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -56,6 +58,26 @@ def cli_process(args: Sequence[str], **kwargs: Any) -> subprocess.Popen:
     command = [sys.executable, "-c", "import sys; from cellscribe.cli import main; sys.exit(main())", *args]
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def kill_once_saved(process: subprocess.Popen, folder: Path, pattern: str, count: int, *, timeout: float = 90,
+                    group: bool = False) -> int:
+    """``kill -9`` ``process`` (its whole process group with ``group``) as soon as ``folder`` holds
+    ``count`` files matching ``pattern`` (finished batches or chunks); returns how many it holds then."""
+    try:
+        deadline = time.monotonic() + timeout
+        while len(list(folder.glob(pattern))) < count and process.poll() is None:
+            assert time.monotonic() < deadline, f"the run never saved {count} {pattern} files"
+            time.sleep(0.01)
+        if group:
+            os.killpg(process.pid, signal.SIGKILL)  # the whole job, as a scheduler or Ctrl-\ kills it
+        else:
+            process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    return len(list(folder.glob(pattern)))
 
 
 def result_columns(path: Path) -> pd.DataFrame:

@@ -31,6 +31,7 @@ from _fault_helpers import (  # noqa: E402
     annotate_args,
     cli_process,
     invoke,
+    kill_once_saved,
     one_line,
     result_columns,
     rule_answer,
@@ -212,17 +213,7 @@ def test_killed_with_sigkill_at_a_random_batch_resumes_to_the_uninterrupted_resu
     with OpenAIServer(answer=rule_answer, delay=0.1, lifetime=120) as running:
         args = annotate_args(out, running.base_url)
         process = cli_process(args)
-        try:
-            deadline = time.monotonic() + 90
-            while len(list(folder.glob("batch-*.json"))) < stop_after and process.poll() is None:
-                assert time.monotonic() < deadline, "the run never saved a batch"
-                time.sleep(0.02)
-            process.send_signal(signal.SIGKILL)
-            process.wait(timeout=30)
-        finally:
-            if process.poll() is None:
-                process.kill()
-        saved = len(list(folder.glob("batch-*.json")))
+        saved = kill_once_saved(process, folder, "batch-*.json", stop_after)
         assert process.returncode == -signal.SIGKILL and 1 <= saved < 3 and not out.exists()
         sent = len(running.requests)
         again = invoke(args)  # the lock died with the process: the folder is free

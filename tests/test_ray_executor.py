@@ -8,11 +8,9 @@ OpenAI-compatible model spread over two servers; a run stopped half-way resumes 
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import anndata as ad
@@ -25,7 +23,7 @@ ray = pytest.importorskip("ray", reason="executor='ray' needs the ray extra: pip
 import cellscribe as cs  # noqa: E402
 from cellscribe.core.run import FailedPromptsError  # noqa: E402
 
-from _fault_helpers import annotate_args, cli_process, invoke, rule_answer  # noqa: E402
+from _fault_helpers import annotate_args, cli_process, invoke, kill_once_saved, rule_answer  # noqa: E402
 from _openai_server import OpenAIServer  # noqa: E402
 from _tiny_models import make_tiny_model  # noqa: E402
 
@@ -170,17 +168,7 @@ def test_the_command_killed_with_sigkill_resumes_by_batch(tmp_path):
     with OpenAIServer(answer=rule_answer, delay=0.2, lifetime=600) as server:
         args = annotate_args(out, server.base_url, *ray_flags)
         process = cli_process(args, start_new_session=True)  # its own process group: it and its Ray cluster
-        try:
-            deadline = time.monotonic() + 300
-            while len(list(folder.glob("batch-*.json"))) < 2 and process.poll() is None:
-                assert time.monotonic() < deadline, "the run never saved a batch"
-                time.sleep(0.02)
-            os.killpg(process.pid, signal.SIGKILL)  # the whole job, as a scheduler or Ctrl-\ kills it
-            process.wait(timeout=60)
-        finally:
-            if process.poll() is None:
-                process.kill()
-        saved = len(list(folder.glob("batch-*.json")))
+        saved = kill_once_saved(process, folder, "batch-*.json", 2, timeout=300, group=True)
         assert process.returncode == -signal.SIGKILL and 2 <= saved < 10 and not out.exists()
         sent = len(server.requests)
         done = subprocess.run(cli_process_args(args), capture_output=True, text=True, timeout=300)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import signal
 import sys
-import time
 from pathlib import Path
 
 import anndata as ad
@@ -23,7 +22,15 @@ from cellscribe.core.run.stream import sample_rows, streaming_obstacle
 from cellscribe.core.spec import RunSpec
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _fault_helpers import OPTIONS, PANCREAS, cli_process, invoke, result_columns, rule_answer  # noqa: E402
+from _fault_helpers import (  # noqa: E402
+    OPTIONS,
+    PANCREAS,
+    cli_process,
+    invoke,
+    kill_once_saved,
+    result_columns,
+    rule_answer,
+)
 from _openai_server import OpenAIServer  # noqa: E402
 
 QUIET = {"progress": False}
@@ -91,17 +98,7 @@ def test_killed_half_way_with_sigkill_the_same_command_resumes_by_chunk_and_ends
         assert len(running.requests) == 40
         args = [*base, "-o", str(out)]
         process = cli_process(args)
-        try:
-            deadline = time.monotonic() + 90
-            while len(list(folder.glob("chunk-*.json"))) < 2 and process.poll() is None:
-                assert time.monotonic() < deadline, "the run never finished a chunk"
-                time.sleep(0.01)
-            process.send_signal(signal.SIGKILL)
-            process.wait(timeout=30)
-        finally:
-            if process.poll() is None:
-                process.kill()
-        done = len(list(folder.glob("chunk-*.json")))
+        done = kill_once_saved(process, folder, "chunk-*.json", 2)
         assert process.returncode == -signal.SIGKILL and 2 <= done < 4 and not out.exists()
         sent = len(running.requests)
         again = invoke(args)
