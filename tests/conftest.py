@@ -87,6 +87,29 @@ def no_openai_env(monkeypatch):
         monkeypatch.delenv(name, raising=False)
 
 
+def _writable(folder: Path) -> bool:
+    try:
+        (folder / ".probe").touch()
+    except OSError:
+        return False
+    (folder / ".probe").unlink()
+    return True
+
+
+@pytest.fixture
+def readonly_folder(tmp_path):
+    """A folder this process cannot write to (as root chmod does not stop writes: /sys then)."""
+    folder = tmp_path / "readonly"
+    folder.mkdir()
+    folder.chmod(0o555)
+    if _writable(folder):
+        folder = Path("/sys")
+        if not folder.is_dir() or _writable(folder):
+            pytest.skip("no folder here refuses writes to this user")
+    yield folder
+    (tmp_path / "readonly").chmod(0o755)
+
+
 @pytest.fixture
 def data_dir() -> Path:
     """The vendored test data folder (see tests/data/PROVENANCE.md)."""

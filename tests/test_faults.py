@@ -292,29 +292,8 @@ def test_nan_in_the_matrix_is_refused_naming_where(tmp_path, server):
     assert server.requests == []
 
 
-def _writable(folder: Path) -> bool:
-    try:
-        (folder / ".probe").touch()
-    except OSError:
-        return False
-    (folder / ".probe").unlink()
-    return True
-
-
-def _readonly_folder(tmp_path: Path) -> Path:
-    """A folder this process cannot write to (as root, chmod does not stop writes: /sys instead)."""
-    folder = tmp_path / "readonly"
-    folder.mkdir()
-    folder.chmod(0o555)
-    if _writable(folder):
-        folder = Path("/sys")
-        if not folder.is_dir() or _writable(folder):
-            pytest.skip("no folder here refuses writes to this user")
-    return folder
-
-
-def test_unwritable_output_folder_is_refused_before_any_request(tmp_path, server):
-    folder = _readonly_folder(tmp_path)
+def test_unwritable_output_folder_is_refused_before_any_request(tmp_path, server, readonly_folder):
+    folder = readonly_folder
     result = invoke(annotate_args(folder / "out.h5ad", server.base_url, "--checkpoint", str(tmp_path / "ckpt")))
     assert result.exit_code == 1 and one_line(result.output) and "cannot write the output" in result.output
     assert server.requests == []

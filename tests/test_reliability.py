@@ -339,29 +339,6 @@ def test_8_mudata_to_h5ad_without_mod_is_refused_before_any_request(tmp_path):
     assert not (tmp_path / "out.h5ad").exists() and not (tmp_path / "out.h5ad.cellscribe.ckpt").exists()
 
 
-def _writable(folder: Path) -> bool:
-    try:
-        (folder / ".probe").touch()
-    except OSError:
-        return False
-    (folder / ".probe").unlink()
-    return True
-
-
-@pytest.fixture
-def readonly_folder(tmp_path):
-    """A folder this process cannot write to (as root chmod does not stop writes: /sys then)."""
-    folder = tmp_path / "readonly"
-    folder.mkdir()
-    folder.chmod(0o555)
-    if _writable(folder):
-        folder = Path("/sys")
-        if not folder.is_dir() or _writable(folder):
-            pytest.skip("no folder here refuses writes to this user")
-    yield folder
-    (tmp_path / "readonly").chmod(0o755)
-
-
 def test_8_9_an_unwritable_output_folder_is_refused_before_any_request(tmp_path, readonly_folder):
     with OpenAIServer(answer=rule_answer) as server:
         result = invoke(annotate_args(readonly_folder / "out.h5ad", server.base_url,
