@@ -66,6 +66,9 @@ class Modality(Protocol):
     sentence_label: str | None = None
     #: Options that give values fit for correlation, used by label transfer (``tl.transfer_labels``).
     transfer_options: Mapping[str, Any] = {}
+    #: Neighbours whose labels decide each cell's when the run leaves ``neighbor_vote`` unset (0: none):
+    #: for modalities whose single cells carry too little signal for a stable call on their own.
+    default_neighbor_vote: int = 0
 
     def embedding(self, adata: AnnData, **options: Any) -> tuple[Any, str] | None:
         """A low-dimensional embedding of the cells of ``adata`` in which neighbours are similar cells
@@ -128,6 +131,9 @@ class PromptStrategy(Protocol):
     # optional
     #: Cells per group the run prompts with ``groupby``.
     representatives_per_group: int = 5
+    #: Whether a cell's answer may be revised by its neighbours' (``neighbor_vote``): not for prompts
+    #: whose cells are labelled together under a constraint (a puzzle's distinct labels).
+    neighbor_vote_allowed: bool = True
 
     def from_record(self, record: Mapping[str, Any], **options: Any) -> Prompt:
         """Rebuild a prompt from a stored record of the strategy's file format (``cellscribe puzzles

@@ -6,8 +6,9 @@ A :class:`RunSpec` is a frozen value made of seven small parts, one per stage of
                                                  workers
     SentenceSpec    cell sentences               sentence, n_genes, sentence_options
     PromptSpec      prompts and units            prompt, mode, candidates, tissue, reference, reference_key,
-                                                 reference_modality, k, groupby, n_representatives, budget,
-                                                 budget_options, seed, max_prompt_tokens, prompt_options
+                                                 reference_modality, k, groupby, n_representatives,
+                                                 neighbor_vote, budget, budget_options, seed,
+                                                 max_prompt_tokens, prompt_options
     ModelSpec       model and how to load it     model, adapter, device, dtype, trust_remote_code,
                                                  batch_size, model_options
     GenerationSpec  how the model answers        generation, decode
@@ -150,6 +151,13 @@ def _positive(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{attribute.name} must be a positive integer, got {value!r}")
+
+
+def _non_negative(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{attribute.name} must be an integer >= 0 (0 turns it off), got {value!r}")
 
 
 def _budget(value: Any) -> Any:
@@ -392,6 +400,20 @@ class PromptSpec:
         doc="Cells per group with ``groupby`` (default: the prompt strategy's choice, 5; 1 for puzzles).",
         flag=Flag(("--n-representatives",), "Cells per cluster with --groupby.", type="int"),
     )
+    neighbor_vote: int | None = param(
+        converter=_optional_int, validator=_non_negative,
+        doc="Decide each cell's label with its nearest cells: after the model answers, a cell takes the "
+            "label that carries most of the confidence-weighted votes of itself and its ``neighbor_vote`` "
+            "nearest cells (kNN graph of the modality's embedding: PCA for RNA, LSI for ATAC) when it has "
+            "more votes than the cell's own answer; its note then gives its own call, and its confidence "
+            "is the label's share times its voters' mean confidence. Unresolved cells stay unresolved. "
+            "``0`` turns it off; ``None`` (default): the modality's choice (15 for ATAC, whose single "
+            "cells are sparse; 0 for RNA). Per-cell prompts only (not puzzles, ``groupby`` or "
+            "``budget``, which already give cells their group's or neighbours' labels). Writes "
+            "``uns[key_added][\"vote\"]``.",
+        flag=Flag(("--neighbor-vote",), "Each cell takes the label most of its N nearest cells were given "
+                  "(0: off; default: the modality's choice, 15 for ATAC).", type="int", metavar="N"),
+    )
     budget: int | float | None = param(
         converter=_budget, validator=_budget_check,
         doc="Send only some cells to the model: a fraction of the cells (``0.05``) or a number of cells "
@@ -438,6 +460,12 @@ class PromptSpec:
             raise ValueError("reference= needs reference_key= (the obs column with its labels)")
         if self.budget is not None and self.n_representatives is not None:
             raise ValueError("budget= decides how many cells of each group are sent; leave n_representatives out")
+        if self.neighbor_vote and self.groupby is not None:
+            raise ValueError("neighbor_vote= and groupby= both decide labels from several cells: groupby already "
+                             "gives every cell its group's label; leave neighbor_vote out (or 0)")
+        if self.neighbor_vote and self.budget is not None:
+            raise ValueError("neighbor_vote= and budget= both decide labels over the kNN graph: budget already "
+                             "spreads the answers to every cell; leave neighbor_vote out (or 0)")
         if self.budget_options and self.budget is None:
             raise ValueError("budget_options= needs budget= (the share or number of cells sent to the model)")
         if self.budget_options:

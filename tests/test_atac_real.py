@@ -61,7 +61,8 @@ def test_schep_blood_lineages_every_cell_kept_no_foreign_label(schep, schep_bloo
     result = schep_blood
     assert result.n_obs == schep.n_obs and result.obs_names.tolist() == schep.obs_names.tolist()
     judged = atac_real.judge(result.obs["cellscribe"], result.obs["cell_type"], atac_real.SCHEP_EXPECTED)
-    assert _accuracy(judged) >= 0.72  # 0.76 measured; 0.40 before the measured-gene scoring
+    # 0.917 measured with the neighbour vote (0.763 without it, 0.40 before the measured-gene scoring)
+    assert _accuracy(judged) >= 0.88
     assert not judged["foreign"].any()
     per = judged.groupby("truth")["right"].mean()
     assert per[["LCL 1", "LCL 2 Rep1", "LCL 2 Rep2"]].mean() >= 0.7  # GM12878 -> B lineage
@@ -74,6 +75,25 @@ def test_schep_blood_lineages_every_cell_kept_no_foreign_label(schep, schep_bloo
     assert (k562 == "erythroid").mean() >= 0.75
     hl60 = labels[result.obs["cell_type"] == "HL60 Leukemia"].map(lineages)
     assert hl60.isin(atac_real.MYELOID).mean() >= 0.4
+
+
+def test_the_neighbour_vote_settles_close_calls_within_populations(schep, schep_blood):
+    """A cell's label is decided with its 15 nearest cells (the ATAC default): on its own a cell of one
+    population is called as any of a few close types; the vote is recorded, and each changed cell's
+    note keeps its own call."""
+    alone = _annotate(schep, tissue="blood", neighbor_vote=0)
+    expected = atac_real.SCHEP_EXPECTED
+    with_vote = _accuracy(atac_real.judge(schep_blood.obs["cellscribe"], schep_blood.obs["cell_type"], expected))
+    without = _accuracy(atac_real.judge(alone.obs["cellscribe"], alone.obs["cell_type"], expected))
+    assert with_vote >= without + 0.1  # 0.917 against 0.763 measured
+    record = schep_blood.uns["cellscribe"]["vote"]
+    assert record["n_neighbors"] == 15 and "LSI" in record["embedding"] and record["n_voting"] == schep.n_obs
+    changed = schep_blood.obs["cellscribe"].astype(object) != alone.obs["cellscribe"].astype(object)
+    assert int(changed.sum()) == record["n_changed"] > 0
+    notes = schep_blood.obs.loc[changed, "cellscribe_note"].astype(str)
+    own = alone.obs.loc[changed, "cellscribe"].astype(str)
+    assert all(f"its own call was {o}" in n for n, o in zip(notes, own))
+    assert "vote" not in alone.uns["cellscribe"]
 
 
 def test_schep_observability_in_uns_and_notes(schep_blood):
@@ -111,7 +131,7 @@ def test_schep_without_tissue_infers_a_context_and_says_so(schep):
     context = result.uns["cellscribe"]["observability"]["context"]
     assert context["inferred"] and "Immune system" in list(context["organs"])
     judged = atac_real.judge(result.obs["cellscribe"], result.obs["cell_type"], atac_real.SCHEP_EXPECTED)
-    assert _accuracy(judged) >= 0.72  # 0.76 measured (0.09 before): reported, below the goal
+    assert _accuracy(judged) >= 0.88  # 0.917 measured (0.76 without the neighbour vote, 0.09 before)
 
 
 def test_buenrostro_bone_marrow_no_foreign_label(buenrostro):
@@ -133,7 +153,7 @@ def test_pbsmall_fragments_default_settings():
         warnings.simplefilter("ignore")
         cs.tl.annotate(adata, modality="atac", progress=False, sidecar=False)
     judged = atac_real.judge(adata.obs["cellscribe"], truth.reindex(adata.obs_names), atac_real.PBSMALL_EXPECTED)
-    assert _accuracy(judged) >= 0.85  # 0.90 measured (0.767 before)
+    assert _accuracy(judged) >= 0.85  # 0.893 measured (0.86 without the neighbour vote, 0.767 before)
     assert not judged["foreign"].any()
     # Fragments of chr5 and chr11 only: the assay measures those genes, not the annotation's 23,179.
     observed = adata.uns["cellscribe"]["observability"]

@@ -9,7 +9,8 @@ step           module              what it does
                                    prompt arguments: everything before a model is loaded
 3. execute     :mod:`.execute`     the model loads (or is reused), the prompts run in checkpointed
                                    batches (:mod:`.checkpoint`), the decoders read the answers
-4. results     :mod:`.results`     per-cell columns, group votes (:mod:`.units`), ontology terms
+4. results     :mod:`.results`     per-cell columns, group votes (:mod:`.units`), neighbour votes
+                                   (:mod:`.vote`), ontology terms
 5. record      :mod:`.record`      ``obs``/``uns`` of the data, the sidecar, the parameters
 =============  ==================  =================================================================
 
@@ -100,10 +101,10 @@ def annotate(data: Any, spec: RunSpec | None = None, *, host: Host | None = None
     host = host or get_host()
     spec = spec if spec is not None else RunSpec.from_kwargs(**params)
     run_id = new_run_id()
-    if is_backed(data) and streaming_obstacle(spec) is None:  # data on disk: chunk by chunk (core/run/stream.py)
+    if is_backed(data) and streaming_obstacle(spec, host) is None:  # data on disk: chunk by chunk (core/run/stream.py)
         return annotate_backed(data, spec, host=host, run_id=run_id)
     plan = plan_run(data, spec, host=host, build_prompts=False)             # 1-2: data, sentences, plan
-    budgeted = None
+    budgeted = voted = None
     if plan.budget is not None:  # 3-4 in two rounds, labels spread to the cells not sent (budget.py)
         from .budget import run_budgeted
 
@@ -112,6 +113,10 @@ def annotate(data: Any, spec: RunSpec | None = None, *, host: Host | None = None
     else:
         execution = execute(plan, model_for(plan, host), run_id, host=host)  # 3: the model answers
         by_unit = decode_all(plan.prompts, execution.generations, host)
+        if plan.vote is not None:  # each cell's label decided with its neighbours' (vote.py)
+            from .vote import vote
+
+            by_unit, voted = vote(plan.vote, by_unit, plan.sentences.cell_ids.astype(str))
         frame, summary = results_frame(plan, by_unit, plan.spec.output.key_added,  # 4: results
                                        unit_label_scores(plan.prompts, execution.generations))
 
@@ -138,6 +143,8 @@ def annotate(data: Any, spec: RunSpec | None = None, *, host: Host | None = None
         entry["observability"] = h5_safe(dict(execution.observability))
     if budgeted is not None:
         entry["budget"] = h5_safe(budgeted.record)
+    if voted is not None:
+        entry["vote"] = h5_safe(voted)
     write_results(data, plan, frame, entry)
     log.info(
         "annotated %d cells: %d ok, %d unresolved (%d prompts, %d failed, %.1f s generation)",

@@ -60,6 +60,8 @@ class RunPlan:
     rows: np.ndarray | None = None
     #: With ``budget=``: the :class:`~cellscribe.core.run.budget.Budget` (embedding, graph, rounds).
     budget: Any = None
+    #: With a neighbour vote: the :class:`~cellscribe.core.run.vote.Vote` (cells, kNN graph).
+    vote: Any = None
 
     @property
     def params(self) -> dict[str, Any]:
@@ -231,6 +233,12 @@ def plan_run(data: Any, spec: RunSpec | None = None, *, host: Host | None = None
         unit_rows = budget.first
         representatives = budget.by_group(unit_rows) if groups is not None else None
 
+    vote = None
+    if budget is None and groups is None:  # each cell's label decided with its neighbours' (core/run/vote.py)
+        from .vote import plan_vote
+
+        vote = plan_vote(prepared, sentences, spec, host, unit_rows)
+
     # The cells' tissue: the run's tissue=, else what a standard obs column states per cell (the model
     # infers a context for the cells without one); "any" asks for no tissue at all.
     tissues = stated_tissues(cell_obs, p.tissue, cells=sentences.cell_ids.astype(str))
@@ -276,7 +284,7 @@ def plan_run(data: Any, spec: RunSpec | None = None, *, host: Host | None = None
     }
     plan = RunPlan(
         spec, adata, prepared.mod, features, sentences, unit_rows, groups, representatives, prompt_c,
-        prompt_args, prepared.assay, found, tissues, rows=prepared.rows, budget=budget,
+        prompt_args, prepared.assay, found, tissues, rows=prepared.rows, budget=budget, vote=vote,
     )
     if build_prompts:
         plan.make_prompts(count_tokens)

@@ -52,7 +52,7 @@ import numpy as np
 import pandas as pd
 
 from ..domain.tissues import stated_tissues
-from ..plugins import Host
+from ..plugins import Host, get_host
 from ..spec import RunSpec
 from .checkpoint import Checkpoint, identity_digest, run_batches
 from .data import is_mudata, prepare_data, select_modality_data
@@ -100,7 +100,7 @@ def is_backed(data: Any) -> bool:
     return bool(getattr(data, "isbacked", False))
 
 
-def streaming_obstacle(spec: RunSpec) -> str | None:
+def streaming_obstacle(spec: RunSpec, host: Any = None) -> str | None:
     """Why a run of ``spec`` cannot be streamed chunk by chunk (``None`` when it can)."""
     p = spec.prompts
     if "+" in spec.data.modality:
@@ -113,6 +113,10 @@ def streaming_obstacle(spec: RunSpec) -> str | None:
         return "k-shot examples taken from the query's own labelled cells need those cells first"
     if spec.execution.executor != "local":
         return f"executor={spec.execution.executor!r} sends the whole run's batches to its replicas at once"
+    from .vote import effective_neighbor_vote
+
+    if effective_neighbor_vote(spec, host or get_host()):
+        return "neighbor_vote decides each cell's label with its nearest cells among all cells"
     return None
 
 
@@ -447,7 +451,7 @@ def annotate_streamed(data: Any, spec: RunSpec, *, host: Host, run_id: str,
     sidecar to ``sidecar`` (``None``: none) and, with ``spec.output.checkpoint``, every finished chunk
     to the checkpoint folder. Returns the result columns of every cell; nothing is written into
     ``data`` here."""
-    obstacle = streaming_obstacle(spec)
+    obstacle = streaming_obstacle(spec, host)
     if obstacle is not None:
         raise ValueError(f"this run cannot be streamed: {obstacle}")
     started_all = time.perf_counter()

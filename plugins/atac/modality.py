@@ -109,6 +109,10 @@ class AtacModality:
     #: activity, which keeps genes below a cell's average (0.95 of PBSmall right against 0.91 with the
     #: enrichment the sentences rank).
     transfer_options = {"normalization": "depth"}
+    #: A single cell's gene activity rests on a few fragments per gene, so calls flip between close types
+    #: from cell to cell of one population: each cell's label is decided with its 15 nearest cells in the
+    #: LSI (``neighbor_vote``; scanpy's default neighbourhood), as scATAC is usually annotated by cluster.
+    default_neighbor_vote = 15
 
     def embedding(
         self, adata: Any, *, layer: str | None = None, use_raw: bool | None = None, use_rep: str | None = None,

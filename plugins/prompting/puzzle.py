@@ -201,6 +201,8 @@ class Puzzle:
     #: With ``groupby``, one representative cell per cluster: a puzzle then shows distinct clusters,
     #: as CellPuzzles shows distinct cell types, instead of several cells of one cluster.
     representatives_per_group = 1
+    #: A puzzle's cells get distinct labels together: a neighbour vote would undo that constraint.
+    neighbor_vote_allowed = False
 
     def build(
         self,
