@@ -101,3 +101,20 @@ def test_an_rna_run_votes_only_when_asked(pancreas):
     assert voted.uns["cellscribe"]["params"]["neighbor_vote"] == 10
     # The same cells in the same order, each with a result.
     assert voted.obs_names.tolist() == human.obs_names.tolist()
+
+
+def test_a_small_run_votes_over_fewer_neighbours(pancreas):
+    """A neighbourhood stays a small part of the run: 40 cells vote over 4 neighbours, 15 over none."""
+    human = pancreas[pancreas.obs["Batch"] == "human"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        forty = cs.tl.annotate(human[:40].copy(), tissue="pancreas", neighbor_vote=15, progress=False,
+                               sidecar=False, copy=True)
+        fifteen = cs.tl.annotate(human[:15].copy(), tissue="pancreas", neighbor_vote=15, progress=False,
+                                 sidecar=False, copy=True)
+    record = forty.uns["cellscribe"]["vote"]
+    assert record["n_neighbors"] == 4 and record["n_neighbors_asked"] == 15
+    assert record["note"] == "15 neighbours asked, 40 cells allow 4"
+    record = fifteen.uns["cellscribe"]["vote"]
+    assert record["n_neighbors"] == 0 and record["n_changed"] == 0 and record["note"].startswith("no vote")
+    assert not fifteen.obs["cellscribe_note"].astype(str).str.contains("neighbour vote").any()

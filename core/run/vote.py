@@ -18,8 +18,11 @@ predictions over clusters, without choosing a clustering resolution:
    confidence, and its note names its own call. Other cells keep their answer. Unresolved cells stay unresolved (their note says why), and no
    cell without an answer gets one.
 
-Written: ``uns[key]["vote"]`` (neighbours, embedding, cells that voted and that changed label, the
-labels they changed from and to, seconds) and the notes of the changed cells.
+A neighbourhood stays a small part of the run: at most one neighbour per :data:`CELLS_PER_NEIGHBOR`
+answered cells (a run of 24 cells votes over 2 neighbours; under 20 cells nobody votes).
+
+Written: ``uns[key]["vote"]`` (neighbours used and asked, why fewer, embedding, cells that voted and
+that changed label, the labels they changed from and to, seconds) and the notes of the changed cells.
 """
 
 from __future__ import annotations
@@ -42,6 +45,9 @@ __all__ = ["Vote", "effective_neighbor_vote", "plan_vote", "vote"]
 
 #: Label changes listed in ``uns[key]["vote"]["changes"]`` (the most frequent first).
 LISTED_CHANGES = 20
+#: Answered cells per voting neighbour at least: a small run votes over fewer neighbours (24 cells: 2),
+#: so that a population smaller than the neighbourhood is not outvoted by the rest of the run.
+CELLS_PER_NEIGHBOR = 10
 
 
 def effective_neighbor_vote(spec: Any, host: Any) -> int:
@@ -65,9 +71,11 @@ class Vote:
 
     n_neighbors: int
     rows: np.ndarray
-    graph: sp.csr_matrix
+    graph: sp.csr_matrix | None
     source: str
     seconds: float
+    asked: int = 0
+    note: str = ""
 
 
 def plan_vote(prepared: Any, sentences: Any, spec: Any, host: Any, unit_rows: np.ndarray) -> Vote | None:
@@ -81,16 +89,23 @@ def plan_vote(prepared: Any, sentences: Any, spec: Any, host: Any, unit_rows: np
     if k and not host.registry.get("prompt", spec.prompts.prompt).neighbor_vote_allowed:
         raise ValueError(f"neighbor_vote= revises single cells' answers, but prompt={spec.prompts.prompt!r} labels "
                          "its cells together (distinct labels in one answer); leave neighbor_vote out (or 0)")
-    if not k or len(unit_rows) < 3:
+    if not k:
         return None
+    rows = np.asarray(unit_rows, dtype=np.int64)
+    used = min(k, len(rows) // CELLS_PER_NEIGHBOR)
+    if used < 2:
+        note = (f"no vote: {k} neighbours asked, {len(rows)} cells allow none (at least "
+                f"{2 * CELLS_PER_NEIGHBOR} needed for 2); each cell keeps its own answer")
+        log.info("neighbour vote: %s", note)
+        return Vote(0, rows, None, "none", 0.0, asked=k, note=note)
+    note = "" if used == k else f"{k} neighbours asked, {len(rows)} cells allow {used}"
     started = time.perf_counter()
     options = {"use_rep": None, "n_components": None}
     embedding, source = cells_embedding(prepared, spec, options, host)
-    rows = np.asarray(unit_rows, dtype=np.int64)
-    graph = knn_graph(embedding[rows], k, spec.prompts.seed)
+    graph = knn_graph(embedding[rows], used, spec.prompts.seed)
     seconds = time.perf_counter() - started
-    log.info("neighbour vote: %d neighbours over %d cells on %s (%.2f s)", k, len(rows), source, seconds)
-    return Vote(k, rows, graph, source, seconds)
+    log.info("neighbour vote: %d neighbours over %d cells on %s (%.2f s)", used, len(rows), source, seconds)
+    return Vote(used, rows, graph, source, seconds, asked=k, note=note)
 
 
 def vote(plan_vote_: Vote, by_unit: Mapping[str, Annotation], cell_ids: np.ndarray) -> tuple[dict[str, Annotation], dict[str, Any]]:
@@ -106,9 +121,10 @@ def vote(plan_vote_: Vote, by_unit: Mapping[str, Annotation], cell_ids: np.ndarr
     confidence = np.array([(1.0 if a.confidence is None else float(a.confidence)) if ok else 0.0
                            for a, ok in zip(answers, voting)])
     out = dict(by_unit)
-    record: dict[str, Any] = {"n_neighbors": v.n_neighbors, "embedding": v.source, "n_cells": len(units),
+    record: dict[str, Any] = {"n_neighbors": v.n_neighbors, "n_neighbors_asked": v.asked or v.n_neighbors,
+                              "note": v.note, "embedding": v.source, "n_cells": len(units),
                               "n_voting": int(voting.sum()), "n_changed": 0, "changes": {}}
-    if voting.sum() >= 2:
+    if v.graph is not None and voting.sum() >= 2:
         names, codes = np.unique(labels[voting], return_inverse=True)
         weight = np.clip(confidence[voting], 1e-6, 1.0)
         who = np.flatnonzero(voting)
