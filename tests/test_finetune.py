@@ -178,6 +178,14 @@ def test_annotate_records_the_adapter_manifest(adapter, base, pbmc):
     assert params["sentence"] == "data-hvg" and int(params["n_genes"]) == 6
     assert set(cells.obs["cellscribe"].dropna()) <= set(read_adapter_manifest(adapter).labels)
     assert "candidates" in list(params["set_by_model"])
+    # Scored as it was trained: the label's likelihood after the prompt, not divided by a prior the
+    # adapter learned (calibration="pmi", the default of untrained models); the user's choice wins.
+    assert read_adapter_manifest(adapter).calibration == "sum"
+    assert dict(params["generation"])["calibration"] == "sum"
+    chosen = pbmc[:2].copy()
+    cs.tl.annotate(chosen, model=model, decode="score", generation={"calibration": "pmi"}, sidecar=False,
+                   progress=False)
+    assert dict(chosen.uns["cellscribe"]["params"]["generation"])["calibration"] == "pmi"
 
 
 def test_cli_annotate_with_adapter_and_adapters_listing(adapter, base, pbmc, tmp_path):

@@ -135,6 +135,10 @@ def resolve(spec: RunSpec, host: Host) -> tuple[RunSpec, Any, dict[str, Any]]:
         for key, value in chosen.items():
             log.info("adapter %s sets %s=%r", adapter.path, key, value if key != "candidates" else f"{len(value)} labels")
         spec = spec.replace(**chosen) if chosen else spec
+        generation = dict(spec.generation.generation)
+        if not {"calibration", "length_normalize"} & set(generation):  # scored as it was trained
+            spec = spec.replace(generation={**generation, "calibration": adapter.calibration})
+            log.info("adapter %s sets calibration=%r for decode='score'", adapter.path, adapter.calibration)
         if spec.sentences.n_genes != adapter.n_genes:
             warnings.warn(f"adapter {adapter.path} was trained on {adapter.n_genes}-gene sentences; this run "
                           f"makes {spec.sentences.n_genes}-gene ones", UserWarning, stacklevel=3)
