@@ -191,3 +191,15 @@ def test_small_runs_answer_with_a_smaller_neighbourhood():
     assert (adata.obs["cellscribe_status"] == "ok").sum() >= 5
     assert "3 neighbours" in adata.uns["cellscribe"]["params"]["matrix"]
     assert "30 asked, 10 cells with counts allow 3" in adata.uns["cellscribe"]["params"]["matrix"]
+
+
+def test_the_vote_embedding_takes_the_modality_options(schep):
+    """A modality option named like one of the embedding's own keywords (the atac ``features`` kind of
+    matrix) is not passed twice; the run's LSI follows ``n_components``."""
+    adata = schep[:200].copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cs.tl.annotate(adata, modality="atac", tissue="blood", progress=False, sidecar=False,
+                       modality_options={"gtf": str(GTF), "features": "peaks", "n_components": 8})
+    record = adata.uns["cellscribe"]["vote"]
+    assert record["n_neighbors"] == 15 and record["embedding"] == "LSI of X (8 components)"

@@ -207,6 +207,10 @@ def plan_budget(prepared: Any, sentences: Any, spec: Any, cell_obs: pd.DataFrame
     return budget
 
 
+#: The keywords :func:`cells_embedding` gives ``Modality.embedding`` itself.
+EMBEDDING_KEYWORDS = frozenset({"features", "layer", "use_raw", "n_components", "seed", "chunk_size"})
+
+
 def cells_embedding(prepared: Any, spec: Any, options: Mapping[str, Any], host: Any) -> tuple[np.ndarray, str]:
     """The embedding a budget is chosen on: ``obsm[use_rep]`` of the annotated data, else each
     modality's own (``Modality.embedding``), else a truncated SVD of ``log1p`` of its FeatureMatrix;
@@ -225,12 +229,17 @@ def cells_embedding(prepared: Any, spec: Any, options: Mapping[str, Any], host: 
             raise ValueError(f"obsm[{key!r}] must be a finite cells x components array")
         return embedding, f"obsm[{key!r}]"
     blocks, notes = [], []
+    # The run's own keywords win over modality options of the same name (the atac option features="genes"
+    # names the kind of matrix, the keyword the FeatureMatrix); the modality's n_components is the default.
+    given = dict(d.modality_options)
+    n_components = options["n_components"] if options["n_components"] is not None else given.get("n_components")
+    extra = {k: v for k, v in given.items() if k not in EMBEDDING_KEYWORDS}
     for label, name, features in prepared.parts:
         component = host.registry.get("modality", name)
         adata = prepared.adata if len(prepared.parts) == 1 else _modality_data(prepared.adata, component, name, d)
         made = component.embedding(adata, features=features, layer=d.layer, use_raw=d.use_raw,
-                                   n_components=options["n_components"], seed=spec.prompts.seed,
-                                   chunk_size=d.chunk_size, **dict(d.modality_options))
+                                   n_components=n_components, seed=spec.prompts.seed,
+                                   chunk_size=d.chunk_size, **extra)
         if made is None:
             made = svd_embedding(features, options["n_components"], spec.prompts.seed, d.chunk_size)
         block, note = made
