@@ -15,8 +15,8 @@ predictions over clusters, without choosing a clustering resolution:
    neighbourhood gives another label more votes than its own (a plurality, as CellTypist's majority
    voting takes the most frequent label of a cluster: close types split the votes of one population)
    takes that label: its confidence becomes the label's share of the votes times its voters' mean
-   confidence, and its note names its own call. Other cells keep their answer. Unresolved cells stay unresolved (their note says why), and no
-   cell without an answer gets one.
+   confidence, and its note names its own call. Other cells keep their answer. Unresolved cells stay
+   unresolved (their note says why), and no cell without an answer gets one.
 
 A neighbourhood stays a small part of the run: at most one neighbour per :data:`CELLS_PER_NEIGHBOR`
 answered cells (a run of 24 cells votes over 2 neighbours; under 20 cells nobody votes).
@@ -108,12 +108,12 @@ def plan_vote(prepared: Any, sentences: Any, spec: Any, host: Any, unit_rows: np
     return Vote(used, rows, graph, source, seconds, asked=k, note=note)
 
 
-def vote(plan_vote_: Vote, by_unit: Mapping[str, Annotation], cell_ids: np.ndarray) -> tuple[dict[str, Annotation], dict[str, Any]]:
-    """Apply the vote to the decoded answers ``by_unit`` (unit id -> Annotation; ``cell_ids`` the unit id
-    of each row of the run's sentences). Returns the answers after the vote (a new dict; ``by_unit`` is
-    not changed) and the record written to ``uns[key]["vote"]``."""
+def vote(v: Vote, by_unit: Mapping[str, Annotation],
+         cell_ids: np.ndarray) -> tuple[dict[str, Annotation], dict[str, Any]]:
+    """Apply the vote ``v`` to the decoded answers ``by_unit`` (unit id -> Annotation; ``cell_ids`` the
+    unit id of each row of the run's sentences). Returns the answers after the vote (a new dict;
+    ``by_unit`` is not changed) and the record written to ``uns[key]["vote"]``."""
     started = time.perf_counter()
-    v = plan_vote_
     units = [str(cell_ids[r]) for r in v.rows.tolist()]
     answers = [by_unit.get(u) for u in units]
     voting = np.array([a is not None and a.status == STATUS_OK and a.label is not None for a in answers])
