@@ -7,9 +7,9 @@ neighbourhood decide between close calls, the way CellTypist's majority voting r
 predictions over clusters, without choosing a clustering resolution:
 
 1. **Plan** (step 2, :func:`plan_vote`, before any model work): the embedding of the cells the model
-   will answer (the modality's own, as for ``budget=``: PCA for RNA, LSI for ATAC, or
-   ``obsm["X_lsi"]``/``obsm["X_pca"]`` when the data has it) and their kNN graph (scanpy, the adaptive
-   Gaussian kernel of :func:`~.budget.knn_graph`).
+   will answer (the modality's own, as for ``budget=``: a PCA for RNA, the LSI for ATAC, its
+   ``obsm["X_lsi"]`` when the data has one) and their kNN graph (scanpy, the adaptive Gaussian kernel
+   of :func:`~.budget.knn_graph`).
 2. **Vote** (after decoding, :func:`vote`): every answered cell votes for its label with weight
    ``closeness x confidence`` (its own vote has closeness 1; unresolved cells do not vote). A cell whose
    neighbourhood gives another label more votes than its own (a plurality, as CellTypist's majority
