@@ -408,8 +408,9 @@ class MarkersModel:
     """
 
     #: Prompts per call the pipeline should send: scoring is vectorised over a call, and per-call
-    #: costs (token look-ups) are paid once, so large calls are much faster than LLM-sized batches.
-    prompts_per_call = 8192
+    #: costs (token look-ups) are paid once, so large calls are much faster than LLM-sized batches; a
+    #: streamed chunk of the default 10,000 cells is one call (and one checkpointed batch).
+    prompts_per_call = 10_000
     #: Decode modes that make sense for a scorer: its answers always come from scores.
     decode_modes = ("generate", "constrained", "score")
     #: NumPy and SciPy on the CPU, nothing open: forked copies answer a streamed run's chunks side by side.
