@@ -468,8 +468,11 @@ def run_batches(
         batch_settings = dict(settings)
         if "seed" in batch_settings:
             batch_settings["seed"] = int(batch_settings["seed"]) + seed_offset + index
-        key = fingerprint(batch, model, batch_settings) if checkpoint is not None else ""
-        saved = checkpoint.load(index, key, part) if checkpoint is not None else None
+        key = ""
+        saved = None
+        if checkpoint is not None and checkpoint.file(index, part).exists():
+            key = fingerprint(batch, model, batch_settings)
+            saved = checkpoint.load(index, key, part)
         if saved is not None and len(saved) == len(batch):
             todo = [i for i, g in enumerate(saved) if g.error]
             if progress and len(batch) - len(todo):
@@ -498,7 +501,7 @@ def run_batches(
         failed = failed or any(g.error for g in generations)
         unneeded = not save_last and index == len(starts) - 1 and not failed
         if checkpoint is not None and any(not g.error for g in fresh) and not unneeded:
-            checkpoint.save(index, key, generations, part)
+            checkpoint.save(index, key or fingerprint(batch, model, batch_settings), generations, part)
         out.extend(generations)
     if resumed:
         log.info("resumed %d finished batch(es) from %s", resumed, checkpoint.path if checkpoint else None)
