@@ -137,6 +137,12 @@ def normalise(label: str) -> str:
     return " ".join(words)
 
 
+@functools.lru_cache(maxsize=4096)
+def _abstains(answer: str) -> bool:
+    """Whether an answer withholds the call (:data:`ABSTENTIONS`; answers repeat, each is read once)."""
+    return normalise(answer) in ABSTENTIONS
+
+
 @functools.lru_cache(maxsize=16)
 def _normalised(vocabulary: tuple[str, ...]) -> dict[str, str]:
     return {v: normalise(v) for v in vocabulary}
@@ -321,7 +327,7 @@ class CellReasonerDecoder:
                 note = "; ".join(filter(None, ["reasoning was not closed with </think>", note]))
             else:
                 note = "reasoning was not closed with </think> (output cut off? raise max_new_tokens)"
-        elif normalise(answer) in ABSTENTIONS and answer not in vocab:
+        elif _abstains(answer) and answer not in vocab:
             # The model's own reason (generation.notes), when it gave one, says it better.
             note = "" if generation.notes else f"the model abstained (answer {answer!r})"
         else:
