@@ -8,12 +8,17 @@ run before answering (``LoadedModel.survey``: the ``markers`` model's tissue con
 chunk of ``chunk_size`` rows of the matrix, in file order: the modality's rows are read, the sentences
 ranked with that state, the prompts built, answered in checkpointed batches, decoded, and the chunk's
 result columns kept in a compact form (labels and statuses as categories, notes and reasoning as shared
-strings). Only one chunk of the matrix, its prompts and its answers are in memory at a time.
+strings). Only one chunk of the matrix, its prompts and its answers are in memory at a time. With forked
+workers (a ``forkable`` model), a worker answers a chunk and also numbers and compresses its sidecar
+records (numbered once the chunks before it have counted their prompts, which each worker shares as soon
+as it has built them) and encodes its checkpoint file; the main process reads and ranks the chunks and
+writes what comes back, in chunk order.
 
 With a checkpoint folder a finished chunk is saved as it comes (``chunk-NNNNNN.json``: its result
 columns and counts, under a key made of the run's identity, settings and parameters, the plan's state and
 context and the chunk's own cells, sentences and tissues; and its sidecar records,
-``sidecar-NNNNNN.jsonl[.gz]``); its batch files are removed then. A run killed half-way and started again
+``sidecar-NNNNNN.jsonl[.gz]``); its batch files are removed then (the last batch of a chunk none of whose
+prompts failed is not saved apart: the chunk file holds its answers). A run killed half-way and started again
 reads the finished chunks back (their sentences are ranked again to check the key: cheap next to a
 model), sends again only what was not answered, and ends with the results of an uninterrupted run. A
 chunk with failed prompts is not saved as finished: its batches stay, and a re-run sends only those
