@@ -447,13 +447,18 @@ def _answer_in_worker(c: int, chunk: Any, stopped: str | None, key: str) -> _Chu
 @contextlib.contextmanager
 def _fork_pool(workers: int, work: _ChunkWork):
     """``workers`` forked processes that share ``work`` (copy-on-write), closed on exit."""
+    import gc
     import multiprocessing
 
     global _WORK
     _WORK = work
+    # Objects that exist at the fork are left out of the workers' garbage collections: a collection
+    # writes to every object it visits, which would copy the shared pages into each worker.
+    gc.freeze()
     try:
         pool = multiprocessing.get_context("fork").Pool(workers)
     finally:
+        gc.unfreeze()
         _WORK = None
     try:
         yield pool
