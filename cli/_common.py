@@ -46,14 +46,51 @@ def parse_pairs(pairs: Iterable[str], flag: str) -> dict[str, Any]:
     return out
 
 
-def plugin_options(command: str) -> list[click.Option]:
-    """The options plugins add to ``command`` (``cellscribe_cli_options``)."""
+class PluginOptions(list):
+    """The options plugins add to a command (``cellscribe_cli_options`` of ``command``): those of the
+    imported plugins; :class:`PluginCommand` adds those of plugins imported on demand when needed."""
+
+    def __init__(self, command: str, options: Iterable[click.Option]) -> None:
+        super().__init__(options)
+        self.command = command
+
+
+def plugin_options(command: str) -> PluginOptions:
+    """The options the imported plugins add to ``command`` (``cellscribe_cli_options``)."""
     from ..core.plugins import get_host
 
-    options: list[click.Option] = []
-    for result in get_host().hook.cellscribe_cli_options(command=command):
-        options.extend(result or [])
-    return options
+    return PluginOptions(command, get_host().cli_options(command, deferred=False))
+
+
+class PluginCommand(click.Command):
+    """A command with plugin-added options (``plugin_params``, also among ``params``). A plugin not
+    imported yet that declares options for the command is imported, and its options added, only when
+    the command line holds an option the command does not know or asks for help: a run that names none
+    of its options never imports it."""
+
+    def __init__(self, *args: Any, plugin_params: PluginOptions, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.plugin_params = plugin_params
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        from ..core.plugins import get_host
+
+        host = get_host()
+        if host.has_deferred_options(self.plugin_params.command) and self._names_unknown_option(ctx, args):
+            known = {p.name for p in self.params}
+            added = [o for o in host.cli_options(self.plugin_params.command, deferred=True) if o.name not in known]
+            self.plugin_params.extend(added)
+            self.params.extend(added)
+        return super().parse_args(ctx, args)
+
+    def _names_unknown_option(self, ctx: click.Context, args: list[str]) -> bool:
+        names = {n for p in self.get_params(ctx) for n in (*p.opts, *p.secondary_opts)}
+        for arg in args:
+            if arg == "--":
+                break
+            if arg in ctx.help_option_names or (arg.startswith("-") and arg != "-" and arg.split("=", 1)[0] not in names):
+                return True
+        return False
 
 
 def split_plugin_values(kwargs: dict[str, Any], plugin_params: list[click.Option]) -> dict[str, Any]:

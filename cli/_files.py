@@ -4,7 +4,9 @@ an existing file unless asked, with the permissions the umask gives."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import re
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -224,6 +226,50 @@ def write_backed(data: Any, output: Path, mod: str | None, key_added: str) -> No
         _add_results(f, data, key_added, uns_prefixes=tuple(f"{name}:" for name in data.mod))
 
 
+def natural_key(text: str) -> tuple[str | int, ...]:
+    """The key ``natsort`` sorts ``text`` by with its default settings (the order anndata gives the
+    categories it makes): text and numbers alternating, a number first after ``""``. Made here for
+    ASCII text (a regular expression split, several times faster); other text gets natsort's own key."""
+    if not text.isascii():
+        return _natsort_key()(text)
+    parts = _DIGITS.split(text)
+    key: list[str | int] = [""] if not parts[0] and len(parts) > 1 else []
+    for i, part in enumerate(parts):
+        if i % 2:
+            key.append(int(part))
+        elif part:
+            key.append(part)
+    return tuple(key)
+
+
+_DIGITS = re.compile(r"([0-9]+)")
+
+
+@functools.cache
+def _natsort_key() -> Any:
+    from natsort import natsort_keygen
+
+    return natsort_keygen()
+
+
+def strings_to_categoricals(frame: Any) -> None:
+    """``AnnData.strings_to_categoricals`` for one DataFrame, in place: every string column with a
+    repeated value becomes a categorical, its categories in natural order (``natsort``'s, through
+    :func:`natural_key`). The result is anndata's; the natural keys cost a fraction of natsort's."""
+    import numpy as np
+    import pandas as pd
+    from pandas.api.types import infer_dtype
+
+    for column in [c for c in frame.columns if infer_dtype(frame[c]) == "string"]:
+        values = pd.Categorical(frame[column])
+        if len(values.categories) >= len(values):
+            continue
+        ordered = sorted(values.categories, key=natural_key)
+        if not np.array_equal(values.categories, ordered):
+            values = values.reorder_categories(ordered)
+        frame[column] = values
+
+
 def _add_results(group: Any, adata: Any, key_added: str, uns_prefixes: tuple[str, ...] = ("",)) -> None:
     """Write the result columns of ``adata.obs`` (:func:`result_columns`) into ``group["obs"]`` (each
     column replaced, the column order extended) and its ``uns`` entries for ``key_added`` into
@@ -234,7 +280,7 @@ def _add_results(group: Any, adata: Any, key_added: str, uns_prefixes: tuple[str
 
     columns = result_columns(adata.obs, key_added)
     frame = adata.obs[columns].copy()
-    adata.strings_to_categoricals(frame)  # anndata's own rule, as AnnData.write_h5ad applies it
+    strings_to_categoricals(frame)  # anndata's own rule, as AnnData.write_h5ad applies it
     group_obs = group["obs"]
     order = [str(c) for c in group_obs.attrs.get("column-order", [])]
     for column in columns:

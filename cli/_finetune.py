@@ -8,7 +8,16 @@ from typing import Any
 
 import click
 
-from ._common import flag_option, friendly_errors, parse_pairs, plugin_options, run_options, run_values, split_plugin_values
+from ._common import (
+    PluginCommand,
+    flag_option,
+    friendly_errors,
+    parse_pairs,
+    plugin_options,
+    run_options,
+    run_values,
+    split_plugin_values,
+)
 
 #: The run parameters a training run takes: how cells become prompts, how the base is loaded.
 TRAIN_RUN_FLAGS = ("mod", "layer", "use_raw", "modality_options", "chunk_size", "sentence", "n_genes",
@@ -78,8 +87,8 @@ def finetune_command() -> click.Command:
         click.echo(f"took {t['seconds']['total']:.0f} s; use it with: cellscribe annotate DATA -o OUT --model "
                    f"{manifest.base_model} --adapter {manifest.modality}={output}")
 
-    return click.Command(
-        "finetune", params=params, callback=finetune,
+    return PluginCommand(
+        "finetune", params=params, callback=finetune, plugin_params=plugin_params,
         help="""Train a LoRA adapter on the labelled cells of INPUT (obs[--label-key]) into the folder OUTPUT.
 
         Training records are made exactly as cellscribe annotate makes its prompts (modality, sentence
@@ -126,8 +135,8 @@ def export_command() -> click.Command:
             click.echo(f"  {counts['n_train']} training / {counts['n_validation']} validation cells "
                        f"({counts['method']}); fingerprint {counts['fingerprint']}")
 
-    return click.Command(
-        "export", params=params, callback=export,
+    return PluginCommand(
+        "export", params=params, callback=export, plugin_params=plugin_params,
         help="""Write the labelled cells of INPUT as a training set for other trainers (TRL, LLaMA-Factory):
         the records cellscribe finetune trains on, made exactly as annotate makes its prompts.""",
     )

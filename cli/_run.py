@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from ._common import (
+    PluginCommand,
     friendly_errors,
     parse_adapters,
     parse_pairs,
@@ -180,8 +181,8 @@ def annotate_command() -> click.Command:
             )
             raise click.exceptions.Exit(EXIT_PARTIAL)
 
-    return click.Command(
-        "annotate", params=params, callback=annotate,
+    return PluginCommand(
+        "annotate", params=params, callback=annotate, plugin_params=plugin_params,
         help="""Annotate the cells of INPUT and write the result to OUTPUT.
 
         INPUT is read, never written; OUTPUT is written atomically (temporary file, then rename). Every
@@ -297,8 +298,8 @@ def sentences_command() -> click.Command:
             )
         click.echo(f"wrote {n} records to {out}")
 
-    return click.Command(
-        "sentences", params=params, callback=sentences,
+    return PluginCommand(
+        "sentences", params=params, callback=sentences, plugin_params=plugin_params,
         help="Write the cell sentences of INPUT to OUTPUT, streaming chunks of cells (bounded memory).",
     )
 
@@ -337,8 +338,8 @@ def activity_command() -> click.Command:
         click.echo("  layers['counts']: the same genes before smoothing and normalisation; var['n_peaks']: "
                    "input features per gene")
 
-    return click.Command(
-        "activity", params=params, callback=activity,
+    return PluginCommand(
+        "activity", params=params, callback=activity, plugin_params=plugin_params,
         help="""Write the gene activity cellscribe ranks for the cells of INPUT (peaks, fragments or a MuData)
         to OUTPUT, to inspect in scanpy or muon.
 

@@ -15,7 +15,8 @@ only the arguments you need (pluggy passes them by keyword)::
         register(MyModality())
 
 Hooks are grouped by the phase in which they are called. Registration hooks are called once, when the
-plugin manager is first used; the ``register`` callback validates the component, rejects duplicate
+plugin manager is first used (for a plugin imported on demand, when it is imported: see
+:mod:`cellscribe.core.plugins`); the ``register`` callback validates the component, rejects duplicate
 names and records which plugin provided it (``cellscribe plugins`` lists them).
 
 Component interfaces (the objects passed to ``register``) are documented in

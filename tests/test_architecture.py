@@ -16,6 +16,7 @@ import pytest
 import cellscribe
 from cellscribe import hookimpl
 from cellscribe.core import hookspecs, plugins
+from cellscribe.core.components import KINDS
 
 ROOT = Path(cellscribe.__file__).parent
 PLUGIN_DIRS = sorted(p for p in (ROOT / "plugins").iterdir() if (p / "__init__.py").exists())
@@ -234,6 +235,58 @@ def test_heavy_libraries_load_lazily():
     env = {**os.environ, "CELLSCRIBE_LOAD_PLUGINS": ""}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == "", f"imported at start-up: {out.stdout}"
+
+
+def test_plugins_imported_on_demand_provide_what_they_declare():
+    """Every built-in declaration (cellscribe.provides) names exactly the components, reader file
+    endings, hooks and option-taking commands its plugin registers once imported."""
+    import importlib
+
+    declared = dict(plugins._pyproject_entry_points(plugins.PROVIDES_GROUP))
+    assert {"atac", "transformers", "openai", "finetune", "ray"} <= set(declared)
+    host = plugins.make_host()
+    assert set(declared) <= set(host.registry.deferred), "declared plugins are not imported at start-up"
+    host.load_all()
+    for name, reference in declared.items():
+        module, _, attr = reference.partition(":")
+        declaration = getattr(importlib.import_module(module), attr)
+        for kind in host.registry.entries:
+            registered = sorted(n for n, e in host.registry.entries[kind].items() if e.plugin == name)
+            assert registered == sorted(declaration.get(kind, [])), f"{name} registers {kind}s {registered}"
+        suffixes = sorted(s for r in host.registry.entries["reader"].values() if r.plugin == name
+                          for s in r.component.suffixes)
+        assert suffixes == sorted(declaration.get("reader_suffixes", []))
+        implemented = {h for h, caller in vars(host.pm.hook).items() if h.startswith("cellscribe_")
+                       and h not in KINDS and any(i.plugin_name == name for i in caller.get_hookimpls())}
+        assert implemented == set(declaration.get("hooks", [])), f"{name} implements {implemented}"
+        options = [i.function for i in host.pm.hook.cellscribe_cli_options.get_hookimpls() if i.plugin_name == name]
+        commands = {c for c in ("annotate", "sentences", "activity", "finetune", "export", "plugins")
+                    if any(f(command=c) for f in options)}
+        assert commands == set(declaration.get("cli_options", [])), f"{name} adds options to {commands}"
+
+
+def test_an_rna_run_imports_no_plugin_it_does_not_use(pancreas_path, tmp_path):
+    """cellscribe annotate on an .h5ad with the markers model imports neither the ATAC plugin nor the model
+    backends it does not use; an ATAC option on the command line imports the ATAC plugin for it."""
+    code = (
+        "import sys\n"
+        "from cellscribe.cli import main\n"
+        "try:\n"
+        "    main(sys.argv[1:])\n"
+        "except SystemExit as exit:\n"
+        "    assert not exit.code, exit.code\n"
+        "names = ('atac', 'transformers', 'openai', 'finetune', 'ray')\n"
+        "print('imported:' + ','.join(n for n in names if f'cellscribe.plugins.{n}' in sys.modules))\n"
+    )
+    env = {**os.environ, "CELLSCRIBE_LOAD_PLUGINS": ""}
+    run = ["annotate", str(pancreas_path), "-o", str(tmp_path / "out.h5ad"), "--limit", "20", "--no-progress"]
+    out = subprocess.run([sys.executable, "-c", code, *run], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "imported:"
+    out = subprocess.run([sys.executable, "-c", code, *run, "--force", "--promoter", "1000"], capture_output=True,
+                         text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "imported:atac"
 
 
 ANSWER_TAGS = ("<think>", "</think>", "<answer>", "</answer>")

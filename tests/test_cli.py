@@ -168,3 +168,33 @@ def test_progress_bar_only_on_a_terminal(runner, rules, pancreas_path, tmp_path)
     result = runner.invoke(main, ["annotate", str(pancreas_path), "-o", str(out), "--model", "rules"])
     assert result.exit_code == 0, result.output
     assert "prompt/s" not in result.output and "%|" not in result.output
+
+
+def test_result_columns_become_categoricals_as_anndata_makes_them():
+    """The writer of a backed run's results orders categories as anndata's strings_to_categoricals
+    (natsort's natural order), with a faster key for ASCII text."""
+    import random
+
+    import numpy as np
+    import pandas as pd
+    from natsort import natsort_keygen
+
+    from cellscribe.cli._files import natural_key, strings_to_categoricals
+
+    rng = random.Random(0)
+    alphabet = "ab Z0123456789.,-+()_:é٣²"
+    texts = ["", "0", "007x", "a01", "a1", "a1.5", " 1", "x٣", "²", "CD8+ T (2.10)", "CD8+ T (2.9)"]
+    texts += ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 10))) for _ in range(3000)]
+    keygen = natsort_keygen()
+    assert [natural_key(t) for t in texts] == [keygen(t) for t in texts]
+    values = [rng.choice(texts) for _ in range(5000)]
+    frame = pd.DataFrame({"repeated": values, "unique": [f"u{i}" for i in range(5000)],
+                          "number": np.arange(5000.0)}, index=[str(i) for i in range(5000)])
+    ours, theirs = frame.copy(), frame.copy()
+    strings_to_categoricals(ours)
+    ad.AnnData(obs=theirs).strings_to_categoricals(theirs)
+    for column in frame:
+        assert ours[column].dtype == theirs[column].dtype
+        if isinstance(theirs[column].dtype, pd.CategoricalDtype):
+            assert list(ours[column].cat.categories) == list(theirs[column].cat.categories)
+        assert ours[column].astype(object).equals(theirs[column].astype(object))

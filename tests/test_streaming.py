@@ -179,6 +179,45 @@ def test_a_batch_fingerprint_tells_apart_what_json_tells_apart():
     assert len({same, *(fingerprint(v, "m", {}) for v in variants)}) == len(variants) + 1
 
 
+def test_a_shared_object_is_fingerprinted_as_its_equal_copies_are():
+    from cellscribe.core.run.checkpoint import fingerprint
+    from cellscribe.core.types import Prompt
+
+    shared = {"do_sample": True, "stop_strings": ["x"]}
+
+    def prompt(generation):
+        return Prompt(messages=({"role": "user", "content": "CD3E"},), unit_ids=("c1",), strategy="zero-shot",
+                      generation=generation)
+
+    assert fingerprint([prompt(shared), prompt(shared)], "m", {}) == fingerprint(
+        [prompt(dict(shared)), prompt(dict(shared))], "m", {})
+
+
+def test_the_last_batch_of_a_part_is_saved_only_when_the_part_has_a_failed_prompt(tmp_path):
+    """run_batches(save_last=False), as a streamed chunk runs its batches: the chunk file that follows
+    holds the last batch's answers, unless a prompt failed (then every batch stays for the re-run)."""
+    from cellscribe.core.run.checkpoint import Checkpoint, run_batches
+    from cellscribe.core.types import Generation, Prompt
+
+    class Model:
+        def __init__(self, failing=()):
+            self.failing = set(failing)
+
+        def generate(self, prompts, **_):
+            return [Generation(text="", error="boom") if p.unit_ids[0] in self.failing else Generation(text="ok")
+                    for p in prompts]
+
+    prompts = [Prompt(messages=({"role": "user", "content": f"g{i}"},), unit_ids=(f"c{i}",), strategy="zero-shot")
+               for i in range(5)]
+    for failing, saved in (((), ["batch-a000000.json", "batch-a000001.json"]),
+                           (("c0",), ["batch-a000000.json", "batch-a000001.json", "batch-a000002.json"])):
+        with Checkpoint.open(tmp_path / f"ckpt{len(failing)}", {"model": "m"}) as checkpoint:
+            out = run_batches(Model(failing), prompts, settings={}, model="m", batch_prompts=2, checkpoint=checkpoint,
+                              part="a", save_last=False)
+            assert [p.name for p in checkpoint.batches("a")] == saved
+            assert [g.text for g in out.generations] == ["" if f"c{i}" in failing else "ok" for i in range(5)]
+
+
 def test_a_mudata_modality_on_disk_streams_and_equals_the_in_memory_run(tmp_path):
     mudata = pytest.importorskip("mudata")
     source = Path(__file__).parent / "data" / "multiome" / "pbmc10k_multiome_1000cells_subset.h5mu"

@@ -74,3 +74,58 @@ def test_external_plugins_stay_out_unless_selected(adt_installed, monkeypatch):
     monkeypatch.delenv("CELLSCRIBE_LOAD_PLUGINS")
     monkeypatch.setenv("CELLSCRIBE_DISABLE_PLUGINS", "cellscribe-adt")
     assert "adt" not in plugins.make_host().registry.names("modality")
+
+
+def _installed(tmp_path, monkeypatch, name, declaration):
+    """A plugin package ``name`` (one modality, ``name``) installed as a distribution with its entry
+    point and, when ``declaration`` is given, a ``cellscribe.provides`` one pointing at it."""
+    site = tmp_path / "site"
+    (site / name).mkdir(parents=True)
+    (site / name / "__init__.py").write_text(
+        "from cellscribe import FeatureMatrix, hookimpl\n"
+        "class Modality:\n"
+        f"    name = {name!r}\n"
+        "    description = 'a test modality'\n"
+        "    def prepare(self, adata, **options):\n"
+        "        return FeatureMatrix(X=adata.X, feature_names=adata.var_names, cell_ids=adata.obs_names)\n"
+        "@hookimpl\n"
+        "def cellscribe_register_modalities(register):\n"
+        "    register(Modality())\n"
+    )
+    entry_points = f"[cellscribe]\n{name} = {name}\n"
+    if declaration is not None:
+        (site / f"{name}_meta.py").write_text(f"PROVIDES = {declaration!r}\n")
+        entry_points += f"\n[cellscribe.provides]\n{name} = {name}_meta:PROVIDES\n"
+    dist = site / f"{name}-0.1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1.0\n")
+    (dist / "entry_points.txt").write_text(entry_points)
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setenv("CELLSCRIBE_LOAD_PLUGINS", name)
+    monkeypatch.delitem(sys.modules, name, raising=False)
+
+
+def test_a_plugin_that_declares_what_it_provides_is_imported_when_a_run_needs_it(tmp_path, monkeypatch):
+    _installed(tmp_path, monkeypatch, "lazyomics", {"modality": ["lazyomics"]})
+    host = plugins.make_host()
+    assert "lazyomics" not in sys.modules
+    assert "lazyomics" in host.registry.names("modality")
+    host.registry.get("modality", "rna")
+    host.registry.backend_for("markers")
+    assert "lazyomics" not in sys.modules
+    assert host.registry.get("modality", "lazyomics").name == "lazyomics"
+    assert "lazyomics" in sys.modules
+    info = {i.name: i for i in host.plugins()}["lazyomics"]
+    assert info.origin == "lazyomics" and info.provides == ("modality:lazyomics",)
+
+
+def test_a_plugin_without_a_readable_declaration_is_imported_at_once(tmp_path, monkeypatch, caplog):
+    _installed(tmp_path, monkeypatch, "eageromics", None)
+    plugins.make_host()
+    assert "eageromics" in sys.modules
+    monkeypatch.delitem(sys.modules, "eageromics")
+    _installed(tmp_path / "bad", monkeypatch, "badomics", {"modalities": ["badomics"]})
+    with caplog.at_level("WARNING", logger="cellscribe.core.plugins"):
+        host = plugins.make_host()
+    assert "badomics" in sys.modules and "cannot read what it provides" in caplog.text
+    assert host.registry.get("modality", "badomics").name == "badomics"

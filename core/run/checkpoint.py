@@ -159,13 +159,17 @@ def fingerprint(prompts: Sequence[Prompt], model: str, settings: Mapping[str, An
     h = hashlib.sha256()
     h.update(json.dumps({"model": model, "settings": dict(settings)}, sort_keys=True, default=str).encode())
     shared: dict[Any, str] = {}
+    by_object: dict[int, str] = {}  # the prompts hold every object, so ids are not reused meanwhile
     strings: list[str] = []
     lengths: list[int] = []
 
     def value(obj: Any) -> str:
         # Equal values (each prompt's own copy of the same defaults) are encoded once: keyed by their
         # items and the items' types (True == 1 == 1.0 in Python, not in JSON) when those can be
-        # hashed, else by the object.
+        # hashed, else by the object. An object prompts share is looked up by its id first.
+        text = by_object.get(id(obj))
+        if text is not None:
+            return text
         mapping = isinstance(obj, Mapping)
         try:
             if mapping:
@@ -181,6 +185,7 @@ def fingerprint(prompts: Sequence[Prompt], model: str, settings: Mapping[str, An
         if text is None:
             plain = dict(obj) if mapping else list(obj) if isinstance(obj, tuple) else obj
             text = shared[key] = json.dumps(plain, sort_keys=True, default=str)
+        by_object[id(obj)] = text
         return text
 
     add = strings.append
@@ -441,6 +446,7 @@ def run_batches(
     part: str = "",
     seed_offset: int = 0,
     stopped: str | None = None,
+    save_last: bool = True,
 ) -> BatchOutcome:
     """Generate for every prompt, ``batch_prompts`` at a time, saving each batch to ``checkpoint``.
 
@@ -450,16 +456,23 @@ def run_batches(
     batches are still read, the other prompts are returned as failed, and ``stopped`` says why (a
     ``stopped`` given by the caller, from an earlier part of the run, sends nothing from the start).
     ``part`` names the batch files of one part of a run (a streamed run's chunk of cells).
+    ``save_last=False``: the last batch is not saved when no prompt of any batch failed (the caller
+    saves the whole part as finished right after; a part with a failed prompt keeps every batch).
     """
     out: list[Generation] = []
     resumed = 0
-    for index, start in enumerate(range(0, len(prompts), batch_prompts)):
+    failed = False
+    starts = range(0, len(prompts), batch_prompts)
+    for index, start in enumerate(starts):
         batch = prompts[start : start + batch_prompts]
         batch_settings = dict(settings)
         if "seed" in batch_settings:
             batch_settings["seed"] = int(batch_settings["seed"]) + seed_offset + index
-        key = fingerprint(batch, model, batch_settings)
-        saved = checkpoint.load(index, key, part) if checkpoint is not None else None
+        key = ""
+        saved = None
+        if checkpoint is not None and checkpoint.file(index, part).exists():
+            key = fingerprint(batch, model, batch_settings)
+            saved = checkpoint.load(index, key, part)
         if saved is not None and len(saved) == len(batch):
             todo = [i for i, g in enumerate(saved) if g.error]
             if progress and len(batch) - len(todo):
@@ -485,8 +498,10 @@ def run_batches(
         generations = list(saved)
         for i, g in zip(todo, fresh, strict=True):
             generations[i] = g
-        if checkpoint is not None and any(not g.error for g in fresh):
-            checkpoint.save(index, key, generations, part)
+        failed = failed or any(g.error for g in generations)
+        unneeded = not save_last and index == len(starts) - 1 and not failed
+        if checkpoint is not None and any(not g.error for g in fresh) and not unneeded:
+            checkpoint.save(index, key or fingerprint(batch, model, batch_settings), generations, part)
         out.extend(generations)
     if resumed:
         log.info("resumed %d finished batch(es) from %s", resumed, checkpoint.path if checkpoint else None)

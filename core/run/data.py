@@ -57,7 +57,7 @@ def read_input(path: str | Path, host: Host | None = None, **options: Any) -> An
     """Read ``path`` with the first registered reader whose suffix matches."""
     host = host or get_host()
     name = str(path).lower()
-    for reader in host.registry.all("reader").values():
+    for reader in host.registry.readers_for(name).values():
         suffix = next((s for s in reader.suffixes if name.endswith(s)), None)
         if suffix is None:
             continue

@@ -8,12 +8,17 @@ run before answering (``LoadedModel.survey``: the ``markers`` model's tissue con
 chunk of ``chunk_size`` rows of the matrix, in file order: the modality's rows are read, the sentences
 ranked with that state, the prompts built, answered in checkpointed batches, decoded, and the chunk's
 result columns kept in a compact form (labels and statuses as categories, notes and reasoning as shared
-strings). Only one chunk of the matrix, its prompts and its answers are in memory at a time.
+strings). Only one chunk of the matrix, its prompts and its answers are in memory at a time. With forked
+workers (a ``forkable`` model), a worker answers a chunk and also numbers and compresses its sidecar
+records (numbered once the chunks before it have counted their prompts, which each worker shares as soon
+as it has built them) and encodes its checkpoint file; the main process reads and ranks the chunks and
+writes what comes back, in chunk order.
 
 With a checkpoint folder a finished chunk is saved as it comes (``chunk-NNNNNN.json``: its result
 columns and counts, under a key made of the run's identity, settings and parameters, the plan's state and
 context and the chunk's own cells, sentences and tissues; and its sidecar records,
-``sidecar-NNNNNN.jsonl[.gz]``); its batch files are removed then. A run killed half-way and started again
+``sidecar-NNNNNN.jsonl[.gz]``); its batch files are removed then (the last batch of a chunk none of whose
+prompts failed is not saved apart: the chunk file holds its answers). A run killed half-way and started again
 reads the finished chunks back (their sentences are ranked again to check the key: cheap next to a
 model), sends again only what was not answered, and ends with the results of an uninterrupted run. A
 chunk with failed prompts is not saved as finished: its batches stay, and a re-run sends only those
@@ -260,9 +265,10 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _finish_chunk(path: Path, payload: Mapping[str, Any], batches: Sequence[Path]) -> None:
-    """Save a finished chunk (its key, counts and result columns) and remove its batch files."""
-    _write_atomic(path, json.dumps(payload, ensure_ascii=False).encode("utf-8"))
+def _finish_chunk(path: Path, payload: bytes, batches: Sequence[Path]) -> None:
+    """Save a finished chunk (``payload``: its key, counts and result columns as JSON) and remove its
+    batch files."""
+    _write_atomic(path, payload)
     for file in batches:
         file.unlink(missing_ok=True)
 
@@ -271,8 +277,8 @@ class _Sidecar:
     """The sidecar file of a streamed run, written chunk by chunk: into the checkpoint folder as one part
     per chunk (joined into the file at the end), or straight into the file without a checkpoint.
 
-    Compressing and writing happen on a thread (zlib leaves the interpreter lock while it compresses,
-    so the next chunk is answered meanwhile on the other core); at most one chunk waits for it."""
+    A chunk's records come encoded (numbered and compressed where the chunk was answered, see
+    :func:`_answer_chunk`); writing them happens on a thread, and at most one chunk waits for it."""
 
     def __init__(self, path: Path | None, checkpoint: Checkpoint | None) -> None:
         from concurrent.futures import ThreadPoolExecutor
@@ -290,8 +296,7 @@ class _Sidecar:
             return None
         return self.checkpoint.path / f"sidecar-{index:06d}.jsonl{'.gz' if self.compressed else ''}"
 
-    def _put(self, index: int, text: str, after: Callable[[], None] | None) -> None:
-        data = encode_sidecar(text, self.compressed)
+    def _put(self, index: int, data: bytes, after: Callable[[], None] | None) -> None:
         if self._direct is not None:
             self._direct.write(data)
         else:
@@ -304,14 +309,15 @@ class _Sidecar:
             pending, self._pending = self._pending, None
             pending.result()  # an error writing the sidecar stops the run here
 
-    def write(self, index: int, text: str, after: Callable[[], None] | None = None) -> None:
-        """Write chunk ``index``'s records, then call ``after`` (both on the writer's thread)."""
+    def write(self, index: int, data: bytes, after: Callable[[], None] | None = None) -> None:
+        """Write chunk ``index``'s encoded records (:func:`encode_sidecar`), then call ``after`` (both on
+        the writer's thread)."""
         self._wait()
         if self.path is None:
             if after is not None:
                 after()
             return
-        self._pending = self._pool.submit(self._put, index, text, after)
+        self._pending = self._pool.submit(self._put, index, data, after)
 
     def has(self, index: int) -> bool:
         part = self.part(index)
@@ -343,7 +349,9 @@ class _Sidecar:
 
 @attrs.frozen(eq=False)
 class _ChunkWork:
-    """What answering a chunk needs (inherited by forked workers)."""
+    """What answering a chunk needs (inherited by forked workers). ``sidecar``: whether the sidecar is
+    kept, compressed or not (``None``: no sidecar); ``counts``: the prompts of each chunk as soon as
+    they are known (-1 before), shared with the workers, from which a chunk's records are numbered."""
 
     plan: RunPlan
     loaded: Any
@@ -356,12 +364,15 @@ class _ChunkWork:
     cell_obs: pd.DataFrame
     key_added: str
     chunk_size: int
+    sidecar: bool | None
+    counts: Any
 
 
 @attrs.frozen(eq=False)
 class _ChunkDone:
-    """A chunk answered: its result columns (:func:`_chunk_record`), counts and sidecar lines (numbered
-    from 0)."""
+    """A chunk answered: its result columns (:func:`_chunk_record`), counts, sidecar records (numbered
+    after the chunks before it, encoded as the file holds them) and, when none of its prompts failed and
+    the run keeps a checkpoint, the chunk file's content (:func:`_finish_chunk`)."""
 
     record: dict[str, Any]
     n_prompts: int
@@ -372,11 +383,24 @@ class _ChunkDone:
     first_error: str
     stopped: str | None
     seconds: float
-    sidecar: str
+    sidecar: bytes
+    finished: bytes | None
 
 
-def _answer_chunk(work: _ChunkWork, c: int, chunk: Any, stopped: str | None) -> _ChunkDone:
-    """Prompt, answer (in checkpointed batches), decode and tabulate chunk ``c`` of the cell sentences."""
+def _records_start(counts: Any, c: int) -> int:
+    """The number of the first sidecar record of chunk ``c``: the prompts of the chunks before it, once
+    each of them has counted its prompts (an earlier chunk is always started first, and a worker
+    counts its prompts before answering them, so the wait is short)."""
+    while True:
+        before = counts[:c]
+        if min(before, default=0) >= 0:
+            return int(sum(before))
+        time.sleep(0.002)
+
+
+def _answer_chunk(work: _ChunkWork, c: int, chunk: Any, stopped: str | None, key: str) -> _ChunkDone:
+    """Prompt, answer (in checkpointed batches), decode and tabulate chunk ``c`` of the cell sentences;
+    encode its sidecar records and, when it is finished, its chunk file (under ``key``)."""
     plan = work.plan
     start = c * work.chunk_size
     stop = start + len(chunk)
@@ -388,20 +412,31 @@ def _answer_chunk(work: _ChunkWork, c: int, chunk: Any, stopped: str | None) -> 
         rows=np.arange(start, stop, dtype=np.int64),
     )
     prompts = chunk_plan.make_prompts(work.loaded.count_tokens)
+    work.counts[c] = len(prompts)
     began = time.perf_counter()
+    # The chunk file saved once the chunk is done holds the last batch's answers: it is not saved apart.
     outcome = run_batches(work.loaded, prompts, settings=work.settings, model=work.digest,
                           batch_prompts=work.per_batch, checkpoint=work.checkpoint, part=f"c{c:06d}-",
-                          seed_offset=c << 20, stopped=stopped)
+                          seed_offset=c << 20, stopped=stopped, save_last=False)
     seconds = time.perf_counter() - began
     by_unit = decode_all(prompts, outcome.generations, work.host)
     frame, chunk_summary = results_frame(chunk_plan, by_unit, work.key_added,
                                          unit_label_scores(prompts, outcome.generations))
     failed = [(p, g) for p, g in zip(prompts, outcome.generations) if g.error]
+    record = _chunk_record(frame, work.key_added)
+    sidecar = b""
+    if work.sidecar is not None:
+        lines = sidecar_lines(prompts, outcome.generations, by_unit, None)
+        sidecar = encode_sidecar(numbered_lines(lines, _records_start(work.counts, c)), work.sidecar)
+    finished = None
+    if work.checkpoint is not None and not failed:
+        payload = {"key": key, "n_prompts": len(prompts), "n_empty": chunk_summary["n_empty"], "columns": record}
+        finished = json.dumps(payload, ensure_ascii=False).encode("utf-8")
     return _ChunkDone(
-        record=_chunk_record(frame, work.key_added), n_prompts=len(prompts), n_empty=chunk_summary["n_empty"],
+        record=record, n_prompts=len(prompts), n_empty=chunk_summary["n_empty"],
         n_failed_prompts=len(failed), n_failed_units=sum(len(p.unit_ids) for p, _ in failed),
         resumed=outcome.resumed, first_error=next((g.error for _, g in failed), ""), stopped=outcome.stopped,
-        seconds=seconds, sidecar=sidecar_lines(prompts, outcome.generations, by_unit, None),
+        seconds=seconds, sidecar=sidecar, finished=finished,
     )
 
 
@@ -409,20 +444,25 @@ def _answer_chunk(work: _ChunkWork, c: int, chunk: Any, stopped: str | None) -> 
 _WORK: _ChunkWork | None = None
 
 
-def _answer_in_worker(c: int, chunk: Any, stopped: str | None) -> _ChunkDone:
-    return _answer_chunk(_WORK, c, chunk, stopped)
+def _answer_in_worker(c: int, chunk: Any, stopped: str | None, key: str) -> _ChunkDone:
+    return _answer_chunk(_WORK, c, chunk, stopped, key)
 
 
 @contextlib.contextmanager
 def _fork_pool(workers: int, work: _ChunkWork):
     """``workers`` forked processes that share ``work`` (copy-on-write), closed on exit."""
+    import gc
     import multiprocessing
 
     global _WORK
     _WORK = work
+    # Objects that exist at the fork are left out of the workers' garbage collections: a collection
+    # writes to every object it visits, which would copy the shared pages into each worker.
+    gc.freeze()
     try:
         pool = multiprocessing.get_context("fork").Pool(workers)
     finally:
+        gc.unfreeze()
         _WORK = None
     try:
         yield pool
@@ -516,6 +556,9 @@ def annotate_streamed(data: Any, spec: RunSpec, *, host: Host, run_id: str,
     n_chunks = -(-n // chunk_size)
     workers = _workers(d.workers, loaded, n_chunks)
     plan.found["streamed"]["workers"] = workers
+    import multiprocessing
+
+    prompt_counts = multiprocessing.RawArray("q", [-1] * n_chunks)  # shared with forked workers
     with contextlib.ExitStack() as stack:
         checkpoint = None
         if plan.spec.output.checkpoint is not None:
@@ -523,7 +566,7 @@ def annotate_streamed(data: Any, spec: RunSpec, *, host: Host, run_id: str,
         writer = _Sidecar(sidecar, checkpoint)
         stack.callback(writer.close)
         work = _ChunkWork(plan, loaded, host, settings, digest, per_batch, checkpoint, tissues, cell_obs, key_added,
-                          chunk_size)
+                          chunk_size, None if sidecar is None else writer.compressed, prompt_counts)
         pool = None
         if workers > 1:
             pool = stack.enter_context(_fork_pool(workers, work))
@@ -547,7 +590,6 @@ def annotate_streamed(data: Any, spec: RunSpec, *, host: Host, run_id: str,
                 return
             done: _ChunkDone = item.get() if pool is not None else item
             columns.add(done.record)
-            offset = counts["n_prompts"]
             counts["n_prompts"] += done.n_prompts
             counts["n_empty"] += done.n_empty
             counts["n_failed_prompts"] += done.n_failed_prompts
@@ -557,11 +599,11 @@ def annotate_streamed(data: Any, spec: RunSpec, *, host: Host, run_id: str,
             stopped = stopped or done.stopped
             seconds += done.seconds
             finished = None
-            if chunk_file is not None and not done.n_failed_prompts:
-                payload = {"key": key, "n_prompts": done.n_prompts, "n_empty": done.n_empty, "columns": done.record}
-                finished = functools.partial(_finish_chunk, chunk_file, payload, checkpoint.batches(f"c{c:06d}-"))
+            if chunk_file is not None and done.finished is not None:
+                finished = functools.partial(_finish_chunk, chunk_file, done.finished,
+                                             checkpoint.batches(f"c{c:06d}-"))
             # The chunk is saved as finished only once its sidecar part is on disk (then its batches go).
-            writer.write(c, numbered_lines(done.sidecar, offset), after=finished)
+            writer.write(c, done.sidecar, after=finished)
             bar.update(size)
 
         for c, chunk in enumerate(chunks):
@@ -572,10 +614,11 @@ def annotate_streamed(data: Any, spec: RunSpec, *, host: Host, run_id: str,
             saved = _load_chunk(chunk_file, key) if chunk_file is not None else None
             if saved is not None and (sidecar is None or writer.has(c)):
                 item: Any = saved
+                prompt_counts[c] = saved["n_prompts"]
             elif pool is not None:
-                item = pool.apply_async(_answer_in_worker, (c, chunk, stopped))
+                item = pool.apply_async(_answer_in_worker, (c, chunk, stopped, key))
             else:
-                item = _answer_chunk(work, c, chunk, stopped)
+                item = _answer_chunk(work, c, chunk, stopped, key)
             pending.append((c, len(chunk), chunk_file, key, item))
             while len(pending) > (2 * workers if pool is not None else 0):
                 take()

@@ -408,8 +408,9 @@ class MarkersModel:
     """
 
     #: Prompts per call the pipeline should send: scoring is vectorised over a call, and per-call
-    #: costs (token look-ups) are paid once, so large calls are much faster than LLM-sized batches.
-    prompts_per_call = 8192
+    #: costs (token look-ups) are paid once, so large calls are much faster than LLM-sized batches; a
+    #: streamed chunk of the default 10,000 cells is one call (and one checkpointed batch).
+    prompts_per_call = 10_000
     #: Decode modes that make sense for a scorer: its answers always come from scores.
     decode_modes = ("generate", "constrained", "score")
     #: NumPy and SciPy on the CPU, nothing open: forked copies answer a streamed run's chunks side by side.
@@ -801,34 +802,41 @@ class MarkersModel:
         doubts = self._doubts(options, best, scores, evidence, knowledge_only=signatures is None)
         organ_notes = self._organ_notes(options, context)
         out = []
+        # Plain Python numbers for the per-unit loop (NumPy scalars are slow to index and format there).
+        compared_l, best_l = compared.tolist(), best.tolist()
+        compared_scores = np.take_along_axis(scores, compared, axis=1).tolist()
+        rows_l, confidence_l = options.rows.tolist(), confidence.tolist()
+        n_genes_l, n_skipped_l = first_units.n_genes.tolist(), first_units.n_skipped.tolist()
         for i, prompt in enumerate(prompts):
-            lines = [text.header_line(int(first_units.n_genes[i]), int(first_units.n_skipped[i]))]
-            for j, option in enumerate(compared[i].tolist()):
+            lines = [text.header_line(int(n_genes_l[i]), int(n_skipped_l[i]))]
+            for j, (option, score) in enumerate(zip(compared_l[i], compared_scores[i])):
                 extra, found = [], evidence[i][j]
                 if signatures is not None and signatures.n_examples[option] > 0:
                     extra.append(_signature_clause(sig_evidence[i][j], int(signatures.n_examples[option])))
                     if found is not None:  # both sources: say which evidence is the knowledge's
                         extra.append("its known markers: " + "; ".join(text.evidence_clauses(found)))
                         found = None
-                if options.rows[option] < 0:
+                if rows_l[option] < 0:
                     extra.append(self._elimination_clause(type_scores[i], options))
-                lines.append(text.type_line(options.display[option], scores[i, option], found, extra=extra))
-            lines.append(text.conclusion_line([(options.display[o], scores[i, o]) for o in compared[i]]))
-            label = options.names[best[i]]
+                lines.append(text.type_line(options.display[option], score, found, extra=extra))
+            lines.append(text.conclusion_line([(options.display[o], s) for o, s in zip(compared_l[i], compared_scores[i])]))
+            b = best_l[i]
+            label = options.names[b]
             inside = opens_think(prompt.response_prefix)
             abstain, note = doubts[i]
             if abstain:
                 lines.append(f"{note[0].upper()}{note[1:]}.")
                 label = ABSTENTION
-            elif organ_notes[best[i]]:
-                lines.append(f"Note: {organ_notes[best[i]]}.")
-                note = "; ".join(x for x in (note, organ_notes[best[i]]) if x)
+            elif organ_notes[b]:
+                lines.append(f"Note: {organ_notes[b]}.")
+                note = "; ".join(x for x in (note, organ_notes[b]) if x)
+            n = len(prompt.unit_ids)
             out.append(
                 Generation(
                     text=text.cellreasoner_text("\n".join(lines), label, inside_think=inside),
-                    confidence=(float(confidence[i]),) * len(prompt.unit_ids),
-                    label_scores=(label_scores[i],) * len(prompt.unit_ids),
-                    notes=(note,) * len(prompt.unit_ids) if note else None,
+                    confidence=(confidence_l[i],) * n,
+                    label_scores=(label_scores[i],) * n,
+                    notes=(note,) * n if note else None,
                 )
             )
         return out

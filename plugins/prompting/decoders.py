@@ -137,6 +137,12 @@ def normalise(label: str) -> str:
     return " ".join(words)
 
 
+@functools.lru_cache(maxsize=4096)
+def _abstains(answer: str) -> bool:
+    """Whether an answer withholds the call (:data:`ABSTENTIONS`; answers repeat, each is read once)."""
+    return normalise(answer) in ABSTENTIONS
+
+
 @functools.lru_cache(maxsize=16)
 def _normalised(vocabulary: tuple[str, ...]) -> dict[str, str]:
     return {v: normalise(v) for v in vocabulary}
@@ -207,14 +213,20 @@ def ontology_label(answer: str) -> tuple[str | None, str]:
     """``(label, note)`` for a free-text answer without a vocabulary (module docstring, step 4)."""
     from cellscribe.core.domain.ontology import get_ontology
 
+    return _ontology_label(get_ontology(), answer)
+
+
+@functools.lru_cache(maxsize=4096)
+def _ontology_label(ontology: Any, answer: str) -> tuple[str | None, str]:
+    # Answers repeat (a run names a few dozen cell types): each is looked up once per ontology.
     terms, words = _answer_terms(answer)
     if len(terms) == 1:
         if words == answer:
             return answer, ""
-        name = get_ontology().name(terms[0])
+        name = ontology.name(terms[0])
         return name, f"cell type named in the answer {_quoted(answer)}: {words!r} ({terms[0]})"
     if terms:
-        names = sorted(get_ontology().name(t) for t in terms)
+        names = sorted(ontology.name(t) for t in terms)
         return None, f"answer {_quoted(answer)} names several cell types: {names}"
     return None, (f"answer {_quoted(answer)} names no Cell Ontology cell type (give candidates to accept the "
                   "labels of another label set)")
@@ -315,7 +327,7 @@ class CellReasonerDecoder:
                 note = "; ".join(filter(None, ["reasoning was not closed with </think>", note]))
             else:
                 note = "reasoning was not closed with </think> (output cut off? raise max_new_tokens)"
-        elif normalise(answer) in ABSTENTIONS and answer not in vocab:
+        elif _abstains(answer) and answer not in vocab:
             # The model's own reason (generation.notes), when it gave one, says it better.
             note = "" if generation.notes else f"the model abstained (answer {answer!r})"
         else:
