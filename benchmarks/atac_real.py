@@ -187,7 +187,7 @@ def main(argv=None) -> int:
         key, value = item.split("=", 1)
         options[key] = value
     runs = {
-        "schep": (run_schep, [None, "blood"]),
+        "schep": (run_schep, [None, "blood", "bone marrow"]),
         "buenrostro": (run_buenrostro, [None, "bone marrow"]),
         "pbsmall": (run_pbsmall, [None, "blood"]),
     }

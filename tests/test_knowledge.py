@@ -254,6 +254,11 @@ def test_restrict_to_tissue(knowledge):
     assert set(knowledge.restrict(tissue="lung").cell_types) >= {"pulmonary alveolar type 2 cell"}
     both = knowledge.restrict(["alpha", "NK"], tissue="pancreas", resident=False)
     assert list(both.cell_types) == ["pancreatic A cell"]
+    # Bone marrow holds its stroma and bone-lining cells, not cartilage or cells walled into bone.
+    marrow = set(knowledge.restrict(tissue="bone marrow").cell_types)
+    assert {"hematopoietic stem cell", "osteoblast", "endothelial cell", "adipocyte", "erythroblast"} <= marrow
+    assert not marrow & {"chondrocyte", "osteocyte"}
+    assert "chondrocyte" in set(knowledge.restrict(tissue="connective tissue").cell_types)
     with pytest.raises(ValueError, match="unknown tissue 'mars'.*Pancreas"):
         knowledge.restrict(tissue="mars")
     with pytest.raises(ValueError, match="needs cell_types, a tissue"):

@@ -49,6 +49,7 @@ __all__ = [
     "UBIQUITOUS_PATTERN",
     "RESIDENT_ORGANS",
     "TISSUE_RESIDENTS",
+    "TISSUE_ABSENT_TYPES",
     "TISSUE_ALIASES",
     "MarkerKnowledge",
     "load_knowledge",
@@ -98,6 +99,14 @@ TISSUE_RESIDENTS: dict[str, tuple[str, ...]] = {
     "peripheral blood": ("Immune system", "Blood"),
     "pbmc": ("Immune system", "Blood"),
     "cord blood": ("Immune system", "Blood"),
+}
+
+#: Types of the resident or recorded organs a tissue does not hold: bone marrow (an aspirate, BMMCs) is
+#: the soft tissue inside bone, without cartilage or the cells walled into mineralised bone, so
+#: chondrocytes and osteocytes are not its answers (with ``tissue="bone marrow"`` the Schep 2017
+#: erythroblasts were called chondrocytes, 37 of 50).
+TISSUE_ABSENT_TYPES: dict[str, tuple[str, ...]] = {
+    "bone marrow": ("chondrocyte", "osteocyte"),
 }
 
 #: Types of the resident organs that belong to one site (their names say where): with ``tissue=...``
@@ -661,6 +670,8 @@ class MarkerKnowledge:
             or key in {_tissue_key(t) for t in ts}
             for name, ts in zip(self.cell_types, self.tissues)
         ], dtype=bool)
+        absent = {_tissue_key(name): types for name, types in TISSUE_ABSENT_TYPES.items()}.get(key, ())
+        on_site &= ~np.isin(np.asarray(self.cell_types, dtype=object), list(absent))
         if not resident:
             return recorded & on_site
         overrides = {_tissue_key(name): organs for name, organs in TISSUE_RESIDENTS.items()}
