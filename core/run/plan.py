@@ -237,11 +237,10 @@ def plan_run(data: Any, spec: RunSpec | None = None, *, host: Host | None = None
         unit_rows = budget.first
         representatives = budget.by_group(unit_rows) if groups is not None else None
 
-    vote = None
-    if budget is None and groups is None:  # each cell's label decided with its neighbours' (core/run/vote.py)
-        from .vote import plan_vote
+    # Each cell's label decided with its neighbours' (core/run/vote.py; none with groups or a budget).
+    from .vote import plan_vote
 
-        vote = plan_vote(prepared, sentences, spec, host, unit_rows)
+    vote = plan_vote(prepared, sentences, spec, host, unit_rows)
 
     # The cells' tissue: the run's tissue=, else what a standard obs column states per cell (the model
     # infers a context for the cells without one); "any" asks for no tissue at all.

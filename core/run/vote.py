@@ -131,7 +131,11 @@ def vote(v: Vote, by_unit: Mapping[str, Annotation],
         ballots = sp.csr_matrix((weight, (who, codes)), shape=(len(units), len(names)))
         closeness = sp.csr_matrix(v.graph + sp.identity(len(units), format="csr"))
         tally = (closeness @ ballots).toarray()  # per cell and label: the closeness-weighted confidence
-        support = (closeness @ (ballots > 0).astype(np.float64)).toarray()  # the same without confidence
+        voted = (ballots > 0).astype(np.float64)
+        support = (closeness @ voted).toarray()  # the same without confidence
+        neighbours = (v.graph > 0).astype(np.float64)
+        n_voters = (neighbours @ voted).toarray()  # per cell and label: the neighbours voting for it
+        n_neighbours = np.diff(neighbours.indptr)
         total = tally.sum(axis=1)
         win = tally.argmax(axis=1)
         r = np.arange(len(units))
@@ -144,11 +148,9 @@ def vote(v: Vote, by_unit: Mapping[str, Annotation],
         for i in np.flatnonzero(voting & (names[win] != labels) & (tally[r, win] > own_votes)).tolist():
             own = answers[i]
             new = str(names[win[i]])
-            n_same = int(v.graph[i].multiply(ballots[:, win[i]].T > 0).nnz)
-            n_neigh = int(v.graph[i].nnz)
             own_conf = "" if own.confidence is None else f", {own.confidence:.2f}"
-            note = (f"neighbour vote: {new} for {n_same} of its {n_neigh} nearest cells ({share[i]:.0%} of the "
-                    f"weighted votes); its own call was {own.label}{own_conf}")
+            note = (f"neighbour vote: {new} for {int(n_voters[i, win[i]])} of its {int(n_neighbours[i])} nearest "
+                    f"cells ({share[i]:.0%} of the weighted votes); its own call was {own.label}{own_conf}")
             out[units[i]] = attrs.evolve(own, label=new, confidence=float(share[i] * mean_conf[i]),
                                          note="; ".join(x for x in (own.note, note) if x))
             changes[f"{own.label} -> {new}"] += 1
