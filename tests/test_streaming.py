@@ -67,6 +67,10 @@ def test_a_streamed_run_equals_the_in_memory_run_and_never_touches_the_input(tmp
     assert entry["params"]["streamed"]["n_chunks"] == 4 and entry["summary"]["n_chunks"] == 4
     assert entry["params"]["streamed"]["workers"] == int(workers)
     assert entry["summary"]["n_ok"] == (out.obs["cellscribe_status"] == "ok").sum()
+    in_memory_summary = ad.read_h5ad(in_memory).uns["cellscribe"]["summary"]
+    for key in ("mean_confidence", "n_confident", "warning"):  # one rule for both paths
+        assert entry["summary"][key] == in_memory_summary[key]
+    assert entry["summary"]["mean_confidence"] >= 0.25 and entry["summary"]["warning"] == ""
     records = read_sidecar(tmp_path / "streamed.h5ad.cellscribe.jsonl.gz")
     assert [r["prompt_index"] for r in records] == list(range(350))  # one record per cell, in order
     assert [r["unit_ids"][0] for r in records] == list(out.obs_names)

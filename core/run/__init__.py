@@ -47,7 +47,7 @@ from .record import (
 from .results import EMPTY_NOTE, results_frame
 from .units import unit_label_scores
 from .sentences import prepare_sentences, sentence_chunks, sentences_frame
-from .stream import STREAM_MIN_CELLS, annotate_backed, is_backed, streaming_obstacle
+from .stream import STREAM_MIN_CELLS, annotate_backed, is_backed, streaming_obstacle, warn_low_confidence
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +130,7 @@ def annotate(data: Any, spec: RunSpec | None = None, *, host: Host | None = None
                     "stopped": execution.stopped or "",
                     "first_error": next((g.error for g in execution.generations if g.error), ""),
                     "sidecar": str(sidecar) if sidecar else None})
+    warn_low_confidence(summary)
     entry = {
         "params": h5_safe(without_credentials(run_params(plan, execution, run_id))),
         "summary": h5_safe({k: v for k, v in summary.items() if k != "clusters"}),

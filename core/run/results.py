@@ -15,6 +15,12 @@ from .units import groupby_note, majority_vote, pooled_note, pooled_vote
 
 #: The note of a cell with no expressed gene (never prompted, never dropped).
 EMPTY_NOTE = "no expressed gene in the cell sentence"
+#: A run whose answered cells' mean confidence is below this is flagged (:func:`low_confidence_warning`):
+#: a calibrated confidence is the model's estimate that the call is right, so below 0.25 the model
+#: itself expects at least three of four calls to be wrong.
+LOW_CONFIDENCE = 0.25
+#: Fewest answered cells with a confidence for the run-level flag (a handful of cells says little).
+LOW_CONFIDENCE_MIN_CELLS = 10
 
 
 def results_frame(
@@ -109,10 +115,41 @@ def results_frame(
         "n_unresolved": int((status == STATUS_UNRESOLVED).sum()),
         "n_empty": int(empty.sum()),
         "label_counts": {str(k): int(v) for k, v in counts.items()},
+        **confidence_summary(conf, status == STATUS_OK),
     }
     if "clusters" in extra:
         summary["clusters"] = extra["clusters"]
     return frame, summary
+
+
+def confidence_summary(confidence: Any, ok: Any) -> dict[str, Any]:
+    """``mean_confidence`` (the mean over answered cells that have a confidence, ``None`` without any)
+    and ``n_confident`` (how many such cells), for a run's summary."""
+    values = np.asarray(confidence, dtype=np.float64)[np.asarray(ok, dtype=bool)]
+    values = values[np.isfinite(values)]
+    mean = round(float(values.mean()), 4) if len(values) else None
+    return {"mean_confidence": mean, "n_confident": int(len(values))}
+
+
+def low_confidence_warning(summary: Mapping[str, Any]) -> str:
+    """A one-line warning when the model's own confidence says most of a run's calls are wrong (mean
+    confidence below :data:`LOW_CONFIDENCE` over at least :data:`LOW_CONFIDENCE_MIN_CELLS` answered
+    cells), else ``""``.
+
+    Such calls are close to guesses: the data show little of what the model knows (a sparse peak matrix),
+    or the cells differ in ways it cannot tell apart (sorted progenitors that all share one identity).
+    The warning names what helps: the labels the user expects as candidates, or a labelled reference.
+    """
+    mean = summary.get("mean_confidence")
+    n = int(summary.get("n_confident") or 0)
+    if mean is None or n < LOW_CONFIDENCE_MIN_CELLS or mean >= LOW_CONFIDENCE:
+        return ""
+    return (
+        f"the model's mean confidence is {mean:.2f} over {n} answered cells: by its own estimate most calls are "
+        "wrong (the data show little of what it knows, or the cells differ in ways it cannot tell apart); name "
+        "the cell types you expect (candidates=, --candidates) or give a labelled reference (prompt='k-shot' "
+        "with reference=, or cellscribe.tl.transfer_labels), and read these calls as guesses"
+    )
 
 
 def _objects(values: list[Any]) -> np.ndarray:

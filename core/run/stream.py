@@ -74,7 +74,7 @@ from .record import (
     without_credentials,
     write_results,
 )
-from .results import results_frame
+from .results import confidence_summary, low_confidence_warning, results_frame
 from .sentences import sentence_chunks
 from .units import unit_label_scores
 
@@ -634,6 +634,7 @@ def annotate_streamed(data: Any, spec: RunSpec, *, host: Host, run_id: str,
         "n_unresolved": int((status != "ok").sum()),
         "n_empty": counts["n_empty"],
         "label_counts": {str(k): int(v) for k, v in frame[key_added].value_counts().items()},
+        **confidence_summary(frame[f"{key_added}_confidence"].to_numpy(), (status == "ok").to_numpy()),
         "seconds_generation": round(seconds, 3),
         "n_prompts": counts["n_prompts"],
         "n_failed_prompts": counts["n_failed_prompts"],
@@ -651,11 +652,22 @@ def annotate_streamed(data: Any, spec: RunSpec, *, host: Host, run_id: str,
     return StreamedRun(plan, frame, execution, summary)
 
 
+def warn_low_confidence(summary: dict[str, Any]) -> None:
+    """Record :func:`~.results.low_confidence_warning` in ``summary["warning"]`` (``""`` when none) and,
+    when there is one, issue it as a ``UserWarning`` (the command line prints it on stderr)."""
+    import warnings
+
+    summary["warning"] = low_confidence_warning(summary)
+    if summary["warning"]:
+        warnings.warn(summary["warning"], UserWarning, stacklevel=4)
+
+
 def annotate_backed(data: Any, spec: RunSpec, *, host: Host, run_id: str) -> dict[str, Any]:
     """:func:`annotate_streamed`, then the results into ``data`` (its in-memory ``obs`` and ``uns``, as
     an in-memory run writes them; the file on disk is not touched). Returns the run's summary."""
     sidecar = sidecar_path(spec.output.sidecar)
     run = annotate_streamed(data, spec, host=host, run_id=run_id, sidecar=sidecar)
+    warn_low_confidence(run.summary)
     entry = {
         "params": h5_safe(without_credentials(run_params(run.plan, run.execution, run_id))),
         "summary": h5_safe(dict(run.summary)),
