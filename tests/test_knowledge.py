@@ -259,6 +259,12 @@ def test_restrict_to_tissue(knowledge):
     assert {"hematopoietic stem cell", "osteoblast", "endothelial cell", "adipocyte", "erythroblast"} <= marrow
     assert not marrow & {"chondrocyte", "osteocyte"}
     assert "chondrocyte" in set(knowledge.restrict(tissue="connective tissue").cell_types)
+    # Cartilage is not everywhere connective tissue is: chondrocytes only where cartilage is.
+    for tissue in ("cartilage", "knee", "trachea", "lung", "bone"):
+        assert "chondrocyte" in set(knowledge.restrict(tissue=tissue).cell_types), tissue
+    for tissue in ("brain", "pancreas", "liver", "adipose tissue", "skin"):
+        kept = set(knowledge.restrict(tissue=tissue).cell_types)
+        assert "chondrocyte" not in kept and "fibroblast" in kept, tissue
     with pytest.raises(ValueError, match="unknown tissue 'mars'.*Pancreas"):
         knowledge.restrict(tissue="mars")
     with pytest.raises(ValueError, match="needs cell_types, a tissue"):
