@@ -167,7 +167,7 @@ def test_a_run_of_guesses_says_so(buenrostro):
                        modality_options={"gtf": str(GTF)})
     summary = out.uns["cellscribe"]["summary"]
     assert summary["n_confident"] == out.n_obs
-    assert summary["mean_confidence"] < 0.25  # 0.221 measured (0.174 on all 533 cells)
+    assert summary["mean_confidence"] < 0.25  # 0.232 measured (0.188 on all 533 cells)
     said = [str(w.message) for w in caught if "mean confidence" in str(w.message)]
     assert said == [summary["warning"]]
     assert "candidates" in said[0] and "reference" in said[0]
