@@ -220,3 +220,31 @@ def test_an_organs_own_immune_cells_need_the_organ_to_hold_most_cells():
     assert not (labels == "microglial cell").any()
     assert _non_blood(labels[:n_mono].dropna()) == 0.0
     assert _non_blood(labels[n_mono:].dropna()) == 1.0
+
+
+@pytest.mark.parametrize("n_endothelial", [2, 10])
+def test_a_stated_tissue_keeps_its_rare_vessel_cells_and_drops_stroma_nothing_shows(n_endothelial):
+    """In a bone marrow run, the vessels' and stroma's shares of the cells are estimated: 2 clear
+    endothelial cells of 200 (1%) keep their answer; connective tissue, which no cell shows, has no share
+    and is no answer for the monocytes."""
+    import anndata as ad
+
+    rng = np.random.default_rng(0)
+    monocyte = ["CD14", "LYZ", "S100A8", "S100A9", "FCN1", "VCAN", "CSF1R", "CD68", "FCGR1A", "CST3", "TYROBP",
+                "AIF1", "LST1", "MNDA", "CTSS", "ITGAM", "SPI1", "CEBPB", "PTPRC"]
+    endothelial = ["PECAM1", "CDH5", "VWF", "KDR", "EMCN", "CLDN5", "ESAM", "TIE1", "FLT1", "TEK", "ENG", "PLVAP",
+                   "EGFL7", "SOX18", "ERG"]
+    genes = monocyte + endothelial + [f"FILLER{i}" for i in range(60)]
+    n_mono = 200 - n_endothelial
+    x = rng.gamma(1.0, 0.3, size=(200, len(genes)))
+    x[:n_mono, : len(monocyte)] += rng.gamma(4.0, 1.0, size=(n_mono, len(monocyte)))
+    x[n_mono:, len(monocyte) : len(monocyte) + len(endothelial)] += rng.gamma(4.0, 1.0, size=(n_endothelial, len(endothelial)))
+    adata = ad.AnnData(x.astype(np.float32), var=pd.DataFrame(index=genes))
+    adata.obs_names = [f"cell{i}" for i in range(adata.n_obs)]
+    _annotate(adata, tissue="bone marrow")
+    shares = dict(adata.uns["cellscribe"]["observability"]["context"]["routed_stated"]["bone marrow"])
+    assert shares["Vasculature"] == pytest.approx(n_endothelial / 200, abs=0.01)
+    assert shares.get("Connective tissue", 0.0) < 0.005
+    labels = adata.obs["cellscribe"].astype(object)
+    assert (labels[n_mono:] == "endothelial cell").all()
+    assert _non_blood(labels[:n_mono].dropna()) == 0.0
