@@ -659,11 +659,13 @@ class MarkersModel:
             contexts.append(_Context(f"tissue:{tissue}:{name}", mask, "stated", tissue))
         return _Routes(rows, membership * share[None, :], tuple(contexts), share)
 
-    def _route(self, prompts: Sequence[Prompt], chunk: Sequence[int]) -> dict[int, _Context]:
-        """The organ context of each prompt of ``chunk`` answered in a multi-organ inferred context: the
-        organ with the largest posterior share for its (first) cell, ``share(organ) * sum of the cell's
-        calibrated probabilities of the organ's types``, as in :meth:`_organ_shares`. Puzzles keep the
-        whole context (their cells are assigned together)."""
+    def _route(self, prompts: Sequence[Prompt], chunk: Sequence[int]) -> tuple[dict[int, _Context], dict[int, Any]]:
+        """The part of its context each prompt of ``chunk`` is answered in, where the context is split
+        (a multi-organ inferred context, or a stated tissue's own cells, vessels and stroma): the part
+        with the largest posterior share for its (first) cell, ``share(part) * sum of the cell's
+        calibrated probabilities of the part's types``, as in :meth:`_organ_shares`. Puzzles keep the
+        whole context (their cells are assigned together). Also returns, per routed prompt of one
+        sentence, its parsed unit and type scores, which its answer reuses."""
         by_routes: dict[int, list[int]] = defaultdict(list)
         table: dict[int, _Routes] = {}
         for i in chunk:
@@ -678,13 +680,16 @@ class MarkersModel:
                 table[id(routes)] = routes
                 by_routes[id(routes)].append(i)
         out: dict[int, _Context] = {}
+        scored: dict[int, Any] = {}
         for key, chosen in by_routes.items():
             routes = table[key]
             units = self.scorer.parse([prompts[i].sentences[0] for i in chosen])
-            probabilities = self.calibration.probabilities(self.scorer.score(units)[:, routes.rows])
+            type_scores = self.scorer.score(units)
+            probabilities = self.calibration.probabilities(type_scores[:, routes.rows])
             best = np.argmax(probabilities @ routes.weights, axis=1)
             out.update({i: routes.contexts[g] for i, g in zip(chosen, best)})
-        return out
+            scored.update({i: (units, type_scores, j) for j, i in enumerate(chosen) if len(prompts[i].sentences) == 1})
+        return out, scored
 
     def _organ_immune_types(self) -> np.ndarray:
         """Mask of the knowledge's hematopoietic types recorded only in organs outside
@@ -850,7 +855,7 @@ class MarkersModel:
     def _answer(self, prompts: Sequence[Prompt], chunk: Sequence[int]) -> dict[int, Generation]:
         groups: dict[tuple, list[int]] = defaultdict(list)
         contexts: dict[str, _Context] = {}
-        routed = self._route(prompts, chunk)
+        routed, scored = self._route(prompts, chunk)
         for i in chunk:
             p = prompts[i]
             context = routed.get(i) or self._context_of(p.tissue)
@@ -872,7 +877,7 @@ class MarkersModel:
             elif key[0] == "k-shot":
                 generations = self._single(group, context, examples=group[0].examples)
             else:
-                generations = self._single(group, context)
+                generations = self._single(group, context, scored=_gather_scored(scored, members))
             answers.update(zip(members, generations, strict=True))
         return answers
 
@@ -917,8 +922,12 @@ class MarkersModel:
 
     # ---------------------------------------------------------------- zero-shot and k-shot
 
-    def _single(self, prompts: Sequence[Prompt], context: _Context, examples: Sequence[Any] = ()) -> list[Generation]:
-        """Answers for CellReasoner-style prompts sharing candidates (and examples, for k-shot)."""
+    def _single(
+        self, prompts: Sequence[Prompt], context: _Context, examples: Sequence[Any] = (),
+        scored: tuple[ParsedUnits, np.ndarray] | None = None,
+    ) -> list[Generation]:
+        """Answers for CellReasoner-style prompts sharing candidates (and examples, for k-shot);
+        ``scored``: the prompts' parsed units and type scores when already computed (one sentence each)."""
         labels = list(prompts[0].candidates)
         signatures: Signatures | None = None
         if examples:
@@ -932,12 +941,16 @@ class MarkersModel:
                 f"{MIN_OBSERVABLE_MARKERS} markers among the genes these data measure"
             )
             return [_abstention(p, reason) for p in prompts]
-        counts = np.asarray([max(len(p.sentences), 1) for p in prompts])
-        sentences = [s for p in prompts for s in (p.sentences or ("",))]
-        units = self.scorer.parse(sentences, signatures.vocabulary if signatures else None)
-        type_scores = _average_by_prompt(self.scorer.score(units), counts)
-        first = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        first_units = _take_units(units, first)
+        if scored is not None and signatures is None:
+            units, type_scores = scored
+            first_units = units
+        else:
+            counts = np.asarray([max(len(p.sentences), 1) for p in prompts])
+            sentences = [s for p in prompts for s in (p.sentences or ("",))]
+            units = self.scorer.parse(sentences, signatures.vocabulary if signatures else None)
+            type_scores = _average_by_prompt(self.scorer.score(units), counts)
+            first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+            first_units = _take_units(units, first)
         signature_scores = None
         if signatures is not None:
             empty = sp.csr_matrix((len(labels), len(units.vocabulary)))
@@ -1200,6 +1213,16 @@ def _average_by_prompt(scores: np.ndarray, counts: np.ndarray) -> np.ndarray:
     summed = np.zeros((len(counts), scores.shape[1]))
     np.add.at(summed, owner, scores)
     return summed / counts[:, None]
+
+
+def _gather_scored(scored: Mapping[int, Any], members: Sequence[int]) -> tuple[ParsedUnits, np.ndarray] | None:
+    """The parsed units and type scores of ``members`` from :meth:`MarkersModel._route`'s batch, or
+    ``None`` unless every member has them from one batch."""
+    found = [scored.get(i) for i in members]
+    if not found or any(f is None for f in found) or any(f[0] is not found[0][0] for f in found):
+        return None
+    rows = np.asarray([f[2] for f in found], dtype=np.int64)
+    return _take_units(found[0][0], rows), found[0][1][rows]
 
 
 def _take_units(units: ParsedUnits, rows: np.ndarray) -> ParsedUnits:
