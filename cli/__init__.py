@@ -67,6 +67,7 @@ _LAZY_COMMANDS: dict[str, tuple[Any, str]] = {
     "annotate": (_lazy("_run", "annotate_command"), "Annotate the cells of INPUT and write the result to OUTPUT."),
     "sentences": (_lazy("_run", "sentences_command"), "Write the cell sentences of INPUT to OUTPUT, streaming..."),
     "activity": (_lazy("_run", "activity_command"), "Write the gene activity cellscribe ranks for the cells of..."),
+    "transfer": (_lazy("_run", "transfer_command"), "Transfer the labels in obs[--reference-key] of REFERENCE to..."),
     "finetune": (_lazy("_finetune", "finetune_command"), "Train a LoRA adapter on the labelled cells of INPUT..."),
     "export": (_lazy("_finetune", "export_command"), "Write the labelled cells of INPUT as a training set..."),
     "grade": (_lazy("_eval", "grade_command"), "Grade (truth, prediction) pairs on CellReasoner's scale."),

@@ -347,3 +347,68 @@ def activity_command() -> click.Command:
         aggregated counts, var['n_peaks'] the peaks per gene (cellscribe.tl.gene_activity). OUTPUT is
         written atomically (temporary file, then rename).""",
     )
+
+
+def transfer_command() -> click.Command:
+    """``cellscribe transfer``: a labelled reference's labels on the cells of INPUT, without a model
+    (``tl.transfer_labels``)."""
+    plugin_params = plugin_options("transfer")
+    params: list[click.Parameter] = [
+        _input_argument(),
+        click.Argument(["reference_path"], metavar="REFERENCE", type=click.Path(exists=True, dir_okay=False)),
+        click.Option(["-o", "--output"], required=True, type=click.Path(dir_okay=False),
+                     help="Output .h5ad or .h5mu: INPUT with the labels (never INPUT itself)."),
+        click.Option(["--reference-key"], required=True, help="obs column of REFERENCE with the labels."),
+        click.Option(["--modality"], default="atac", show_default=True,
+                     help="Modality of INPUT (atac: gene activity; rna: expression)."),
+        click.Option(["--reference-modality"], default="rna", show_default=True,
+                     help="Modality of REFERENCE (rna, or atac for a labelled scATAC reference)."),
+        click.Option(["--key-added"], default="transfer", show_default=True, help="Prefix of the written obs columns."),
+        *run_options(DATA_FLAGS),
+        _force_option(),
+        *plugin_params,
+    ]
+
+    @friendly_errors
+    def transfer(input_path: str, reference_path: str, output: str, reference_key: str, force: bool,
+                 **kw: Any) -> None:
+        from .. import tl
+        from ..core.run import read_input
+        from ._files import atomic_output, check_output, write_data
+
+        extra = split_plugin_values(kw, plugin_params)
+        modality, reference_modality = kw.pop("modality"), kw.pop("reference_modality")
+        key_added = kw.pop("key_added")
+        values = run_values(kw, DATA_FLAGS)
+        options = {**values.pop("modality_options"), **extra}
+        out = check_output(output, inputs=(input_path, reference_path), force=force)
+        data = read_input(input_path, **options)
+        reference = read_input(reference_path, **options)
+        tl.transfer_labels(data, reference, reference_key=reference_key, modality=modality,
+                           reference_modality=reference_modality, key_added=key_added,
+                           modality_options=options, **values)
+        labelled = data.mod[values["mod"]] if values.get("mod") and hasattr(data, "mod") else data
+        summary = dict(labelled.uns[key_added]["summary"]) if key_added in labelled.uns else {}
+        with atomic_output(out) as tmp:
+            write_data(data, tmp, values.get("mod"))
+        status = labelled.obs[f"{key_added}_status"].astype(str) if hasattr(labelled, "obs") else None
+        if status is not None:
+            click.echo(f"transferred {reference_key!r} to {len(status)} cells: {int((status == 'ok').sum())} ok, "
+                       f"{int((status != 'ok').sum())} unresolved")
+            counts = labelled.obs[key_added].value_counts()
+            for label, count in counts[counts > 0].head(20).items():
+                click.echo(f"  {int(count):6d}  {label}")
+        elif summary:
+            click.echo(f"transferred {reference_key!r}: {summary}")
+        click.echo(f"wrote {out}")
+
+    return PluginCommand(
+        "transfer", params=params, callback=transfer, plugin_params=plugin_params,
+        help="""Transfer the labels in obs[--reference-key] of REFERENCE to the cells of INPUT, without a
+        language model (SingleR's method across modalities: cellscribe.tl.transfer_labels).
+
+        The default is scATAC cells against a labelled scRNA-seq reference; --reference-modality atac takes
+        a labelled scATAC reference (another study's sorted populations), which also labels cells that all
+        share one identity. Writes obs[KEY], KEY_confidence, KEY_score, KEY_status, KEY_note and uns[KEY];
+        OUTPUT is written atomically.""",
+    )

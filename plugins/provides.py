@@ -12,7 +12,7 @@ ATAC = {
     "reader": ["fragments"],
     "reader_suffixes": [".tsv.gz", ".tsv.bgz", ".fragments.gz"],
     "hooks": ["cellscribe_cli_options"],
-    "cli_options": ["annotate", "sentences", "activity"],
+    "cli_options": ["annotate", "sentences", "activity", "transfer"],
 }
 TRANSFORMERS = {"backend": ["transformers"], "hooks": ["cellscribe_load_adapter"]}
 OPENAI = {"backend": ["openai"]}

@@ -260,7 +260,7 @@ def test_plugins_imported_on_demand_provide_what_they_declare():
                        and h not in KINDS and any(i.plugin_name == name for i in caller.get_hookimpls())}
         assert implemented == set(declaration.get("hooks", [])), f"{name} implements {implemented}"
         options = [i.function for i in host.pm.hook.cellscribe_cli_options.get_hookimpls() if i.plugin_name == name]
-        commands = {c for c in ("annotate", "sentences", "activity", "finetune", "export", "plugins")
+        commands = {c for c in ("annotate", "sentences", "activity", "transfer", "finetune", "export", "plugins")
                     if any(f(command=c) for f in options)}
         assert commands == set(declaration.get("cli_options", [])), f"{name} adds options to {commands}"
 

@@ -63,7 +63,7 @@ __all__ = [
     "write_transcript_gtf",
 ]
 
-_COMMANDS = ("annotate", "sentences", "activity")
+_COMMANDS = ("annotate", "sentences", "activity", "transfer")
 
 
 @hookimpl
