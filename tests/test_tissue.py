@@ -238,7 +238,8 @@ def test_a_stated_tissue_keeps_its_rare_vessel_cells_and_drops_stroma_nothing_sh
     n_mono = 200 - n_endothelial
     x = rng.gamma(1.0, 0.3, size=(200, len(genes)))
     x[:n_mono, : len(monocyte)] += rng.gamma(4.0, 1.0, size=(n_mono, len(monocyte)))
-    x[n_mono:, len(monocyte) : len(monocyte) + len(endothelial)] += rng.gamma(4.0, 1.0, size=(n_endothelial, len(endothelial)))
+    vessel = slice(len(monocyte), len(monocyte) + len(endothelial))
+    x[n_mono:, vessel] += rng.gamma(4.0, 1.0, size=(n_endothelial, len(endothelial)))
     adata = ad.AnnData(x.astype(np.float32), var=pd.DataFrame(index=genes))
     adata.obs_names = [f"cell{i}" for i in range(adata.n_obs)]
     _annotate(adata, tissue="bone marrow")

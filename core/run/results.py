@@ -148,7 +148,8 @@ def low_confidence_warning(summary: Mapping[str, Any]) -> str:
         f"the model's mean confidence is {mean:.2f} over {n} answered cells: by its own estimate most calls are "
         "wrong (the data show little of what it knows, or the cells differ in ways it cannot tell apart); name "
         "the cell types you expect (candidates=, --candidates) or give a labelled reference (prompt='k-shot' "
-        "with reference=, or cellscribe.tl.transfer_labels), and read these calls as guesses"
+        "with reference=, or cellscribe.tl.transfer_labels; on the command line --reference or cellscribe "
+        "transfer), and read these calls as guesses"
     )
 
 

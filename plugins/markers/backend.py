@@ -606,7 +606,9 @@ class MarkersModel:
             report["routed"] = [c.what for c in self._routes.contexts]
         return report
 
-    def _organ_routes(self, kept: Sequence[str], shares: Mapping[str, float], left_out: Sequence[int]) -> _Routes | None:
+    def _organ_routes(
+        self, kept: Sequence[str], shares: Mapping[str, float], left_out: Sequence[int]
+    ) -> _Routes | None:
         """With more than one organ (blood and immune system count as one) in the inferred context,
         what routes each cell to one of them (see :meth:`survey`); ``None`` otherwise."""
         groups: dict[str, list[str]] = {}
