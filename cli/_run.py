@@ -372,8 +372,8 @@ def transfer_command() -> click.Command:
     @friendly_errors
     def transfer(input_path: str, reference_path: str, output: str, reference_key: str, force: bool,
                  **kw: Any) -> None:
-        from .. import tl
         from ..core.run import read_input
+        from ..core.run.transfer import transfer_labels
         from ._files import atomic_output, check_output, write_data
 
         extra = split_plugin_values(kw, plugin_params)
@@ -384,22 +384,16 @@ def transfer_command() -> click.Command:
         out = check_output(output, inputs=(input_path, reference_path), force=force)
         data = read_input(input_path, **options)
         reference = read_input(reference_path, **options)
-        tl.transfer_labels(data, reference, reference_key=reference_key, modality=modality,
-                           reference_modality=reference_modality, key_added=key_added,
-                           modality_options=options, **values)
-        labelled = data.mod[values["mod"]] if values.get("mod") and hasattr(data, "mod") else data
-        summary = dict(labelled.uns[key_added]["summary"]) if key_added in labelled.uns else {}
+        summary = transfer_labels(data, reference, reference_key=reference_key, modality=modality,
+                                  reference_modality=reference_modality, key_added=key_added,
+                                  modality_options=options, **values)
         with atomic_output(out) as tmp:
             write_data(data, tmp, values.get("mod"))
-        status = labelled.obs[f"{key_added}_status"].astype(str) if hasattr(labelled, "obs") else None
-        if status is not None:
-            click.echo(f"transferred {reference_key!r} to {len(status)} cells: {int((status == 'ok').sum())} ok, "
-                       f"{int((status != 'ok').sum())} unresolved")
-            counts = labelled.obs[key_added].value_counts()
-            for label, count in counts[counts > 0].head(20).items():
-                click.echo(f"  {int(count):6d}  {label}")
-        elif summary:
-            click.echo(f"transferred {reference_key!r}: {summary}")
+        click.echo(f"transferred {reference_key!r} to {summary['n_cells']} cells: {summary['n_ok']} ok, "
+                   f"{summary['n_unresolved']} unresolved")
+        for label, count in sorted(summary["label_counts"].items(), key=lambda kv: -kv[1])[:20]:
+            if count:
+                click.echo(f"  {count:6d}  {label}")
         click.echo(f"wrote {out}")
 
     return PluginCommand(

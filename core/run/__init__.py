@@ -44,10 +44,10 @@ from .record import (
     write_results,
     write_sidecar,
 )
-from .results import EMPTY_NOTE, results_frame
+from .results import EMPTY_NOTE, results_frame, warn_low_confidence
 from .units import unit_label_scores
 from .sentences import prepare_sentences, sentence_chunks, sentences_frame
-from .stream import STREAM_MIN_CELLS, annotate_backed, is_backed, streaming_obstacle, warn_low_confidence
+from .stream import STREAM_MIN_CELLS, annotate_backed, is_backed, streaming_obstacle
 
 log = logging.getLogger(__name__)
 

@@ -153,6 +153,16 @@ def low_confidence_warning(summary: Mapping[str, Any]) -> str:
     )
 
 
+def warn_low_confidence(summary: dict[str, Any]) -> None:
+    """Record :func:`low_confidence_warning` in ``summary["warning"]`` (``""`` when none) and, when there
+    is one, issue it as a ``UserWarning`` (the command line prints it on stderr)."""
+    import warnings
+
+    summary["warning"] = low_confidence_warning(summary)
+    if summary["warning"]:
+        warnings.warn(summary["warning"], UserWarning, stacklevel=4)
+
+
 def _objects(values: list[Any]) -> np.ndarray:
     """``values`` as a 1-d object array (never a fixed-width string array, which would pad every text to
     the longest one)."""

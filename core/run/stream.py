@@ -74,7 +74,7 @@ from .record import (
     without_credentials,
     write_results,
 )
-from .results import confidence_summary, low_confidence_warning, results_frame
+from .results import confidence_summary, results_frame, warn_low_confidence
 from .sentences import sentence_chunks
 from .units import unit_label_scores
 
@@ -650,16 +650,6 @@ def annotate_streamed(data: Any, spec: RunSpec, *, host: Host, run_id: str,
     log.info("streamed %d cells in %d chunks (%d resumed) in %.1f s", n, n_chunks, counts["resumed_chunks"],
              time.perf_counter() - started_all)
     return StreamedRun(plan, frame, execution, summary)
-
-
-def warn_low_confidence(summary: dict[str, Any]) -> None:
-    """Record :func:`~.results.low_confidence_warning` in ``summary["warning"]`` (``""`` when none) and,
-    when there is one, issue it as a ``UserWarning`` (the command line prints it on stderr)."""
-    import warnings
-
-    summary["warning"] = low_confidence_warning(summary)
-    if summary["warning"]:
-        warnings.warn(summary["warning"], UserWarning, stacklevel=4)
 
 
 def annotate_backed(data: Any, spec: RunSpec, *, host: Host, run_id: str) -> dict[str, Any]:

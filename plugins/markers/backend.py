@@ -127,6 +127,7 @@ from .knowledge import (
     MarkerKnowledge,
     default_ubiquitous_genes,
     load_knowledge,
+    tissue_key,
     tissue_organs,
 )
 from .scoring import MIN_OBSERVABLE_MARKERS, SCORING_VERSION, MarkerScorer, ParsedUnits
@@ -588,7 +589,7 @@ class MarkersModel:
         sample = sentences[::step]
         shares = self._organ_shares(sample)
         kept = sorted(o for o, share in shares.items() if share >= CONTEXT_MIN_SHARE)
-        allowed = np.asarray([not ts for ts in self.knowledge.tissues], dtype=bool)
+        allowed = self._untagged_types()
         for organ in kept:
             allowed |= self._base_scorer.tissue_mask("blood" if organ in BLOOD_ORGANS else organ)
         organ_immune = self._organ_immune_types()
@@ -618,7 +619,7 @@ class MarkersModel:
             return None
         rows, organs, membership = self._organ_model()
         index = {o: j for j, o in enumerate(organs)}
-        untagged = np.asarray([not ts for ts in self.knowledge.tissues], dtype=bool)
+        untagged = self._untagged_types()
         weights = np.zeros((len(organs), len(groups)))
         contexts = []
         for g, (name, members) in enumerate(groups.items()):
@@ -640,25 +641,19 @@ class MarkersModel:
             return None
         sample = sentences[:: max(1, len(sentences) // CONTEXT_SAMPLE)]
         rows = np.flatnonzero(self.scorer.callable_types() & context.mask)
-        named = {str(o).casefold().rstrip("s") for o in tissue_organs(tissue)}
-        component_of = lambda organ: (  # noqa: E731
-            organ if organ in _STROMA and organ.casefold().rstrip("s") not in named else "own")
-        names = sorted({component_of(o) for r in rows for o in self.knowledge.tissues[r]})
+        named = {tissue_key(o) for o in tissue_organs(tissue)}
+        names, membership = self._membership(
+            rows, lambda organ: organ if organ in _STROMA and tissue_key(organ) not in named else "own")
         if len(names) < 2:
             return None
-        index = {n: j for j, n in enumerate(names)}
-        membership = np.zeros((len(rows), len(names)))
-        for i, r in enumerate(rows):
-            parts = {component_of(o) for o in self.knowledge.tissues[r]}
-            for part in parts:
-                membership[i, index[part]] = 1.0 / len(parts)
         units = self.scorer.parse(list(sample))
         share = _mixture_shares(self.calibration.probabilities(self.scorer.score(units)[:, rows]), membership)
-        untagged = np.asarray([not ts for ts in self.knowledge.tissues], dtype=bool)
+        untagged = self._untagged_types()
         contexts = []
-        for name in names:
-            mask = context.mask & (untagged | np.isin(np.arange(len(untagged)), rows[membership[:, index[name]] > 0]))
-            contexts.append(_Context(f"tissue:{tissue}:{name}", mask, "stated", tissue))
+        for j, name in enumerate(names):
+            in_part = untagged.copy()
+            in_part[rows[membership[:, j] > 0]] = True
+            contexts.append(_Context(f"tissue:{tissue}:{name}", context.mask & in_part, "stated", tissue))
         return _Routes(rows, membership * share[None, :], tuple(contexts), share)
 
     def _route(self, prompts: Sequence[Prompt], chunk: Sequence[int]) -> tuple[dict[int, _Context], dict[int, Any]]:
@@ -739,14 +734,25 @@ class MarkersModel:
         """``(rows, organs, membership)``: the callable types, the organs they are recorded in, and each
         type's share of each of its organs (``1 / number of its organs``; none for a type without one)."""
         rows = np.flatnonzero(self.scorer.callable_types())
-        organs = sorted({o for r in rows for o in self.knowledge.tissues[r]})
-        index = {o: j for j, o in enumerate(organs)}
-        membership = np.zeros((len(rows), len(organs)))
-        for i, r in enumerate(rows):
-            tissues = self.knowledge.tissues[r]
-            for o in tissues:
-                membership[i, index[o]] = 1.0 / len(tissues)
+        organs, membership = self._membership(rows, lambda organ: organ)
         return rows, organs, membership
+
+    def _membership(self, rows: np.ndarray, component_of: Callable[[str], str]) -> tuple[list[str], np.ndarray]:
+        """``(components, membership)``: the components (``component_of`` of the organs) the types
+        ``rows`` are recorded in, sorted, and each type's share of each of its components (``1 / number of
+        its components``; none for a type without an organ)."""
+        parts = [{component_of(o) for o in self.knowledge.tissues[r]} for r in rows]
+        names = sorted(set().union(*parts))
+        index = {n: j for j, n in enumerate(names)}
+        membership = np.zeros((len(rows), len(names)))
+        for i, mine in enumerate(parts):
+            for part in mine:
+                membership[i, index[part]] = 1.0 / len(mine)
+        return names, membership
+
+    def _untagged_types(self) -> np.ndarray:
+        """Mask of the knowledge's types without a recorded organ (allowed in every context)."""
+        return np.asarray([not ts for ts in self.knowledge.tissues], dtype=bool)
 
     def observability(self) -> dict[str, Any]:
         """What of the knowledge the current assay can show (see :meth:`use_assay`)."""

@@ -50,6 +50,7 @@ __all__ = [
     "RESIDENT_ORGANS",
     "TISSUE_RESIDENTS",
     "TISSUE_ABSENT_TYPES",
+    "tissue_key",
     "tissue_organs",
     "TISSUE_ALIASES",
     "MarkerKnowledge",
@@ -421,7 +422,8 @@ def default_ubiquitous_genes() -> frozenset[str]:
 # ------------------------------------------------------------------------------------------ knowledge
 
 
-def _tissue_key(name: str) -> str:
+def tissue_key(name: str) -> str:
+    """A tissue or organ name as compared: case and ``_`` ignored, spaces collapsed, a plural "s" dropped."""
     key = " ".join(str(name).casefold().replace("_", " ").split())
     return key[:-1] if key.endswith("s") and not key.endswith("ss") else key
 
@@ -429,8 +431,8 @@ def _tissue_key(name: str) -> str:
 def tissue_organs(tissue: str) -> tuple[str, ...]:
     """The organs a tissue name covers: its :data:`TISSUE_ALIASES` entry, else the name itself (an
     organ name, compared ignoring case and a plural "s")."""
-    aliases = {_tissue_key(alias): organs for alias, organs in TISSUE_ALIASES.items()}
-    return tuple(aliases.get(_tissue_key(tissue), (tissue,)))
+    aliases = {tissue_key(alias): organs for alias, organs in TISSUE_ALIASES.items()}
+    return tuple(aliases.get(tissue_key(tissue), (tissue,)))
 
 
 @attrs.frozen(eq=False, repr=False)
@@ -664,10 +666,10 @@ class MarkerKnowledge:
         return MarkerKnowledge.from_rows(rows_kept, ubiquitous=self.ubiquitous, version=self.version)
 
     def _in_tissue(self, tissue: str, *, resident: bool) -> np.ndarray:
-        known = {_tissue_key(t): t for ts in self.tissues for t in ts}
-        key = _tissue_key(tissue)
-        aliases = {_tissue_key(alias): organs for alias, organs in TISSUE_ALIASES.items()}
-        wanted = {_tissue_key(t) for t in aliases.get(key, ())}
+        known = {tissue_key(t): t for ts in self.tissues for t in ts}
+        key = tissue_key(tissue)
+        aliases = {tissue_key(alias): organs for alias, organs in TISSUE_ALIASES.items()}
+        wanted = {tissue_key(t) for t in aliases.get(key, ())}
         if key in known:
             wanted.add(key)
         if not wanted:
@@ -675,23 +677,23 @@ class MarkerKnowledge:
                 f"unknown tissue {tissue!r}; use one of {sorted(set(known.values()))} or "
                 f"{sorted(TISSUE_ALIASES)}"
             )
-        recorded = np.asarray([any(_tissue_key(t) in wanted for t in ts) for ts in self.tissues], dtype=bool)
+        recorded = np.asarray([any(tissue_key(t) in wanted for t in ts) for ts in self.tissues], dtype=bool)
         asked = wanted | {key}
         # A type named for one site (splenic red pulp macrophage) belongs to that site, or to a request
         # for an organ it is recorded in by name (tissue="immune system"), not to another tissue.
         on_site = np.asarray([
             name not in SITE_SPECIFIC_TYPES
-            or bool(asked & {_tissue_key(x) for x in SITE_SPECIFIC_TYPES[name]})
-            or key in {_tissue_key(t) for t in ts}
+            or bool(asked & {tissue_key(x) for x in SITE_SPECIFIC_TYPES[name]})
+            or key in {tissue_key(t) for t in ts}
             for name, ts in zip(self.cell_types, self.tissues)
         ], dtype=bool)
-        absent = {_tissue_key(name): types for name, types in TISSUE_ABSENT_TYPES.items()}.get(key, ())
+        absent = {tissue_key(name): types for name, types in TISSUE_ABSENT_TYPES.items()}.get(key, ())
         on_site &= ~np.isin(np.asarray(self.cell_types, dtype=object), list(absent))
         if not resident:
             return recorded & on_site
-        overrides = {_tissue_key(name): organs for name, organs in TISSUE_RESIDENTS.items()}
-        residents = {_tissue_key(t) for t in overrides.get(key, RESIDENT_ORGANS)}
-        resident_here = np.asarray([any(_tissue_key(t) in residents for t in ts) for ts in self.tissues], dtype=bool)
+        overrides = {tissue_key(name): organs for name, organs in TISSUE_RESIDENTS.items()}
+        residents = {tissue_key(t) for t in overrides.get(key, RESIDENT_ORGANS)}
+        resident_here = np.asarray([any(tissue_key(t) in residents for t in ts) for ts in self.tissues], dtype=bool)
         return (recorded | resident_here) & on_site
 
 
