@@ -17,12 +17,6 @@ tissue, and prints:
 ``pbsmall``
     ArchR's PBSmall (150 PBMC from fragments, chr5/chr11): lineage accuracy (B -> B, T -> T or NK,
     monocyte -> myeloid), in a fresh process with the default settings.
-``granja``
-    Granja et al. 2019 (10x scATAC of bone-marrow mononuclear cells; 600 cells, 100 of each of HSC,
-    CMP/LMPP, GMP, CLP, B and naive CD8 T; 5,000 peaks drawn at random from ~570,000, so ~77 accessible
-    peaks per cell: a sparse, droplet-based, subsampled matrix like many public ones;
-    ``tests/data/atac``, built by ``scripts/build_granja_test_data.py``): lineage accuracy (HSC and
-    CMP/LMPP -> HSPC; GMP -> HSPC or myeloid; CLP -> HSPC or B; B -> B; CD8 T -> T).
 ``sampled``
     A larger run: 14,400 cells sampled from the 12 Schep 2017 populations (1,200 each; each cell draws
     as many fragments as a real cell of its population has, from the population's pseudo-bulk profile),
@@ -44,9 +38,8 @@ blood one).
 
 Usage::
 
-    .venv/bin/python benchmarks/atac_real.py                       # Schep, Buenrostro, PBSmall, Granja
+    .venv/bin/python benchmarks/atac_real.py                       # all three data sets
     .venv/bin/python benchmarks/atac_real.py --data schep,pbsmall
-    .venv/bin/python benchmarks/atac_real.py --data granja          # sparse 10x bone marrow
     .venv/bin/python benchmarks/atac_real.py --data sorted          # candidates, a scATAC reference
     .venv/bin/python benchmarks/atac_real.py --data sampled         # 14,400 cells (about 2 minutes)
     .venv/bin/python benchmarks/atac_real.py --data schep,buenrostro --binarize   # peaks read as 0/1
@@ -82,15 +75,6 @@ SCHEP_EXPECTED = {
     "LCL 2 Rep1": {"B cell"},
     "LCL 2 Rep2": {"B cell"},
     "LMPP": {"HSPC"},
-}
-GRANJA = ROOT / "tests" / "data" / "atac" / "granja2019_bmmc_600cells_5kpeaks.h5ad"
-GRANJA_EXPECTED = {
-    "01_HSC": {"HSPC"},
-    "05_CMP.LMPP": {"HSPC"},
-    "07_GMP": {"HSPC"} | MYELOID,
-    "15_CLP.2": {"HSPC", "B cell"},
-    "17_B": {"B cell"},
-    "19_CD8.N": {"T cell"},
 }
 PBSMALL_EXPECTED = {"B cell": {"B cell"}, "T cell": {"T cell", "NK cell"}, "monocyte": MYELOID}
 
@@ -201,20 +185,6 @@ def run_buenrostro(tissues, options, genes) -> list[dict]:
     return out
 
 
-def run_granja(tissues, options, genes) -> list[dict]:
-    import anndata as ad
-
-    out = []
-    for tissue in tissues:
-        adata = ad.read_h5ad(GRANJA)
-        seconds = annotate(adata, tissue=tissue, options=options, sentence_genes=genes)
-        judged = judge(adata.obs["cellscribe"], adata.obs["cell_type"], GRANJA_EXPECTED)
-        out.append(report(f"Granja 2019 BMMC, tissue={tissue}", adata, judged, seconds))
-        summary = adata.uns["cellscribe"]["summary"]
-        print(f"   mean confidence {summary.get('mean_confidence')}; warning: {bool(summary.get('warning'))}")
-    return out
-
-
 def run_pbsmall(tissues, options, genes) -> list[dict]:
     from cellscribe.core.run import read_input
 
@@ -318,7 +288,7 @@ def run_sorted(tissues, options, genes) -> list[dict]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default="schep,buenrostro,pbsmall,granja")
+    parser.add_argument("--data", default="schep,buenrostro,pbsmall")
     parser.add_argument("--option", action="append", default=[], help="atac modality option KEY=VALUE")
     parser.add_argument("--sentence-genes", type=int, default=None, help="n_genes (default: the model's)")
     parser.add_argument("--sampled-cells", type=int, default=1200, help="cells per population for 'sampled'")
@@ -336,7 +306,6 @@ def main(argv=None) -> int:
         "schep": (run_schep, [None, "blood", "bone marrow"]),
         "buenrostro": (run_buenrostro, [None, "bone marrow"]),
         "pbsmall": (run_pbsmall, [None, "blood"]),
-        "granja": (run_granja, [None, "bone marrow"]),
         "sorted": (run_sorted, [None]),
         "sampled": (functools.partial(run_sampled, per_population=args.sampled_cells), [None, "bone marrow"]),
     }
