@@ -211,6 +211,17 @@ def test_confidence_counts_the_answer_and_its_subtypes(model):
     assert decided["p"][0] >= probabilities[0, row] - 1e-12
 
 
+def test_decide_without_a_callable_type_returns_no_label():
+    """Data measuring too few genes for any type leave decide() nothing to choose: no label, no crash."""
+    from cellscribe.core.types import Assay
+    from cellscribe.plugins.markers.backend import MarkersBackend
+
+    model = MarkersBackend().load("markers")
+    model.use_assay(Assay("atac", ["CD14", "MS4A1"]))
+    decided = model.decide(["CD14, MS4A1", ""])
+    assert decided["label"].isna().all() and decided["p"].isna().all() and len(decided) == 2
+
+
 def test_pancreas_with_tissue(human):
     _quiet_annotate(human, tissue="pancreas")
     correct = [_pancreas_correct(p, t) for p, t in zip(human.obs["cellscribe"].astype(str), human.obs["Group"])]

@@ -839,8 +839,11 @@ class MarkersModel:
         """The zero-shot decision for each sentence, without writing an answer: ``label`` (the
         best-scoring type or candidate) and ``p`` (the probability of it and its subtypes, which the
         calibrated confidence is computed from; see "Confidence"). ``temperature`` replaces the
-        calibrated one (for fitting the calibration)."""
+        calibrated one (for fitting the calibration). Where no cell type can be called (none has
+        :data:`MIN_OBSERVABLE_MARKERS` measured markers), every ``label`` is ``None`` and ``p`` NaN."""
         options = self._options(list(candidates) if candidates else None, self._context_of(""))
+        if len(options) == 0:
+            return pd.DataFrame({"label": np.full(len(sentences), None, dtype=object), "p": np.nan})
         units = self.scorer.parse(list(sentences))
         best, mass, _ = self._decide(options.scores(self.scorer.score(units)), options, temperature)
         return pd.DataFrame({"label": np.asarray(options.names, dtype=object)[best], "p": mass})
