@@ -548,13 +548,13 @@ class MarkersModel:
         than :data:`CONTEXT_MIN_DECISIVE` of the cells belong to one of its organs with a posterior of at
         least :data:`DECISIVE_POSTERIOR`, a warning says the context is uncertain and asks for the
         tissue (a quarter of Schep 2017's peaks, drawn at random: 3% of the cells decisive, the brain
-        0.58 of the context; Baron's pancreas with its macrophages: 0.97). Cell types without a recorded organ stay allowed. An organ's own
-        immune types (hematopoietic types recorded in no blood or immune organ: microglia for the brain,
-        Kupffer cells for the liver) are answers only when that organ holds at least
-        :data:`ORGAN_IMMUNE_MIN_SHARE` of the cells: the share of an organ tells that its own cells are
-        in the data, not that the immune cells beside them live in it (with 8% of the cells read as
-        brain, 511 of 1,200 LMPPs in a 14,400-cell run sampled from the Schep 2017 populations were
-        called microglia); in the brain's own data they stay.
+        0.58 of the context; Baron's pancreas with its macrophages: 0.97). Cell types without a
+        recorded organ stay allowed. An organ's own immune types (hematopoietic types recorded in no
+        blood or immune organ: microglia for the brain, Kupffer cells for the liver) are answers only
+        when that organ holds at least :data:`ORGAN_IMMUNE_MIN_SHARE` of the cells: the share of an
+        organ tells that its own cells are in the data, not that the immune cells beside them live in it
+        (with 8% of the cells read as brain, 511 of 1,200 LMPPs in a 14,400-cell run sampled from the
+        Schep 2017 populations were called microglia); in the brain's own data they stay.
 
         Within a stated tissue (of at least :data:`CONTEXT_MIN_CELLS` cells) the same mixture separates
         the tissue's own cells (with blood) from the vessels and connective tissue every tissue holds,
