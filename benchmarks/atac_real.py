@@ -127,14 +127,20 @@ def _is_peaks(adata) -> bool:
     return bool(adata.n_vars) and str(adata.var_names[0]).startswith("chr")  # peaks, not gene activity
 
 
+def subsample_peaks(adata, fraction: float, seed: int) -> None:
+    """Keep a random ``fraction`` of the peaks of ``adata`` (in place; drawn with ``seed``), as public
+    matrices subsample them."""
+    rng = np.random.default_rng(seed)
+    keep = np.sort(rng.choice(adata.n_vars, max(1, int(round(adata.n_vars * fraction))), replace=False))
+    adata._inplace_subset_var(keep)
+
+
 def annotate(adata, *, tissue, options, sentence_genes):
     """Annotate ``adata`` in place as a user would (after ``--binarize`` / ``--peaks``); return seconds."""
     import cellscribe as cs
 
     if PEAK_FRACTION < 1 and _is_peaks(adata):
-        rng = np.random.default_rng(PEAK_SEED)
-        keep = np.sort(rng.choice(adata.n_vars, max(1, int(round(adata.n_vars * PEAK_FRACTION))), replace=False))
-        adata._inplace_subset_var(keep)
+        subsample_peaks(adata, PEAK_FRACTION, PEAK_SEED)
     if BINARIZE and _is_peaks(adata):
         import scipy.sparse as sp
 
@@ -310,6 +316,8 @@ def main(argv=None) -> int:
                         help="keep this random share of each peak matrix's peaks (as public matrices subsample them)")
     parser.add_argument("--peak-seeds", type=int, default=1, help="with --peaks: repeat over this many random draws")
     args = parser.parse_args(argv)
+    if not 0 < args.peaks <= 1:
+        parser.error(f"--peaks is the share of the peaks to keep, above 0 and at most 1; got {args.peaks}")
     global BINARIZE, PEAK_FRACTION, PEAK_SEED
     BINARIZE = args.binarize
     PEAK_FRACTION = args.peaks

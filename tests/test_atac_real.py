@@ -157,11 +157,10 @@ def test_buenrostro_bone_marrow_no_foreign_label(buenrostro):
     assert _accuracy(judged) >= 0.10  # measured on this 280-cell subset; far below the 0.85 goal
 
 
-def _half_peaks(adata, fraction: float, seed: int):
-    """A random ``fraction`` of the peaks (as public matrices subsample them), drawn with ``seed``."""
+def _some_peaks(adata, fraction: float, seed: int):
+    """A copy of ``adata`` with a random ``fraction`` of its peaks (the benchmark's ``--peaks`` draw)."""
     out = adata.copy()
-    keep = np.sort(np.random.default_rng(seed).choice(out.n_vars, int(round(out.n_vars * fraction)), replace=False))
-    out._inplace_subset_var(keep)
+    atac_real.subsample_peaks(out, fraction, seed)
     return out
 
 
@@ -170,7 +169,7 @@ def test_half_the_peaks_without_a_tissue_keep_the_progenitors_in_blood(buenrostr
     """Blood and immune system are one component of the inferred context's mixture: split in two, they
     halved each progenitor's blood evidence and the brain took the context (15% and 24% of these cells
     got brain labels at these two draws of half the peaks; 3 of 4 draws failed)."""
-    result = _annotate(_half_peaks(buenrostro, 0.5, seed))
+    result = _annotate(_some_peaks(buenrostro, 0.5, seed))
     gates = result.obs["cell_type"].astype(str)
     judged = atac_real.judge(result.obs["cellscribe"], gates, {g: {"HSPC"} for g in gates.unique()})
     assert not judged["foreign"].any()
@@ -183,7 +182,7 @@ def test_an_uncertain_inferred_context_says_so(schep):
     """A quarter of the Schep peaks, drawn at random: the evidence no longer tells the brain from blood
     (3% of the cells held by one organ with a posterior of 0.9) and the run says so; with every peak it
     is certain."""
-    sparse = _half_peaks(schep, 0.25, 0)
+    sparse = _some_peaks(schep, 0.25, 0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         cs.tl.annotate(sparse, modality="atac", progress=False, sidecar=False, modality_options={"gtf": str(GTF)})
