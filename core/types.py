@@ -89,6 +89,12 @@ class FeatureMatrix:
         What the modality did differently from what was asked, and why (a smaller smoothing
         neighbourhood or another normalisation for a run of few cells); recorded in
         ``uns[key_added]["params"]["matrix_notes"]``.
+    coverage
+        Optional per-gene table (index: gene symbols) of how densely the assay's features cover each
+        gene: ``peaks`` found in its region and ``expected`` for a region of its length. A peak set is
+        called where the profiled cells are open, so it tells which genes they share before any cell is
+        read (the ATAC modality's ``peak_prior``); ``None`` (the default) where the features say nothing
+        of the sort (RNA, gene activity, fragments).
 
     Reading a chunk that holds a NaN or infinite value raises a ``ValueError`` naming the cell and gene.
     """
@@ -104,6 +110,7 @@ class FeatureMatrix:
         default=None, converter=lambda v: None if v is None else np.asarray(v, dtype=bool)
     )
     notes: tuple[str, ...] = attrs.field(converter=_tuple_of_str, factory=tuple)
+    coverage: Any = None
 
     @property
     def measured_names(self) -> np.ndarray:
@@ -179,12 +186,16 @@ class Assay:
         What the sentence values are (``"counts"``, ``"activity"``).
     description
         Where the features came from (the FeatureMatrix ``source``).
+    coverage
+        The per-gene feature coverage of the modality that has one (:attr:`FeatureMatrix.coverage`:
+        ``peaks`` and ``expected`` per gene symbol), or ``None``.
     """
 
     modality: str
     genes: np.ndarray = attrs.field(converter=lambda v: np.asarray(v, dtype=object))
     value_kind: str = ""
     description: str = ""
+    coverage: Any = None
 
     @classmethod
     def from_features(cls, *features: FeatureMatrix) -> Assay:
@@ -197,6 +208,7 @@ class Assay:
             genes=list(genes),
             value_kind="+".join(dict.fromkeys(f.value_kind for f in features)),
             description="; ".join(f.source for f in features),
+            coverage=next((f.coverage for f in features if f.coverage is not None), None),
         )
 
     @property
@@ -206,12 +218,17 @@ class Assay:
 
         h = hashlib.sha256(self.modality.encode())
         h.update("\x1f".join(self.genes.tolist()).encode())
+        if self.coverage is not None:  # it can change the answers (a composition prior)
+            h.update(np.ascontiguousarray(self.coverage[["peaks", "expected"]].to_numpy(np.float64)).tobytes())
         return h.hexdigest()[:16]
 
     def summary(self) -> dict[str, Any]:
         """A JSON-able description for the run parameters."""
-        return {"modality": self.modality, "n_measured_genes": int(len(self.genes)),
-                "value_kind": self.value_kind, "digest": self.digest}
+        out = {"modality": self.modality, "n_measured_genes": int(len(self.genes)),
+               "value_kind": self.value_kind, "digest": self.digest}
+        if self.coverage is not None:
+            out["coverage"] = f"peaks around {len(self.coverage)} annotated genes"
+        return out
 
 
 @attrs.frozen(eq=False)

@@ -356,3 +356,54 @@ def test_cli_activity_writes_atomically_and_refuses_to_overwrite_or_a_wrong_buil
     finally:
         cli.main.commands.pop("activity", None)
         cli.main.commands.update(built)
+
+
+# ------------------------------------------------------------------------------------------ peak coverage
+
+
+def _coverage(adata, **options):
+    from cellscribe.plugins.atac.modality import AtacModality
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        features = AtacModality().prepare(adata, gtf=str(HG19), **RAW, **options)
+    return features
+
+
+@needs_shared
+def test_a_peak_set_called_on_progenitors_covers_their_genes(buenrostro):
+    """Buenrostro's peaks were called on bone-marrow progenitors: the stem and progenitor genes have more
+    peaks than genes of their length, genes of mature blood cells none, and a random half of the peaks
+    keeps the ratio (what the modality hands to models as ``coverage``)."""
+    from cellscribe.core.types import Assay
+
+    features = _coverage(buenrostro)
+    coverage = features.coverage
+    assert coverage.attrs["n_peaks"] == buenrostro.n_vars and 0.19 < coverage.attrs["tss_share"] < 0.2
+    assert len(coverage) > 20_000 and coverage.index.is_unique  # every annotated gene, a peak or not
+    hspc, mature = ["HOXA9", "MEIS1", "GATA2", "CRHBP", "HLF", "MECOM", "CD34"], ["MS4A1", "CD3E", "LYZ"]
+    assert (coverage.loc[hspc, "peaks"] > coverage.loc[hspc, "expected"]).all()
+    assert (coverage.loc[mature, "peaks"] == 0).all()
+    # The expectation follows the region length, and sums to the peaks found.
+    by_length = coverage.sort_values("length")["expected"].to_numpy()
+    assert by_length[-1000:].mean() > 5 * by_length[:1000].mean()
+    assert abs(coverage["expected"].sum() - coverage["peaks"].sum()) < 1e-6 * coverage["peaks"].sum()
+    assert Assay.from_features(features).coverage is coverage
+
+    half = buenrostro[:, np.sort(np.random.default_rng(0).choice(buenrostro.n_vars, buenrostro.n_vars // 2,
+                                                                  replace=False))].copy()
+    sub = _coverage(half).coverage.loc[hspc]
+    assert sub["peaks"].sum() > 1.5 * sub["expected"].sum()  # 2.3x on all peaks
+
+
+@needs_shared
+def test_no_peak_set_prior_from_a_promoter_selection_or_when_asked(schep, buenrostro):
+    """Schep's 5,036 peaks are 73% promoters (the strongest peaks kept): their coverage says which
+    promoters were kept, so none goes to the model, and the run's notes say why."""
+    selected = _coverage(schep)
+    assert selected.coverage is None
+    assert any("no composition prior from the peak set: 73% of the peaks lie within 1 kb of a TSS" in n
+               for n in selected.notes)
+    assert _coverage(buenrostro, peak_prior=False).coverage is None
+    with pytest.raises(ValueError, match="peak_prior"):
+        _coverage(buenrostro, peak_prior="often")

@@ -499,3 +499,61 @@ def test_generation_settings_are_ignored_and_progress_reported(model):
         [_zero_shot(f"c{i}", B_CELL) for i in range(3)], settings={"temperature": 0.7}, progress=calls.append
     )
     assert sum(calls) == 3 and all(isinstance(g, Generation) for g in generations)
+
+
+# ------------------------------------------------------------------------------------------ peak-set prior
+
+
+def _coverage(dense_genes, genes):
+    """A peak coverage table: ``dense_genes`` with 10 peaks where 1 is expected, every other gene 1 of 1."""
+    genes = list(dict.fromkeys([*genes, *dense_genes]))
+    peaks = [10.0 if g in dense_genes else 1.0 for g in genes]
+    return pd.DataFrame({"peaks": peaks, "expected": 1.0, "length": 20_000.0}, index=genes)
+
+
+def test_a_peak_set_prior_tips_close_calls_and_is_reported(model):
+    """Types whose markers the peak set covers densely are likelier; cells between two types go to
+    them. The prior is in the reasoning and in the observability record, never an answer on its own."""
+    from cellscribe.core.types import Assay
+    from cellscribe.plugins.markers.backend import composition_prior
+
+    mixed = _zero_shot("mixed", [g for pair in zip(MONOCYTE, B_CELL) for g in pair])
+    genes = list(model.knowledge.genes)
+    plain = model.decide([mixed.sentences[0]])["label"][0]
+    other = "B cell" if "monocyte" in plain else "classical monocyte"
+    dense = B_CELL if other == "B cell" else MONOCYTE
+
+    model.use_assay(Assay("atac", genes, coverage=_coverage(dense, genes)))
+    prior = composition_prior(model.knowledge, _coverage(dense, genes))
+    rows = {t: i for i, t in enumerate(model.knowledge.cell_types)}
+    assert prior[rows[other]] > 0.5 and abs(prior[rows["hepatocyte"]]) < 1e-9
+    tipped = model.decide([mixed.sentences[0]])["label"][0]
+    assert get_ontology().is_a(_term(tipped), _term(other)) or tipped == other
+    (generation,) = model.generate([mixed])
+    assert "from the peak set's composition prior" in generation.text
+    record = model.observability()["prior"]
+    assert other in record["highest"] or any(
+        get_ontology().is_a(_term(t), _term(other)) for t in record["highest"])
+    assert record["pseudocount"] > 0 and record["sd"] > 0
+
+    # A cell without a marker of any type stays unresolved however likely the prior makes a type.
+    (empty,) = model.generate([_zero_shot("none", ["MALAT1", "ACTB", "GAPDH"])])
+    assert empty.text.endswith("unresolved")
+    model.use_assay(Assay("atac", genes))  # no coverage: no prior
+    assert "prior" not in model.observability()
+    assert model.decide([mixed.sentences[0]])["label"][0] == plain
+
+
+def test_builtin_types_the_cell_ontology_cannot_place_are_never_open_answers(model):
+    """An answer the decoder cannot place is lost as unresolved: the four such built-in types are only
+    answers when named as candidates, and every other open answer decodes to a Cell Ontology label."""
+    from cellscribe.plugins.markers.backend import _unnameable_builtin_types
+    from cellscribe.plugins.prompting.decoders import ontology_label
+
+    unnamed = _unnameable_builtin_types()
+    assert unnamed == {"His bundle cells", "Osteoclast precursor cells", "Transient cells", "Undefined placental cells"}
+    names = set(model._options(None, model._context_of("any")).names)
+    assert not names & unnamed
+    assert all(ontology_label(n)[0] is not None for n in names)
+    named = model._options(["Transient cells", "B cell"], model._context_of("any"))
+    assert list(named.names) == ["Transient cells", "B cell"] and (named.rows >= 0).all()  # scored on its markers

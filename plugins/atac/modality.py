@@ -44,6 +44,8 @@ from cellscribe.core.types import FeatureMatrix
 from ._options import as_bool, as_int
 from .activity import NORMALIZATIONS, ActivityMatrix, gene_baseline
 from .annotation import read_gene_annotation, resolve_annotation
+from .coverage import peak_coverage
+from .coverage import usable as usable_coverage
 from .embedding import DEFAULT_NEIGHBORS, knn_operator, lsi
 from .fragments import DEFAULT_PROMOTER
 from .overlap import peak_coordinates, peaks_to_genes
@@ -149,6 +151,7 @@ class AtacModality:
         use_rep: str | None = None,
         normalization: str = "enrichment",
         check_build: bool = True,
+        peak_prior: bool = True,
         chunk_size: int = DEFAULT_CHUNK,
         **options: Any,
     ) -> FeatureMatrix:
@@ -188,6 +191,13 @@ class AtacModality:
             Refuse peaks whose gene annotation is of another genome build (:mod:`.build`; the error
             gives the measured share). ``False`` skips the check, for peak sets without promoter peaks
             or synthetic data.
+        peak_prior
+            For peaks with a GTF: count the peaks around every gene against genes of the same length
+            (:mod:`.coverage`) and give the table to the model (``Assay.coverage``), which may read the
+            data set's composition from it (the ``markers`` model does: see "Composition prior" in its
+            docstring), unless most peaks lie at promoters (a selection: :func:`.coverage.usable`; a note
+            in ``uns[key]["params"]["matrix_notes"]`` says so). ``False`` leaves it out: for a peak set
+            not called on these cells (a reference atlas's peaks, a published list of regions).
         chunk_size
             Cells per chunk when reading and computing rows.
         options
@@ -223,6 +233,7 @@ class AtacModality:
         smoothing = as_bool(smoothing, "smoothing")
         check_build = as_bool(check_build, "check_build")
         gene_body = as_bool(gene_body, "gene_body")
+        peak_prior = as_bool(peak_prior, "peak_prior")
         promoter = as_int(promoter, "promoter", 0)
         downstream = as_int(downstream, "downstream", 0)
         n_neighbors = as_int(n_neighbors, "n_neighbors", 1)
@@ -239,6 +250,8 @@ class AtacModality:
             )
 
         measured = None  # peaks: every gene some peak overlaps is measured
+        coverage = None
+        prior_note = None
         coords = None if features == "genes" else peak_coordinates(var, var_names)
         if features == "peaks" and coords is None:
             raise ValueError(
@@ -247,10 +260,18 @@ class AtacModality:
             )
         if coords is not None:
             peaks, coord_source = coords
-            to_genes, names, how = self._peak_genes(
+            to_genes, names, how, coverage = self._peak_genes(
                 adata, peaks, gtf, promoter, downstream, gene_body, check_build
             )
             what = f"{source}: {len(peaks)} peaks ({coord_source}) -> {len(names)} genes ({how})"
+            if not peak_prior:
+                coverage = None
+            elif coverage is not None:
+                fit, why = usable_coverage(coverage)
+                if not fit:
+                    prior_note = f"no composition prior from the peak set: {why}"
+                    log.info("atac: %s", prior_note)
+                    coverage = None
         else:
             symbols = choose_gene_symbols(var, var_names)
             log.info("atac: gene activity; %s", symbols.note)
@@ -258,7 +279,7 @@ class AtacModality:
             measured = _measured_genes(matrix, to_genes, chunk_size)
             what = f"{source}: gene activity ({len(names)} genes, {int(measured.sum())} with any count)"
 
-        notes: list[str] = []
+        notes: list[str] = [] if prior_note is None else [prior_note]
         n_active = None
         if smoothing:
             activity, smooth_note, n_active = self._smoothed(
@@ -294,6 +315,7 @@ class AtacModality:
             modality=self.name,
             measured=measured,
             notes=notes,
+            coverage=coverage,
         )
         log.info("atac: %d cells x %d genes from %s in %.2f s", result.n_cells, result.n_features, what,
                  time.perf_counter() - started)
@@ -303,9 +325,10 @@ class AtacModality:
     def _peak_genes(
         adata: Any, peaks: pd.DataFrame, gtf: str | None, promoter: int, downstream: int, gene_body: bool,
         check_build: bool = True,
-    ) -> tuple[sp.csr_matrix, np.ndarray, str]:
+    ) -> tuple[sp.csr_matrix, np.ndarray, str, pd.DataFrame | None]:
         """The peaks x gene-symbols 0/1 matrix and its genes, from a GTF or from Cell Ranger's peak
-        annotation, with a note saying which."""
+        annotation, with a note saying which, and the genes' peak coverage (:func:`.coverage.peak_coverage`;
+        ``None`` from Cell Ranger's table, which has no gene lengths)."""
         if gtf is None:
             table = _peak_annotation(adata)
             if table is None:
@@ -314,7 +337,7 @@ class AtacModality:
                     "gtf=PATH (--gtf PATH, a GTF/GFF of the genome the peaks were called on)"
                 )
             to_genes, names = _from_peak_annotation(table, adata.var_names)
-            return to_genes, names, "uns['atac']['peak_annotation']"
+            return to_genes, names, "uns['atac']['peak_annotation']", None
         genes = read_gene_annotation(resolve_annotation(gtf))
         to_genes, names = peaks_to_genes(
             peaks, genes, upstream=promoter, downstream=downstream, gene_body=gene_body, check_build=check_build
@@ -331,7 +354,9 @@ class AtacModality:
             to_genes = sp.csr_matrix(to_genes @ merge)
             to_genes.data = np.minimum(to_genes.data, 1)
         region = "gene body" if gene_body else "TSS"
-        return to_genes, unique, f"{region} + {promoter} bp promoter + {downstream} bp downstream of {gtf}"
+        coverage = peak_coverage(peaks, to_genes, unique, genes, upstream=promoter, downstream=downstream,
+                                 gene_body=gene_body)
+        return to_genes, unique, f"{region} + {promoter} bp promoter + {downstream} bp downstream of {gtf}", coverage
 
     @staticmethod
     def _smoothed(

@@ -82,6 +82,22 @@ Measured genes and abstention
     correction, ranks no higher than chance) is withheld: the answer is :data:`ABSTENTION`, which the
     decoders read as unresolved, with the reason in the note.
 
+Composition prior
+    A peak set is called where the profiled cells are open, so it says which cell types the data hold
+    before any cell is read; enrichment over the run's own cells cannot (in a sorted progenitor
+    population every cell shares the stem-cell genes, and each cell's sentence ranks the mature lineage
+    it is primed for). When the assay gives the genes' peak coverage (``Assay.coverage``: the ATAC
+    modality's ``peak_prior``, on by default for peaks with a GTF), each type gets the prior
+    ``log((found + a) / (expected + a))`` over its positive markers (weighted; found: peaks in their
+    regions; expected: peaks of regions of the same lengths; ``a`` = :data:`PRIOR_PSEUDOCOUNT`, so that a
+    type whose markers expect a few peaks keeps a prior near 0), and zero-shot and k-shot decisions add
+    it times the calibrated temperature to the types' scores: the posterior is the cell's likelihood
+    times a prior proportional to the peak density, no constant fitted. Puzzles (fixed candidates, each
+    used once) and the tissue-context inference do not use it; candidates the knowledge cannot place get
+    none. The types with the strongest prior are recorded in ``uns[key]["observability"]["prior"]``.
+    Measured (``benchmarks/atac_real.py``): Buenrostro 2018 called a stem or progenitor type 0.205 ->
+    0.42 in a bone-marrow context; see the README for every set.
+
 Tissue context
     Each prompt carries its units' tissue (``Prompt.tissue``: the run's ``tissue=``, or what a standard
     ``obs`` column of the data states per cell), and answers are restricted to that tissue's cell types
@@ -167,6 +183,11 @@ OBSERVED_NOTE_BELOW = 0.9
 ABSTENTION = "unresolved"
 #: Scoring constants that differ by modality (see "Sentences" in the module docstring).
 MODALITY_SCORING: dict[str, dict[str, Any]] = {"atac": {"norm_power": 0.5, "chance": True, "cap_top": True}}
+#: Peaks added to the found and to the expected count of a type's markers before the composition prior
+#: takes their ratio (see "Composition prior"): a ratio of a few peaks stays near 1.
+PRIOR_PSEUDOCOUNT = 2.0
+#: Types named in the observability report's ``prior`` (the strongest priors each way).
+PRIOR_REPORTED = 5
 #: Without a tissue, a run of at least this many open-vocabulary cells infers its tissue context.
 CONTEXT_MIN_CELLS = 10
 #: Cells scored to infer the context (an even sample of larger runs).
@@ -250,6 +271,54 @@ def _as_tables(value: Any, what: str) -> list[Any]:
             )
         tables.append(path)
     return tables
+
+
+def nameable_types(cell_types: Sequence[str], ontology: Any) -> np.ndarray:
+    """Boolean mask of the type names an open-vocabulary answer can carry: those the Cell Ontology
+    places (a term of that name or synonym, or exactly one most specific term named in it, which the
+    decoder then answers with). An answer naming another type ("Transient cells", "Osteoclast precursor
+    cells": osteoclast or precursor cell?) is decoded as unresolved."""
+    out = np.zeros(len(cell_types), dtype=bool)
+    for i, name in enumerate(cell_types):
+        if ontology.lookup(str(name)) is not None:
+            out[i] = True
+            continue
+        ids = [t for t, _ in ontology.mentions(str(name))]
+        specific = {t for t in ids if not any(o != t and ontology.is_a(o, t) for o in ids)}
+        out[i] = len(specific) == 1
+    return out
+
+
+@functools.cache
+def _unnameable_builtin_types() -> frozenset[str]:
+    """The built-in knowledge's types that are never open-vocabulary answers: four PanglaoDB types no
+    Cell Ontology term places (an answer naming them would be lost as unresolved). As candidates they
+    are answers; a user table's own types stay answers whatever their names (its authors chose them)."""
+    scorer = _builtin_scorer()
+    return frozenset(str(t) for t, ok in zip(scorer.cell_types, nameable_types(scorer.cell_types, get_ontology()))
+                     if not ok)
+
+
+def composition_prior(knowledge: MarkerKnowledge, coverage: pd.DataFrame, pseudocount: float = PRIOR_PSEUDOCOUNT) -> np.ndarray:
+    """Each type's composition prior from a peak coverage table (see "Composition prior").
+
+    :param knowledge: the marker knowledge; a type's own positive markers count (measured or not: a
+        marker without a peak in a peak set called on the cells is evidence too), with their weights,
+        ubiquitous genes left out. Markers a type inherits from its Cell Ontology ancestors in scoring
+        do not: they are shared with its siblings and say nothing of which of them is present.
+    :param coverage: ``peaks`` and ``expected`` per gene symbol (:attr:`~cellscribe.core.types.Assay.coverage`);
+        markers the table lacks (not in the annotation) count for neither.
+    :return: ``log((found + a) / (expected + a))`` per type of ``knowledge`` (0 for types without markers).
+    """
+    columns = knowledge.gene_index(coverage.index.astype(str))
+    placed = columns >= 0
+    found = np.zeros(len(knowledge.genes))
+    expected = np.zeros(len(knowledge.genes))
+    found[columns[placed]] = coverage["peaks"].to_numpy(np.float64)[placed]
+    expected[columns[placed]] = coverage["expected"].to_numpy(np.float64)[placed]
+    informative = ~knowledge.is_ubiquitous(knowledge.genes)
+    weights = sp.csr_matrix(knowledge.weights, dtype=np.float64).maximum(0) @ sp.diags(informative.astype(np.float64))
+    return np.log((weights @ found + pseudocount) / (weights @ expected + pseudocount))
 
 
 class MarkersBackend:
@@ -490,10 +559,12 @@ class MarkersModel:
         self._inferred: _Context | None = None
         self._routes: _Routes | None = None
         self._routes_of: dict[str, _Routes] = {}
+        self._prior: np.ndarray | None = None
         if tissue is not None and self._stated_context(tissue) is None:
             scorer.tissue_mask(tissue)  # raises the error naming the known tissues
         default = self._context_of("")
         self._allowed = default.allowed(len(scorer.cell_types))
+        self._nameable = ~np.isin(scorer.cell_types, list(_unnameable_builtin_types()))
 
     @property
     def knowledge(self) -> MarkerKnowledge:
@@ -519,6 +590,8 @@ class MarkersModel:
         genes = None if assay is None else assay.genes
         params = {} if assay is None else MODALITY_SCORING.get(str(assay.modality), {})
         self.scorer = self._base_scorer.within(genes, **params)
+        coverage = None if assay is None else getattr(assay, "coverage", None)
+        self._prior = None if coverage is None else composition_prior(self.knowledge, coverage)
         self._options_cache.clear()
         return self.observability()
 
@@ -813,7 +886,27 @@ class MarkersModel:
             "n_cell_types_callable": int(callable_.sum()),
             "min_observable_markers": MIN_OBSERVABLE_MARKERS,
             "not_callable": [str(scorer.cell_types[t]) for t in hidden[:20]],
+            "not_nameable": [str(scorer.cell_types[t]) for t in np.flatnonzero(callable_ & ~self._nameable)],
+            **({} if self._prior is None else {"prior": self._prior_report(callable_)}),
         }
+
+    def _prior_report(self, callable_: np.ndarray) -> dict[str, Any]:
+        """The composition prior of the callable types: the strongest each way, and its spread."""
+        rows = np.flatnonzero(callable_)
+        order = rows[np.argsort(-self._prior[rows], kind="stable")]
+        named = lambda sel: {str(self.scorer.cell_types[r]): round(float(self._prior[r]), 3) for r in sel}  # noqa: E731
+        return {"source": "peak coverage of the assay (log found / expected peaks of each type's markers)",
+                "pseudocount": PRIOR_PSEUDOCOUNT, "highest": named(order[:PRIOR_REPORTED]),
+                "lowest": named(order[::-1][:PRIOR_REPORTED]),
+                "sd": round(float(np.std(self._prior[rows])), 3) if len(rows) else 0.0}
+
+    def _prior_scores(self, options: _Options) -> np.ndarray | None:
+        """The composition prior in score units per option (calibrated temperature x prior; 0 for
+        candidates the knowledge cannot place), or ``None`` without one."""
+        if self._prior is None:
+            return None
+        rows = options.rows
+        return np.where(rows >= 0, self._prior[np.maximum(rows, 0)], 0.0) * self.calibration.temperature
 
     def count_tokens(self, text: str) -> int | None:
         """The model has no tokenizer: ``None`` (prompt strategies then estimate)."""
@@ -868,7 +961,7 @@ class MarkersModel:
         get their elimination score). Apply :meth:`Calibration.probabilities` for probabilities."""
         options = self._options(list(candidates) if candidates else None, self._context_of(""))
         units = self.scorer.parse(list(sentences))
-        return pd.DataFrame(options.scores(self.scorer.score(units)), columns=options.names)
+        return pd.DataFrame(self._with_prior(options.scores(self.scorer.score(units)), options), columns=options.names)
 
     def decide(
         self, sentences: Sequence[str], candidates: Sequence[str] | None = None, *,
@@ -883,8 +976,14 @@ class MarkersModel:
         if len(options) == 0:
             return pd.DataFrame({"label": np.full(len(sentences), None, dtype=object), "p": np.nan})
         units = self.scorer.parse(list(sentences))
-        best, mass, _ = self._decide(options.scores(self.scorer.score(units)), options, temperature)
+        scores = self._with_prior(options.scores(self.scorer.score(units)), options)
+        best, mass, _ = self._decide(scores, options, temperature)
         return pd.DataFrame({"label": np.asarray(options.names, dtype=object)[best], "p": mass})
+
+    def _with_prior(self, scores: np.ndarray, options: _Options) -> np.ndarray:
+        """``scores`` plus the composition prior (see "Composition prior"); unchanged without one."""
+        prior = self._prior_scores(options)
+        return scores if prior is None else scores + prior[None, :]
 
     def _decide(
         self, scores: np.ndarray, options: _Options, temperature: float | None = None
@@ -957,7 +1056,7 @@ class MarkersModel:
     def _build_options(self, labels: Sequence[str], allowed: np.ndarray) -> _Options:
         callable_ = self.scorer.callable_types()
         if not labels:
-            rows = np.flatnonzero(allowed & callable_)
+            rows = np.flatnonzero(allowed & callable_ & self._nameable)
             return _Options(self.scorer.cell_types[rows], rows, np.zeros(len(allowed), dtype=bool))
         rows = self.scorer.locate(labels)
         # A candidate whose type the data cannot show is scored by elimination, like an unknown one.
@@ -1008,6 +1107,8 @@ class MarkersModel:
             scores = _combine(options, type_scores, signature_scores, signatures.n_examples)
         else:
             scores = options.scores(type_scores)
+        evidence_scores = scores
+        scores = self._with_prior(scores, options)
         best, mass, probabilities = self._decide(scores, options)
         compared = _top_columns(scores, COMPARED)
         evidence = self.scorer.evidence(first_units, np.where(compared >= 0, options.rows[compared], -1))
@@ -1022,7 +1123,7 @@ class MarkersModel:
             )
         confidence = self.calibration.confidence(mass)
         label_scores = _label_scores(options.names, probabilities, bool(labels))
-        doubts = self._doubts(options, best, scores, evidence, knowledge_only=signatures is None)
+        doubts = self._doubts(options, best, evidence_scores, evidence, knowledge_only=signatures is None)
         organ_notes = self._organ_notes(options, context)
         out = []
         # Plain Python numbers for the per-unit loop (NumPy scalars are slow to index and format there).
@@ -1030,10 +1131,14 @@ class MarkersModel:
         compared_scores = np.take_along_axis(scores, compared, axis=1).tolist()
         rows_l, confidence_l = options.rows.tolist(), confidence.tolist()
         n_genes_l, n_skipped_l = first_units.n_genes.tolist(), first_units.n_skipped.tolist()
+        prior = self._prior_scores(options)
+        prior_l = None if prior is None else prior.tolist()
         for i, prompt in enumerate(prompts):
             lines = [text.header_line(int(n_genes_l[i]), int(n_skipped_l[i]))]
             for j, (option, score) in enumerate(zip(compared_l[i], compared_scores[i])):
                 extra, found = [], evidence[i][j]
+                if prior_l is not None and rows_l[option] >= 0:
+                    extra.append(f"{prior_l[option]:+.2f} from the peak set's composition prior")
                 if signatures is not None and signatures.n_examples[option] > 0:
                     extra.append(_signature_clause(sig_evidence[i][j], int(signatures.n_examples[option])))
                     if found is not None:  # both sources: say which evidence is the knowledge's
