@@ -523,7 +523,11 @@ def test_a_peak_set_prior_tips_close_calls_and_is_reported(model):
     other = "B cell" if "monocyte" in plain else "classical monocyte"
     dense = B_CELL if other == "B cell" else MONOCYTE
 
+    pair = ["B cell", "classical monocyte"]
+    named = model.decide([mixed.sentences[0]], candidates=pair)["label"][0]
     model.use_assay(Assay("atac", genes, coverage=_coverage(dense, genes)))
+    # Candidates are a label set the user chose: the prior does not weigh between them.
+    assert model.decide([mixed.sentences[0]], candidates=pair)["label"][0] == named
     prior = composition_prior(model.knowledge, _coverage(dense, genes))
     rows = {t: i for i, t in enumerate(model.knowledge.cell_types)}
     assert prior[rows[other]] > 0.5 and abs(prior[rows["hepatocyte"]]) < 1e-9
