@@ -186,8 +186,9 @@ class LoadedModel(Protocol):
         """Switch to the modality's adapter (the base model for a modality without one)."""
 
     def use_assay(self, assay: Assay) -> Mapping[str, Any] | None:
-        """Answer within the genes the run's data measure (:class:`~cellscribe.core.types.Assay`);
-        return a report of what of the model's knowledge they show (``uns[key]["observability"]``)."""
+        """Answer within the genes the run's data measure (:class:`~cellscribe.core.types.Assay`; its
+        ``coverage``, when a modality gives one, may inform a prior over the answers); return a report of
+        what of the model's knowledge they show (``uns[key]["observability"]``)."""
         return None
 
     def trainable(self) -> Mapping[str, Any] | None:
