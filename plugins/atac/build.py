@@ -69,6 +69,7 @@ from .overlap import overlap_pairs
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "tss_share",
     "TSS_WINDOW",
     "SHIFTS",
     "BLOCK_SIZE",
@@ -171,6 +172,19 @@ def _tss_windows(genes: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarra
     minus = genes["strand"].to_numpy(dtype=object) == "-"
     tss = np.where(minus, genes["end"].to_numpy(dtype=np.int64) - 1, genes["start"].to_numpy(dtype=np.int64))
     return genes["chrom"].to_numpy(dtype=object), np.maximum(tss - TSS_WINDOW, 0), tss + TSS_WINDOW + 1
+
+
+def tss_share(chrom: Any, start: Any, end: Any, genes: pd.DataFrame) -> float:
+    """The share of the positions on annotated chromosomes within :data:`TSS_WINDOW` of an annotated
+    TSS (``tss_share`` of :func:`measure_build`, without its background; NaN when none is on one)."""
+    chrom = np.asarray(chrom, dtype=object)
+    keys = chrom_key(chrom)
+    annotated = set(chrom_key(pd.unique(genes["chrom"].to_numpy(dtype=object))))
+    on = np.fromiter((k in annotated for k in keys), dtype=bool, count=len(keys))
+    if not on.any():
+        return float("nan")
+    query, _ = overlap_pairs((chrom[on], np.asarray(start)[on], np.asarray(end)[on]), _tss_windows(genes))
+    return float(len(np.unique(query)) / on.sum())
 
 
 def _near(chrom: np.ndarray, start: np.ndarray, end: np.ndarray, windows: tuple) -> np.ndarray:

@@ -58,12 +58,12 @@ def peak_coverage(
         ``peaks`` (peaks in the region), ``expected`` (mean peaks of the regions in the same length bin,
         :data:`LENGTH_BINS`) and ``length`` (base pairs; a symbol with several genes: the longest);
         ``attrs["tss_share"]``: the share of the peaks within 1 kb of an annotated TSS
-        (:func:`~.build.measure_build`), ``attrs["n_peaks"]``.
+        (:func:`~.build.tss_share`), ``attrs["n_peaks"]``.
     """
-    from .build import measure_build  # build.py reads this plugin's overlap join, as coverage does
+    from .build import tss_share
 
-    check = measure_build(peaks["chrom"].to_numpy(dtype=object), peaks["start"].to_numpy(), peaks["end"].to_numpy(),
-                          genes)
+    at_promoters = tss_share(peaks["chrom"].to_numpy(dtype=object), peaks["start"].to_numpy(),
+                             peaks["end"].to_numpy(), genes)
     start, end = gene_regions(genes, upstream=upstream, downstream=downstream, gene_body=gene_body)
     length = pd.Series((end - start).astype(np.float64), index=genes["gene_name"].astype(str).to_numpy())
     length = length.groupby(level=0, sort=False).max()
@@ -79,7 +79,7 @@ def peak_coverage(
     expected = (totals / np.maximum(sizes, 1))[bins]
     table = pd.DataFrame({"peaks": found_per_gene, "expected": expected, "length": length.to_numpy()},
                          index=length.index)
-    table.attrs.update({"tss_share": float(check.tss_share), "n_peaks": int(len(peaks))})
+    table.attrs.update({"tss_share": at_promoters, "n_peaks": int(len(peaks))})
     return table
 
 

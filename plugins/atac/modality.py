@@ -261,12 +261,10 @@ class AtacModality:
         if coords is not None:
             peaks, coord_source = coords
             to_genes, names, how, coverage = self._peak_genes(
-                adata, peaks, gtf, promoter, downstream, gene_body, check_build
+                adata, peaks, gtf, promoter, downstream, gene_body, check_build, with_coverage=peak_prior
             )
             what = f"{source}: {len(peaks)} peaks ({coord_source}) -> {len(names)} genes ({how})"
-            if not peak_prior:
-                coverage = None
-            elif coverage is not None:
+            if coverage is not None:
                 fit, why = usable_coverage(coverage)
                 if not fit:
                     prior_note = f"no composition prior from the peak set: {why}"
@@ -324,11 +322,11 @@ class AtacModality:
     @staticmethod
     def _peak_genes(
         adata: Any, peaks: pd.DataFrame, gtf: str | None, promoter: int, downstream: int, gene_body: bool,
-        check_build: bool = True,
+        check_build: bool = True, with_coverage: bool = True,
     ) -> tuple[sp.csr_matrix, np.ndarray, str, pd.DataFrame | None]:
         """The peaks x gene-symbols 0/1 matrix and its genes, from a GTF or from Cell Ranger's peak
         annotation, with a note saying which, and the genes' peak coverage (:func:`.coverage.peak_coverage`;
-        ``None`` from Cell Ranger's table, which has no gene lengths)."""
+        ``None`` without ``with_coverage`` or from Cell Ranger's table, which has no gene lengths)."""
         if gtf is None:
             table = _peak_annotation(adata)
             if table is None:
@@ -355,7 +353,7 @@ class AtacModality:
             to_genes.data = np.minimum(to_genes.data, 1)
         region = "gene body" if gene_body else "TSS"
         coverage = peak_coverage(peaks, to_genes, unique, genes, upstream=promoter, downstream=downstream,
-                                 gene_body=gene_body)
+                                 gene_body=gene_body) if with_coverage else None
         return to_genes, unique, f"{region} + {promoter} bp promoter + {downstream} bp downstream of {gtf}", coverage
 
     @staticmethod
