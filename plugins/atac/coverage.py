@@ -31,12 +31,12 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .annotation import gene_regions
+from .annotation import chrom_key, gene_regions
 
 __all__ = ["LENGTH_BINS", "MAX_TSS_SHARE", "peak_coverage", "usable"]
 
-#: Region lengths are compared within this many quantile bins of log length (about 600 genes each for a
-#: human annotation): the expectation follows the length without assuming peaks grow linearly with it.
+#: Region lengths are compared within this many quantile bins of log length (hundreds of genes each for
+#: a human annotation): the expectation follows the length without assuming peaks grow linearly with it.
 LENGTH_BINS = 40
 #: Peak sets with at least this share of their peaks within 1 kb of an annotated TSS are promoter
 #: selections, whose coverage says which promoters were kept (see the module docstring).
@@ -56,7 +56,7 @@ def peak_coverage(
     :param upstream, downstream, gene_body: the regions the matrix used (:func:`~.annotation.gene_regions`).
     :return: one row per distinct gene symbol of the annotation (genes without a peak included), columns
         ``peaks`` (peaks in the region), ``expected`` (mean peaks of the regions in the same length bin,
-        :data:`LENGTH_BINS`) and ``length`` (base pairs; a symbol with several genes: the longest);
+        :data:`LENGTH_BINS`, on the chromosomes some peak lies on; 0 on the others) and ``length`` (base pairs; a symbol with several genes: the longest);
         ``attrs["tss_share"]``: the share of the peaks within 1 kb of an annotated TSS
         (:func:`~.build.tss_share`), ``attrs["n_peaks"]``.
     """
@@ -65,18 +65,26 @@ def peak_coverage(
     at_promoters = tss_share(peaks["chrom"].to_numpy(dtype=object), peaks["start"].to_numpy(),
                              peaks["end"].to_numpy(), genes)
     start, end = gene_regions(genes, upstream=upstream, downstream=downstream, gene_body=gene_body)
-    length = pd.Series((end - start).astype(np.float64), index=genes["gene_name"].astype(str).to_numpy())
-    length = length.groupby(level=0, sort=False).max()
+    symbols = genes["gene_name"].astype(str).to_numpy()
+    # Only chromosomes the peak set covers set the expectation; genes elsewhere expect nothing (a peak
+    # set of a few chromosomes says nothing of the others' genes).
+    with_peaks = set(chrom_key(pd.unique(peaks["chrom"].to_numpy(dtype=object))))
+    covered = np.fromiter((k in with_peaks for k in chrom_key(genes["chrom"].to_numpy(dtype=object))), dtype=bool,
+                          count=len(genes))
+    per_gene = pd.DataFrame({"length": (end - start).astype(np.float64), "covered": covered}, index=symbols)
+    per_gene = per_gene.groupby(level=0, sort=False).max()
+    length, covered = per_gene["length"], per_gene["covered"].to_numpy(dtype=bool)
     found = pd.Series(np.asarray(to_genes.sum(axis=0), dtype=np.float64).ravel(), index=np.asarray(names, dtype=str))
     found = found.groupby(level=0, sort=False).sum()
     found_per_gene = found.reindex(length.index).fillna(0.0).to_numpy()
     log_length = np.log10(np.maximum(length.to_numpy(), 1.0))
-    n_bins = max(1, min(LENGTH_BINS, len(length) // 20))
-    edges = np.unique(np.quantile(log_length, np.linspace(0.0, 1.0, n_bins + 1)))
+    n_bins = max(1, min(LENGTH_BINS, int(covered.sum()) // 20))
+    edges = np.unique(np.quantile(log_length[covered] if covered.any() else log_length,
+                                  np.linspace(0.0, 1.0, n_bins + 1)))
     bins = np.clip(np.searchsorted(edges, log_length, side="right") - 1, 0, max(len(edges) - 2, 0))
-    totals = np.bincount(bins, weights=found_per_gene)
-    sizes = np.bincount(bins)
-    expected = (totals / np.maximum(sizes, 1))[bins]
+    totals = np.bincount(bins[covered], weights=found_per_gene[covered], minlength=len(edges))
+    sizes = np.bincount(bins[covered], minlength=len(edges))
+    expected = np.where(covered, (totals / np.maximum(sizes, 1))[bins], 0.0)
     table = pd.DataFrame({"peaks": found_per_gene, "expected": expected, "length": length.to_numpy()},
                          index=length.index)
     table.attrs.update({"tss_share": at_promoters, "n_peaks": int(len(peaks))})

@@ -98,7 +98,7 @@ Composition prior
     peak-rich markers (the seven Buenrostro gates as candidates: exact gate 0.257 -> 0.189 with it, the
     CLPs called HSCs and MPPs). The tissue-context inference does not use it either. The types with the
     strongest prior are recorded in ``uns[key]["observability"]["prior"]``. Measured
-    (``benchmarks/atac_real.py``): Buenrostro 2018 called a stem or progenitor type 0.205 -> 0.402 in a
+    (``benchmarks/atac_real.py``): Buenrostro 2018 called a stem or progenitor type 0.205 -> 0.409 in a
     bone-marrow context; see the README for every set.
 
 Tissue context
