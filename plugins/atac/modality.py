@@ -23,7 +23,9 @@ cells the right Cell Ontology lineage (91% when monocytes called macrophages cou
 The FeatureMatrix says which genes the data measure (``measured``): for peaks, the genes some peak
 overlaps (the output columns); for gene activity, the genes with a count in any cell. Models score within
 them (:class:`~cellscribe.core.types.Assay`); ``benchmarks/atac_real.py`` measures the result on real
-labelled peak matrices.
+labelled peak matrices. For peaks read with a GTF it also says how densely the peak set covers each gene
+(``coverage``, :mod:`.coverage`; the ``peak_prior`` option), which tells which cells the peaks were
+called on; the ``markers`` model reads a composition prior from it.
 """
 
 from __future__ import annotations
