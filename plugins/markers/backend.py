@@ -97,7 +97,9 @@ Composition prior
     the user chose, and among close types named that way the density favours the type with the most
     peak-rich markers (the seven Buenrostro gates as candidates: exact gate 0.257 -> 0.189 with it, the
     CLPs called HSCs and MPPs). The tissue-context inference does not use it either. The types with the
-    strongest prior are recorded in ``uns[key]["observability"]["prior"]``. Measured
+    strongest prior among all the knowledge's callable types (before any tissue context: a urothelial
+    cell can be among them in a marrow run, where it is never an answer) are recorded in
+    ``uns[key]["observability"]["prior"]``. Measured
     (``benchmarks/atac_real.py``): Buenrostro 2018 called a stem or progenitor type 0.205 -> 0.409 in a
     bone-marrow context; see the README for every set.
 
