@@ -22,7 +22,8 @@ and a gene's count follows how much of its locus the cells open. In a set made m
 were kept reflects the selection: there, the counts favoured hemangioblasts and T cells and moved the
 HL60 cell line from myeloid calls to T cells. So the coverage is only given to models when fewer than
 :data:`MAX_TSS_SHARE` of the peaks lie within 1 kb of a TSS (:func:`usable`); a random subset of a
-genome-wide set keeps its share.
+genome-wide set keeps its share. Nor when the set has fewer than :data:`MIN_PEAKS` peaks: peaks chosen
+around some genes make those genes' types look abundant.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import scipy.sparse as sp
 
 from .annotation import chrom_key, gene_regions
 
-__all__ = ["LENGTH_BINS", "MAX_TSS_SHARE", "peak_coverage", "usable"]
+__all__ = ["LENGTH_BINS", "MAX_TSS_SHARE", "MIN_PEAKS", "peak_coverage", "usable"]
 
 #: Region lengths are compared within this many quantile bins of log length (hundreds of genes each for
 #: a human annotation): the expectation follows the length without assuming peaks grow linearly with it.
@@ -41,6 +42,10 @@ LENGTH_BINS = 40
 #: Peak sets with at least this share of their peaks within 1 kb of an annotated TSS are promoter
 #: selections, whose coverage says which promoters were kept (see the module docstring).
 MAX_TSS_SHARE = 0.5
+#: Peak sets with fewer peaks are targeted selections (the 10x multiome test subset: 174 peaks around 45
+#: marker genes, which made those genes' types the likeliest) or samples too small for a prior; genome-wide
+#: call sets and their public subsets have thousands (5,000-50,000 in most public matrices).
+MIN_PEAKS = 2_000
 
 
 def peak_coverage(
@@ -94,6 +99,10 @@ def peak_coverage(
 def usable(coverage: pd.DataFrame) -> tuple[bool, str]:
     """Whether a :func:`peak_coverage` table may go to models, and if not, why (one clause)."""
     share = float(coverage.attrs.get("tss_share", float("nan")))
+    n_peaks = int(coverage.attrs.get("n_peaks", 0))
+    if n_peaks < MIN_PEAKS:
+        return False, (f"{n_peaks} peaks (a targeted selection or a small sample; a genome-wide peak set has at "
+                       f"least {MIN_PEAKS:,})")
     if not np.isfinite(share):
         return False, "no peak lies on a chromosome of the gene annotation"
     if share >= MAX_TSS_SHARE:
