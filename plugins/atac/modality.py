@@ -197,8 +197,9 @@ class AtacModality:
             For peaks with a GTF: count the peaks around every gene against genes of the same length
             (:mod:`.coverage`) and give the table to the model (``Assay.coverage``), which may read the
             data set's composition from it (the ``markers`` model does: see "Composition prior" in its
-            docstring), unless most peaks lie at promoters (a selection: :func:`.coverage.usable`; a note
-            in ``uns[key]["params"]["matrix_notes"]`` says so). ``False`` leaves it out: for a peak set
+            docstring), unless half or more of the peaks lie at promoters or there are fewer than 2,000 of
+            them (a selection: :func:`.coverage.usable`; a note in ``uns[key]["params"]["matrix_notes"]``
+            says so). ``False`` leaves it out: for a peak set
             not called on these cells (a reference atlas's peaks, a published list of regions).
         chunk_size
             Cells per chunk when reading and computing rows.
