@@ -151,7 +151,7 @@ from .knowledge import (
     tissue_key,
     tissue_organs,
 )
-from .scoring import MIN_OBSERVABLE_MARKERS, SCORING_VERSION, MarkerScorer, ParsedUnits
+from .scoring import MIN_OBSERVABLE_MARKERS, SCORING_VERSION, MarkerScorer, ParsedUnits, Vocabulary
 from .signatures import Signatures, label_signatures
 
 log = logging.getLogger(__name__)
@@ -315,7 +315,8 @@ def composition_prior(knowledge: MarkerKnowledge, coverage: pd.DataFrame, pseudo
         markers the table lacks (not in the annotation) count for neither.
     :return: ``log((found + a) / (expected + a))`` per type of ``knowledge`` (0 for types without markers).
     """
-    columns = knowledge.gene_index(coverage.index.astype(str))
+    # Matched as sentence tokens are (case, Ensembl ids): a mouse annotation's Cd34 is the knowledge's CD34.
+    columns, _ = Vocabulary(knowledge.genes, knowledge.is_ubiquitous).lookup(coverage.index.astype(str))
     placed = columns >= 0
     found = np.zeros(len(knowledge.genes))
     expected = np.zeros(len(knowledge.genes))
