@@ -568,6 +568,19 @@ class CellOntology:
                 out.append((term_id, phrase))
         return out
 
+    def named_terms(self, text: str) -> tuple[list[str], str]:
+        """The terms ``text`` names, most specific only, and the words that name them: the term of the
+        whole text (:meth:`lookup`), else those it :meth:`mentions` that no other mention is a kind of.
+        One term: the text places a cell type; none or several: it does not."""
+        whole = self.lookup(text)
+        if whole is not None:
+            return [whole], text
+        mentions = self.mentions(text)
+        ids = [t for t, _ in mentions]
+        specific = [t for t in ids if not any(o != t and self.is_a(o, t) for o in ids)]
+        phrases = [p for t, p in mentions if t in specific]
+        return specific, ", ".join(phrases)
+
     def lookup_many(self, labels: Iterable[str]) -> list[str | None]:
         """:meth:`lookup` for each label, each distinct label looked up once."""
         labels = list(labels)

@@ -279,19 +279,11 @@ def _as_tables(value: Any, what: str) -> list[Any]:
 
 
 def nameable_types(cell_types: Sequence[str], ontology: Any) -> np.ndarray:
-    """Boolean mask of the type names an open-vocabulary answer can carry: those the Cell Ontology
-    places (a term of that name or synonym, or exactly one most specific term named in it, which the
-    decoder then answers with). An answer naming another type ("Transient cells", "Osteoclast precursor
-    cells": osteoclast or precursor cell?) is decoded as unresolved."""
-    out = np.zeros(len(cell_types), dtype=bool)
-    for i, name in enumerate(cell_types):
-        if ontology.lookup(str(name)) is not None:
-            out[i] = True
-            continue
-        ids = [t for t, _ in ontology.mentions(str(name))]
-        specific = {t for t in ids if not any(o != t and ontology.is_a(o, t) for o in ids)}
-        out[i] = len(specific) == 1
-    return out
+    """Boolean mask of the type names an open-vocabulary answer can carry: those that name exactly one
+    Cell Ontology term (:meth:`~cellscribe.core.domain.ontology.CellOntology.named_terms`, as the decoder
+    reads answers). An answer naming none or several ("Transient cells", "Osteoclast precursor cells":
+    osteoclast or precursor cell?) is decoded as unresolved."""
+    return np.asarray([len(ontology.named_terms(str(name))[0]) == 1 for name in cell_types], dtype=bool)
 
 
 @functools.cache

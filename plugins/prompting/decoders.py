@@ -198,15 +198,7 @@ def _answer_terms(answer: str) -> tuple[list[str], str]:
     term of the whole answer, else those it mentions that no other mention is a kind of."""
     from cellscribe.core.domain.ontology import get_ontology
 
-    ontology = get_ontology()
-    whole = ontology.lookup(answer)
-    if whole is not None:
-        return [whole], answer
-    mentions = ontology.mentions(answer)
-    ids = [t for t, _ in mentions]
-    specific = [t for t in ids if not any(o != t and ontology.is_a(o, t) for o in ids)]
-    phrases = [p for t, p in mentions if t in specific]
-    return specific, ", ".join(phrases)
+    return get_ontology().named_terms(answer)
 
 
 def ontology_label(answer: str) -> tuple[str | None, str]:
