@@ -409,7 +409,8 @@ def test_no_peak_set_prior_from_a_promoter_selection_or_when_asked(schep, buenro
     assert _coverage(buenrostro, peak_prior=False).coverage is None
     # Nor from fewer than 2,000 peaks (targeted sets); a random fifth of Buenrostro's keeps its prior.
     few = buenrostro[:, np.sort(np.random.default_rng(1).choice(buenrostro.n_vars, 1_500, replace=False))].copy()
-    assert _coverage(few).coverage is None and any("1500 peaks (a targeted selection" in n for n in _coverage(few).notes)
+    targeted = _coverage(few)
+    assert targeted.coverage is None and any("1500 peaks (a targeted selection" in n for n in targeted.notes)
     fifth = buenrostro[:, np.sort(np.random.default_rng(1).choice(buenrostro.n_vars, 7_000, replace=False))].copy()
     assert _coverage(fifth).coverage is not None
     with pytest.raises(ValueError, match="peak_prior"):

@@ -528,11 +528,11 @@ def test_a_peak_set_prior_tips_close_calls_and_is_reported(model):
     model.use_assay(Assay("atac", genes, coverage=_coverage(dense, genes)))
     # Candidates are a label set the user chose: the prior does not weigh between them.
     assert model.decide([mixed.sentences[0]], candidates=pair)["label"][0] == named
-    prior = composition_prior(model.knowledge, _coverage(dense, genes))
+    prior = composition_prior(model.scorer, _coverage(dense, genes))
     rows = {t: i for i, t in enumerate(model.knowledge.cell_types)}
     assert prior[rows[other]] > 0.5 and abs(prior[rows["hepatocyte"]]) < 1e-9
     mouse = _coverage(dense, genes).rename(index=lambda g: g[:1] + g[1:].lower())  # a mouse annotation: Cd19
-    assert np.allclose(composition_prior(model.knowledge, mouse), prior)
+    assert np.allclose(composition_prior(model.scorer, mouse), prior)
     tipped = model.decide([mixed.sentences[0]])["label"][0]
     assert get_ontology().is_a(_term(tipped), _term(other)) or tipped == other
     (generation,) = model.generate([mixed])

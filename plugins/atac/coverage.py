@@ -33,6 +33,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .annotation import chrom_key, gene_regions
+from .build import tss_share
 
 __all__ = ["LENGTH_BINS", "MAX_TSS_SHARE", "MIN_PEAKS", "peak_coverage", "usable"]
 
@@ -65,8 +66,6 @@ def peak_coverage(
         ``attrs["tss_share"]``: the share of the peaks within 1 kb of an annotated TSS
         (:func:`~.build.tss_share`), ``attrs["n_peaks"]``.
     """
-    from .build import tss_share
-
     at_promoters = tss_share(peaks["chrom"].to_numpy(dtype=object), peaks["start"].to_numpy(),
                              peaks["end"].to_numpy(), genes)
     start, end = gene_regions(genes, upstream=upstream, downstream=downstream, gene_body=gene_body)

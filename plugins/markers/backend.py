@@ -151,7 +151,7 @@ from .knowledge import (
     tissue_key,
     tissue_organs,
 )
-from .scoring import MIN_OBSERVABLE_MARKERS, SCORING_VERSION, MarkerScorer, ParsedUnits, Vocabulary
+from .scoring import MIN_OBSERVABLE_MARKERS, SCORING_VERSION, MarkerScorer, ParsedUnits
 from .signatures import Signatures, label_signatures
 
 log = logging.getLogger(__name__)
@@ -296,19 +296,21 @@ def _unnameable_builtin_types() -> frozenset[str]:
                      if not ok)
 
 
-def composition_prior(knowledge: MarkerKnowledge, coverage: pd.DataFrame, pseudocount: float = PRIOR_PSEUDOCOUNT) -> np.ndarray:
+def composition_prior(scorer: MarkerScorer, coverage: pd.DataFrame, pseudocount: float = PRIOR_PSEUDOCOUNT) -> np.ndarray:
     """Each type's composition prior from a peak coverage table (see "Composition prior").
 
-    :param knowledge: the marker knowledge; a type's own positive markers count (measured or not: a
-        marker without a peak in a peak set called on the cells is evidence too), with their weights,
-        ubiquitous genes left out. Markers a type inherits from its Cell Ontology ancestors in scoring
-        do not: they are shared with its siblings and say nothing of which of them is present.
-    :param coverage: ``peaks`` and ``expected`` per gene symbol (:attr:`~cellscribe.core.types.Assay.coverage`);
-        markers the table lacks (not in the annotation) count for neither.
-    :return: ``log((found + a) / (expected + a))`` per type of ``knowledge`` (0 for types without markers).
+    :param scorer: the scorer of the marker knowledge; a type's own positive markers count (measured or
+        not: a marker without a peak in a peak set called on the cells is evidence too), with their
+        knowledge weights, ubiquitous genes left out. Markers a type inherits from its Cell Ontology
+        ancestors in scoring do not: they are shared with its siblings and say nothing of which of them
+        is present.
+    :param coverage: ``peaks`` and ``expected`` per gene symbol (:attr:`~cellscribe.core.types.Assay.coverage`),
+        matched to the knowledge's genes as sentence tokens are (case, Ensembl ids: a mouse annotation's
+        Cd34 is the knowledge's CD34); markers the table lacks (not in the annotation) count for neither.
+    :return: ``log((found + a) / (expected + a))`` per type of the knowledge (0 for types without markers).
     """
-    # Matched as sentence tokens are (case, Ensembl ids): a mouse annotation's Cd34 is the knowledge's CD34.
-    columns, _ = Vocabulary(knowledge.genes, knowledge.is_ubiquitous).lookup(coverage.index.astype(str))
+    knowledge = scorer.knowledge
+    columns, _ = scorer.vocabulary.lookup(coverage.index.astype(str))
     placed = columns >= 0
     found = np.zeros(len(knowledge.genes))
     expected = np.zeros(len(knowledge.genes))
@@ -589,7 +591,7 @@ class MarkersModel:
         params = {} if assay is None else MODALITY_SCORING.get(str(assay.modality), {})
         self.scorer = self._base_scorer.within(genes, **params)
         coverage = None if assay is None else getattr(assay, "coverage", None)
-        self._prior = None if coverage is None else composition_prior(self.knowledge, coverage)
+        self._prior = None if coverage is None else composition_prior(self._base_scorer, coverage)
         self._options_cache.clear()
         return self.observability()
 
@@ -959,7 +961,7 @@ class MarkersModel:
         get their elimination score). Apply :meth:`Calibration.probabilities` for probabilities."""
         options = self._options(list(candidates) if candidates else None, self._context_of(""))
         units = self.scorer.parse(list(sentences))
-        scores = self._with_prior(options.scores(self.scorer.score(units)), options, open_vocabulary=not candidates)
+        scores, _ = self._with_prior(options.scores(self.scorer.score(units)), options, open_vocabulary=not candidates)
         return pd.DataFrame(scores, columns=options.names)
 
     def decide(
@@ -975,15 +977,18 @@ class MarkersModel:
         if len(options) == 0:
             return pd.DataFrame({"label": np.full(len(sentences), None, dtype=object), "p": np.nan})
         units = self.scorer.parse(list(sentences))
-        scores = self._with_prior(options.scores(self.scorer.score(units)), options, open_vocabulary=not candidates)
+        scores, _ = self._with_prior(options.scores(self.scorer.score(units)), options, open_vocabulary=not candidates)
         best, mass, _ = self._decide(scores, options, temperature)
         return pd.DataFrame({"label": np.asarray(options.names, dtype=object)[best], "p": mass})
 
-    def _with_prior(self, scores: np.ndarray, options: _Options, *, open_vocabulary: bool) -> np.ndarray:
-        """``scores`` plus the composition prior (see "Composition prior"); unchanged without one, or
-        when the answers are a given label set (candidates, a reference's labels)."""
+    def _with_prior(
+        self, scores: np.ndarray, options: _Options, *, open_vocabulary: bool
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(scores plus the composition prior, the prior per option)`` (see "Composition prior");
+        ``(scores, None)`` without one, or when the answers are a given label set (candidates, a
+        reference's labels)."""
         prior = self._prior_scores(options) if open_vocabulary else None
-        return scores if prior is None else scores + prior[None, :]
+        return (scores if prior is None else scores + prior[None, :]), prior
 
     def _decide(
         self, scores: np.ndarray, options: _Options, temperature: float | None = None
@@ -1108,7 +1113,7 @@ class MarkersModel:
         else:
             scores = options.scores(type_scores)
         evidence_scores = scores
-        scores = self._with_prior(scores, options, open_vocabulary=not labels)
+        scores, prior = self._with_prior(scores, options, open_vocabulary=not labels)
         best, mass, probabilities = self._decide(scores, options)
         compared = _top_columns(scores, COMPARED)
         evidence = self.scorer.evidence(first_units, np.where(compared >= 0, options.rows[compared], -1))
@@ -1131,7 +1136,6 @@ class MarkersModel:
         compared_scores = np.take_along_axis(scores, compared, axis=1).tolist()
         rows_l, confidence_l = options.rows.tolist(), confidence.tolist()
         n_genes_l, n_skipped_l = first_units.n_genes.tolist(), first_units.n_skipped.tolist()
-        prior = self._prior_scores(options) if not labels else None
         prior_l = None if prior is None else prior.tolist()
         for i, prompt in enumerate(prompts):
             lines = [text.header_line(int(n_genes_l[i]), int(n_skipped_l[i]))]
