@@ -563,3 +563,42 @@ def test_builtin_types_the_cell_ontology_cannot_place_are_never_open_answers(mod
     assert all(ontology_label(n)[0] is not None for n in names)
     named = model._options(["Transient cells", "B cell"], model._context_of("any"))
     assert list(named.names) == ["Transient cells", "B cell"] and (named.rows >= 0).all()  # scored on its markers
+
+
+#: Markers of hematopoietic stem cells in the built-in knowledge.
+HSC = ["CD34", "HLF", "CRHBP", "AVP", "MECOM", "PROCR", "MLLT3", "HOPX", "PROM1", "MEIS1", "HOXA9", "SPINK2"]
+
+
+def test_a_lineage_primed_chromatin_call_is_its_committed_progenitor(model):
+    """Chromatin of a progenitor primed for B cells: B-cell genes open, the stem program still open.
+    Where the peak set shows the stem program (dense around its markers), a B-cell call whose stem
+    program is at least half as probable becomes the common lymphoid progenitor, and says why; a plain
+    B cell, candidates, expression data and a peak set without the stem program keep the B cell."""
+    from cellscribe.core.types import Assay
+
+    genes = list(model.knowledge.genes)
+    primed = _zero_shot("primed", B_CELL[:8] + HSC[:6] + B_CELL[8:])
+    mature = _zero_shot("mature", B_CELL)
+    model.use_assay(Assay("atac", genes, coverage=_coverage(HSC, genes)))
+    record = model.observability()["priming"]
+    assert record["applies"] and record["stem_prior"] > 0 and record["ratio"] == 2
+    scores = model.score_sentences(primed.sentences)
+    stem = scores.iloc[0][["hematopoietic stem cell", "hematopoietic multipotent progenitor cell"]].max()
+    assert scores.iloc[0].idxmax() == "B cell" and scores.iloc[0]["B cell"] - stem < 0.04  # 0.029
+    (primed_answer, mature_answer) = model.generate([primed, mature])
+    assert primed_answer.text.endswith("common lymphoid progenitor") and mature_answer.text.endswith("B cell")
+    assert "Lineage priming: B cell is called common lymphoid progenitor" in primed_answer.text
+    assert primed_answer.notes[0].startswith("lineage priming")
+    assert 0 < primed_answer.confidence[0] <= 1
+    (named,) = model.generate([_zero_shot("named", primed.sentences[0].split(", "),
+                                          candidates=["B cell", "hematopoietic stem cell"])])
+    assert named.text.endswith("B cell")
+
+    model.use_assay(Assay("rna", genes, coverage=_coverage(HSC, genes)))  # expression: no priming
+    assert "priming" not in model.observability()
+    assert model.generate([primed])[0].text.endswith("B cell")
+    model.use_assay(Assay("atac", genes, coverage=_coverage(B_CELL, genes)))  # no open stem program
+    assert not model.observability()["priming"]["applies"]
+    assert model.generate([primed])[0].text.endswith("B cell")
+    model.use_assay(Assay("atac", genes))  # no peak set (fragments): no priming
+    assert model.generate([primed])[0].text.endswith("B cell")

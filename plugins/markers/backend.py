@@ -103,6 +103,25 @@ Composition prior
     (``benchmarks/atac_real.py``): Buenrostro 2018 called a stem or progenitor type 0.205 -> 0.409 in a
     bone-marrow context; see the README for every set.
 
+Lineage priming
+    In chromatin, a progenitor committed to a lineage already opens that lineage's genes while its stem
+    program is still open; the mature cell has closed the stem program. So a progenitor's sentence
+    ranks the markers of the mature cells it will give, and its own markers (DNTT, VPREB1, MPO, ELANE)
+    are often without a peak. For chromatin modalities (:data:`PRIMING_MODALITIES`) whose peak set
+    shows an open stem program (the composition prior of the stem types,
+    :data:`~.knowledge.STEM_PROGRAM_TYPES`, above 0: the data hold stem or progenitor cells), an
+    open-vocabulary call of a mature hematopoietic type becomes its lineage's committed progenitor
+    (:data:`~.knowledge.COMMITTED_PROGENITORS`: B cell -> common lymphoid progenitor, erythroblast ->
+    megakaryocyte-erythroid progenitor, ...) when the best stem type is at least 1 / :data:`PRIMED_RATIO`
+    as probable as the call (its score within ``T log 2``); the reasoning and the note say so
+    (``lineage priming: ...``) and the confidence is the probability of the mature call and the
+    progenitor together. A cell whose mature call would be withheld stays unresolved. Candidates, a
+    reference's labels, puzzles, expression data and peak sets without that prior (fragments, promoter
+    selections, atlas peak sets run with ``peak_prior=False``) are unchanged, and so is
+    :meth:`MarkersModel.decide`. The run records ``uns[key]["observability"]["priming"]`` (the stem
+    prior, whether it applies). Measured (``benchmarks/atac_real.py``): Buenrostro 2018 called a stem
+    or progenitor type 0.409 -> 0.750 in a bone-marrow context.
+
 Tissue context
     Each prompt carries its units' tissue (``Prompt.tissue``: the run's ``tissue=``, or what a standard
     ``obs`` column of the data states per cell), and answers are restricted to that tissue's cell types
@@ -141,9 +160,11 @@ from cellscribe.core.types import Generation, Prompt
 from . import reasoning as text
 from .calibration import Calibration, load_calibration, softmax
 from .knowledge import (
+    COMMITTED_PROGENITORS,
     HOUSEKEEPING_GENES,
     RESIDENT_ORGANS,
     SITE_SPECIFIC_TYPES,
+    STEM_PROGRAM_TYPES,
     UBIQUITOUS_PATTERN,
     MarkerKnowledge,
     default_ubiquitous_genes,
@@ -191,6 +212,11 @@ MODALITY_SCORING: dict[str, dict[str, Any]] = {"atac": {"norm_power": 0.5, "chan
 #: Peaks added to the found and to the expected count of a type's markers before the composition prior
 #: takes their ratio (see "Composition prior"): a ratio of a few peaks stays near 1.
 PRIOR_PSEUDOCOUNT = 2.0
+#: Modalities whose features are chromatin accessibility, where lineage priming applies.
+PRIMING_MODALITIES = frozenset({"atac"})
+#: A mature hematopoietic call becomes its lineage's committed progenitor when the stem program is at
+#: least 1 / PRIMED_RATIO as probable as the call (see "Lineage priming").
+PRIMED_RATIO = 2.0
 #: Types named in the observability report's ``prior`` (the strongest priors each way).
 PRIOR_REPORTED = 5
 #: Without a tissue, a run of at least this many open-vocabulary cells infers its tissue context.
@@ -473,6 +499,7 @@ class _Options:
         self.display = [text.safe(n) for n in (display if display is not None else self.names)]
         self._subtree: sp.csr_matrix | None = None
         self.organ_notes: list[str] | None = None  # see MarkersModel._organ_notes
+        self.priming: tuple[np.ndarray, np.ndarray] | None = None  # see MarkersModel._priming_map
 
     def subtree(self, cl_ids: Sequence[str], ontology: Any) -> sp.csr_matrix:
         """``(options, options)``, 1 where option ``j`` is option ``i`` or one of its Cell Ontology
@@ -560,6 +587,7 @@ class MarkersModel:
         self._routes: _Routes | None = None
         self._routes_of: dict[str, _Routes] = {}
         self._prior: np.ndarray | None = None
+        self._stem_prior: float | None = None
         if tissue is not None and self._stated_context(tissue) is None:
             scorer.tissue_mask(tissue)  # raises the error naming the known tissues
         default = self._context_of("")
@@ -592,6 +620,10 @@ class MarkersModel:
         self.scorer = self._base_scorer.within(genes, **params)
         coverage = None if assay is None else getattr(assay, "coverage", None)
         self._prior = None if coverage is None else composition_prior(self._base_scorer, coverage)
+        self._stem_prior = None
+        if self._prior is not None and str(assay.modality) in PRIMING_MODALITIES:
+            stem = np.isin(self.scorer.cl_ids, STEM_PROGRAM_TYPES)
+            self._stem_prior = float(self._prior[stem].max()) if stem.any() else None
         self._options_cache.clear()
         return self.observability()
 
@@ -888,7 +920,51 @@ class MarkersModel:
             "not_callable": [str(scorer.cell_types[t]) for t in hidden[:20]],
             "not_nameable": [str(scorer.cell_types[t]) for t in np.flatnonzero(callable_ & ~self._nameable)],
             **({} if self._prior is None else {"prior": self._prior_report(callable_)}),
+            **({} if self._stem_prior is None else {"priming": {
+                "stem_prior": round(self._stem_prior, 3), "applies": self._priming_applies(),
+                "ratio": PRIMED_RATIO}}),
         }
+
+    def _priming_applies(self) -> bool:
+        """Whether mature hematopoietic calls may become committed progenitors (see "Lineage priming"):
+        chromatin data whose peak set shows an open stem program (the stem types' prior above 0)."""
+        return self._stem_prior is not None and self._stem_prior > 0
+
+    def _priming_map(self, options: _Options) -> tuple[np.ndarray, np.ndarray]:
+        """``(progenitor, stem)`` for ``options``: per option, the option of its lineage's committed
+        progenitor (:data:`COMMITTED_PROGENITORS`; -1 for none, or when that progenitor is not an
+        option), and the options of the stem program (:data:`STEM_PROGRAM_TYPES`). Computed once."""
+        if options.priming is None:
+            cl_ids, onto = self.scorer.cl_ids, self._ontology
+            terms = [str(cl_ids[r]) if r >= 0 and cl_ids[r] and cl_ids[r] in onto else "" for r in options.rows]
+            index = {t: j for j, t in enumerate(terms) if t}
+            progenitor = np.full(len(options), -1, dtype=np.int64)
+            for j, term in enumerate(terms):
+                target = COMMITTED_PROGENITORS.get(onto.lineage(term)) if term else None
+                if target in index and index[target] != j:
+                    progenitor[j] = index[target]
+            stem = np.asarray(sorted(index[t] for t in STEM_PROGRAM_TYPES if t in index), dtype=np.int64)
+            options.priming = (progenitor, stem)
+        return options.priming
+
+    def _primed(self, scores: np.ndarray, best: np.ndarray, options: _Options) -> np.ndarray:
+        """Per unit, the stem option that makes its mature call a primed progenitor, or -1 (see
+        "Lineage priming"): the call has a committed progenitor among the options and the best stem
+        option's score is within ``T log PRIMED_RATIO`` of the call's (T: the calibrated temperature)."""
+        out = np.full(len(best), -1, dtype=np.int64)
+        if not self._priming_applies():
+            return out
+        progenitor, stem = self._priming_map(options)
+        if stem.size == 0:
+            return out
+        units = np.flatnonzero(progenitor[best] >= 0)
+        if units.size == 0:
+            return out
+        stem_best = stem[np.argmax(scores[np.ix_(units, stem)], axis=1)]
+        gap = scores[units, best[units]] - scores[units, stem_best]
+        close = gap <= self.calibration.temperature * math.log(PRIMED_RATIO)
+        out[units[close]] = stem_best[close]
+        return out
 
     def _prior_report(self, callable_: np.ndarray) -> dict[str, Any]:
         """The composition prior of the callable types: the strongest each way, and its spread."""
@@ -1126,13 +1202,20 @@ class MarkersModel:
                 positive=signatures.positive,
                 negative=sp.csr_matrix((len(labels), len(units.vocabulary))),
             )
+        # Primed progenitors (see "Lineage priming"): the call changes after the evidence of the mature
+        # call has been judged (a progenitor's own markers are often unmeasured in a peak set).
+        primed = self._primed(scores, best, options) if not labels and signatures is None else None
+        called = best
+        if primed is not None and (primed >= 0).any():
+            called, mass = self._primed_calls(best, primed, mass, probabilities, options)
         confidence = self.calibration.confidence(mass)
         label_scores = _label_scores(options.names, probabilities, bool(labels))
         doubts = self._doubts(options, best, evidence_scores, evidence, knowledge_only=signatures is None)
         organ_notes = self._organ_notes(options, context)
         out = []
         # Plain Python numbers for the per-unit loop (NumPy scalars are slow to index and format there).
-        compared_l, best_l = compared.tolist(), best.tolist()
+        compared_l, best_l, called_l = compared.tolist(), best.tolist(), called.tolist()
+        primed_l = None if primed is None else primed.tolist()
         compared_scores = np.take_along_axis(scores, compared, axis=1).tolist()
         rows_l, confidence_l = options.rows.tolist(), confidence.tolist()
         n_genes_l, n_skipped_l = first_units.n_genes.tolist(), first_units.n_skipped.tolist()
@@ -1152,14 +1235,21 @@ class MarkersModel:
                     extra.append(self._elimination_clause(type_scores[i], options))
                 lines.append(text.type_line(options.display[option], score, found, extra=extra))
             lines.append(text.conclusion_line([(options.display[o], s) for o, s in zip(compared_l[i], compared_scores[i])]))
-            b = best_l[i]
+            b = called_l[i]
             label = options.names[b]
             inside = opens_think(prompt.response_prefix)
             abstain, note = doubts[i]
             if abstain:
                 lines.append(f"{note[0].upper()}{note[1:]}.")
                 label = ABSTENTION
-            elif organ_notes[b]:
+            elif b != best_l[i]:
+                clause = text.priming_clause(
+                    options.display[best_l[i]], options.display[primed_l[i]], options.display[b],
+                    scores[i, best_l[i]] - scores[i, primed_l[i]], PRIMED_RATIO,
+                )
+                lines.append(f"{clause[0].upper()}{clause[1:]}.")
+                note = "; ".join(x for x in (clause, note) if x)
+            if not abstain and organ_notes[b]:
                 lines.append(f"Note: {organ_notes[b]}.")
                 note = "; ".join(x for x in (note, organ_notes[b]) if x)
             n = len(prompt.unit_ids)
@@ -1172,6 +1262,23 @@ class MarkersModel:
                 )
             )
         return out
+
+    def _primed_calls(
+        self, best: np.ndarray, primed: np.ndarray, mass: np.ndarray, probabilities: np.ndarray,
+        options: _Options,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(calls, p)`` once primed units take their committed progenitor: such a unit's probability
+        is that of the mature call and the progenitor, with their subtypes (the stem option, which made
+        the call, is not counted for it: a primed cell is not more certain than a mature one)."""
+        progenitor, _ = self._priming_map(options)
+        units = np.flatnonzero(primed >= 0)
+        called = best.copy()
+        called[units] = progenitor[best[units]]
+        subtree = options.subtree(self.scorer.cl_ids, self._ontology)
+        path = (subtree[best[units]] + subtree[called[units]]).toarray() > 0
+        mass = mass.copy()
+        mass[units] = (probabilities[units] * path).sum(axis=1)
+        return called, mass
 
     def _organ_notes(self, options: _Options, context: _Context) -> list[str]:
         """Per option, the note its answer gets when its type belongs to an organ outside the context

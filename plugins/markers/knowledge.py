@@ -53,6 +53,8 @@ __all__ = [
     "tissue_key",
     "tissue_organs",
     "TISSUE_ALIASES",
+    "COMMITTED_PROGENITORS",
+    "STEM_PROGRAM_TYPES",
     "MarkerKnowledge",
     "load_knowledge",
     "read_marker_table",
@@ -123,6 +125,31 @@ SITE_SPECIFIC_TYPES: dict[str, tuple[str, ...]] = {
     "aortic endothelial cell": ("heart", "vasculature"),
     "chondrocyte": ("cartilage", "bone", "skeletal system", "knee", "rib", "skull", "lungs", "nose", "trachea"),
 }
+
+#: Hematopoietic lineages (the Cell Ontology lineage names of
+#: :data:`~cellscribe.core.domain.ontology.LINEAGES`) -> the committed progenitor (Cell Ontology id)
+#: each passes through in the classical hierarchy: lymphocytes from the common lymphoid progenitor
+#: (Kondo et al. 1997 Cell), erythroid and megakaryocytic cells from the megakaryocyte-erythroid
+#: progenitor, monocytes, macrophages and granulocytes from the granulocyte-monocyte progenitor
+#: (Akashi et al. 2000 Nature), mast cells and dendritic cells (which both branches give; Manz et al.
+#: 2001 Blood) from the common myeloid progenitor. Used for lineage priming in chromatin data (see the
+#: backend's "Lineage priming").
+COMMITTED_PROGENITORS: dict[str, str] = {
+    "B cell": "CL:0000051",
+    "T cell": "CL:0000051",
+    "NK cell": "CL:0000051",
+    "innate lymphoid cell": "CL:0000051",
+    "erythroid": "CL:0000050",
+    "megakaryocyte/platelet": "CL:0000050",
+    "monocyte": "CL:0000557",
+    "macrophage": "CL:0000557",
+    "granulocyte": "CL:0000557",
+    "mast cell": "CL:0000049",
+    "dendritic cell": "CL:0000049",
+}
+
+#: The uncommitted stem program: hematopoietic stem cells and multipotent progenitors.
+STEM_PROGRAM_TYPES: tuple[str, ...] = ("CL:0000037", "CL:0000837")
 
 #: Common tissue names -> the PanglaoDB organs they cover (other names are matched to organ names
 #: directly, ignoring case and a plural "s": ``"lung"`` is ``"Lungs"``).

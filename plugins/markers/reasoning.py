@@ -110,6 +110,16 @@ def conclusion_line(ranked: Sequence[tuple[str, float]]) -> str:
     return text + "."
 
 
+def priming_clause(mature: str, stem: str, progenitor: str, gap: float, ratio: float) -> str:
+    """``"lineage priming: B cell is called common lymphoid progenitor, ..."`` (names display-safe):
+    why a mature call became its lineage's committed progenitor."""
+    return (
+        f"lineage priming: {mature} is called {progenitor}, the progenitor it descends from, because "
+        f"the stem program ({stem}) scores within {gap:.2f} of it (at least 1/{ratio:g} as probable) in "
+        f"chromatin whose peaks show an open stem program"
+    )
+
+
 def cellreasoner_text(reasoning: str, label: str, *, inside_think: bool) -> str:
     """The CellReasoner answer: reasoning in a think block, then the label on its own line.
 
