@@ -1205,11 +1205,11 @@ class MarkersModel:
         # Primed progenitors (see "Lineage priming"): the call changes after the evidence of the mature
         # call has been judged (a progenitor's own markers are often unmeasured in a peak set).
         primed = self._primed(scores, best, options) if not labels and signatures is None else None
-        called = best
+        called, shown = best, probabilities
         if primed is not None and (primed >= 0).any():
-            called, mass = self._primed_calls(best, primed, mass, probabilities, options)
+            called, mass, shown = self._primed_calls(best, primed, mass, probabilities, options)
         confidence = self.calibration.confidence(mass)
-        label_scores = _label_scores(options.names, probabilities, bool(labels))
+        label_scores = _label_scores(options.names, shown, bool(labels))
         doubts = self._doubts(options, best, evidence_scores, evidence, knowledge_only=signatures is None)
         organ_notes = self._organ_notes(options, context)
         out = []
@@ -1266,10 +1266,12 @@ class MarkersModel:
     def _primed_calls(
         self, best: np.ndarray, primed: np.ndarray, mass: np.ndarray, probabilities: np.ndarray,
         options: _Options,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """``(calls, p)`` once primed units take their committed progenitor: such a unit's probability
-        is that of the mature call and the progenitor, with their subtypes (the stem option, which made
-        the call, is not counted for it: a primed cell is not more certain than a mature one)."""
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(calls, p, probabilities)`` once primed units take their committed progenitor: such a
+        unit's ``p`` is that of the mature call and the progenitor, with their subtypes (the stem option,
+        which made the call, is not counted for it: a primed cell is not more certain than a mature
+        one), and in the per-option probabilities it reports (``label_scores``, which a ``groupby``
+        vote pools) the mature call's probability goes to the progenitor, so they name its answer."""
         progenitor, _ = self._priming_map(options)
         units = np.flatnonzero(primed >= 0)
         called = best.copy()
@@ -1278,7 +1280,10 @@ class MarkersModel:
         path = (subtree[best[units]] + subtree[called[units]]).toarray() > 0
         mass = mass.copy()
         mass[units] = (probabilities[units] * path).sum(axis=1)
-        return called, mass
+        shown = probabilities.copy()
+        shown[units, called[units]] += shown[units, best[units]]
+        shown[units, best[units]] = 0.0
+        return called, mass, shown
 
     def _organ_notes(self, options: _Options, context: _Context) -> list[str]:
         """Per option, the note its answer gets when its type belongs to an organ outside the context
