@@ -597,6 +597,16 @@ def test_a_lineage_primed_chromatin_call_is_its_committed_progenitor(model):
                                           candidates=["B cell", "hematopoietic stem cell"])])
     assert named.text.endswith("B cell")
 
+    options = model._options(None, model._context_of("bone marrow"))
+    progenitor, stem = model._priming_map(options)
+    at = {n: j for j, n in enumerate(options.names)}
+    named_as = lambda t: options.names[progenitor[at[t]]] if progenitor[at[t]] >= 0 else None  # noqa: E731
+    assert named_as("erythroblast") == "megakaryocyte-erythroid progenitor cell"
+    assert named_as("classical monocyte") == "granulocyte monocyte progenitor cell"
+    assert named_as("erythroid progenitor cell") is None  # a progenitor already
+    assert named_as("hematopoietic stem cell") is None and named_as("common lymphoid progenitor") is None
+    assert {options.names[j] for j in stem} == {"hematopoietic stem cell", "hematopoietic multipotent progenitor cell"}
+
     model.use_assay(Assay("rna", genes, coverage=_coverage(HSC, genes)))  # expression: no priming
     assert "priming" not in model.observability()
     assert model.generate([primed])[0].text.endswith("B cell")

@@ -113,7 +113,9 @@ Lineage priming
     open-vocabulary call of a mature hematopoietic type becomes its lineage's committed progenitor
     (:data:`~.knowledge.COMMITTED_PROGENITORS`: B cell -> common lymphoid progenitor, erythroblast ->
     megakaryocyte-erythroid progenitor, ...) when the best stem type is at least 1 / :data:`PRIMED_RATIO`
-    as probable as the call (its score within ``T log 2``); the reasoning and the note say so
+    as probable as the call (its score within ``T log 2``; a call that is a progenitor already, a
+    :data:`~.knowledge.HEMATOPOIETIC_PRECURSOR` such as an erythroid progenitor, stays); the reasoning
+    and the note say so
     (``lineage priming: ...``) and the confidence is the probability of the mature call and the
     progenitor together. A cell whose mature call would be withheld stays unresolved. Candidates, a
     reference's labels, puzzles, expression data and peak sets without that prior (fragments, promoter
@@ -161,6 +163,7 @@ from . import reasoning as text
 from .calibration import Calibration, load_calibration, softmax
 from .knowledge import (
     COMMITTED_PROGENITORS,
+    HEMATOPOIETIC_PRECURSOR,
     HOUSEKEEPING_GENES,
     RESIDENT_ORGANS,
     SITE_SPECIFIC_TYPES,
@@ -932,15 +935,18 @@ class MarkersModel:
 
     def _priming_map(self, options: _Options) -> tuple[np.ndarray, np.ndarray]:
         """``(progenitor, stem)`` for ``options``: per option, the option of its lineage's committed
-        progenitor (:data:`COMMITTED_PROGENITORS`; -1 for none, or when that progenitor is not an
-        option), and the options of the stem program (:data:`STEM_PROGRAM_TYPES`). Computed once."""
+        progenitor (:data:`COMMITTED_PROGENITORS`; -1 for none, when that progenitor is not an option,
+        or when the option is a progenitor already, a :data:`HEMATOPOIETIC_PRECURSOR`), and the options
+        of the stem program (:data:`STEM_PROGRAM_TYPES`). Computed once."""
         if options.priming is None:
             cl_ids, onto = self.scorer.cl_ids, self._ontology
             terms = [str(cl_ids[r]) if r >= 0 and cl_ids[r] and cl_ids[r] in onto else "" for r in options.rows]
             index = {t: j for j, t in enumerate(terms) if t}
             progenitor = np.full(len(options), -1, dtype=np.int64)
             for j, term in enumerate(terms):
-                target = COMMITTED_PROGENITORS.get(onto.lineage(term)) if term else None
+                if not term or onto.is_a(term, HEMATOPOIETIC_PRECURSOR):
+                    continue
+                target = COMMITTED_PROGENITORS.get(onto.lineage(term))
                 if target in index and index[target] != j:
                     progenitor[j] = index[target]
             stem = np.asarray(sorted(index[t] for t in STEM_PROGRAM_TYPES if t in index), dtype=np.int64)

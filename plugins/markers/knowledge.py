@@ -55,6 +55,7 @@ __all__ = [
     "TISSUE_ALIASES",
     "COMMITTED_PROGENITORS",
     "STEM_PROGRAM_TYPES",
+    "HEMATOPOIETIC_PRECURSOR",
     "MarkerKnowledge",
     "load_knowledge",
     "read_marker_table",
@@ -150,6 +151,10 @@ COMMITTED_PROGENITORS: dict[str, str] = {
 
 #: The uncommitted stem program: hematopoietic stem cells and multipotent progenitors.
 STEM_PROGRAM_TYPES: tuple[str, ...] = ("CL:0000037", "CL:0000837")
+
+#: Hematopoietic precursor cell: its subtypes (erythroid and megakaryocyte progenitors, pro-B cells,
+#: myeloblasts) are progenitors already, and lineage priming leaves their calls as they are.
+HEMATOPOIETIC_PRECURSOR = "CL:0008001"
 
 #: Common tissue names -> the PanglaoDB organs they cover (other names are matched to organ names
 #: directly, ignoring case and a plural "s": ``"lung"`` is ``"Lungs"``).
