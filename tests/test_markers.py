@@ -606,6 +606,13 @@ def test_a_lineage_primed_chromatin_call_is_its_committed_progenitor(model):
     assert named_as("erythroid progenitor cell") is None  # a progenitor already
     assert named_as("hematopoietic stem cell") is None and named_as("common lymphoid progenitor") is None
     assert {options.names[j] for j in stem} == {"hematopoietic stem cell", "hematopoietic multipotent progenitor cell"}
+    # The rule on scores: within T log 2 of the call and above chance. A sparse cell whose scores are all
+    # near zero (B cell 0.05, the stem program just below chance) is not made a progenitor on the gap.
+    scores = np.full((3, len(options)), -0.2)
+    scores[:, at["B cell"]] = [0.05, 0.05, 0.05]
+    scores[:, at["hematopoietic stem cell"]] = [0.01, -0.01, 0.05 - model.calibration.temperature * math.log(2) - 0.01]
+    best = np.full(3, at["B cell"])
+    assert (model._primed(scores, best, options) == [at["hematopoietic stem cell"], -1, -1]).all()
 
     model.use_assay(Assay("rna", genes, coverage=_coverage(HSC, genes)))  # expression: no priming
     assert "priming" not in model.observability()

@@ -113,7 +113,7 @@ Lineage priming
     open-vocabulary call of a mature hematopoietic type becomes its lineage's committed progenitor
     (:data:`~.knowledge.COMMITTED_PROGENITORS`: B cell -> common lymphoid progenitor, erythroblast ->
     megakaryocyte-erythroid progenitor, ...) when the best stem type is at least 1 / :data:`PRIMED_RATIO`
-    as probable as the call (its score within ``T log 2``; a call that is a progenitor already, a
+    as probable as the call (its score within ``T log 2``, and above chance; a call that is a progenitor already, a
     :data:`~.knowledge.HEMATOPOIETIC_PRECURSOR` such as an erythroid progenitor, stays); the reasoning
     and the note say so
     (``lineage priming: ...``) and the confidence is the probability of the mature call and the
@@ -956,7 +956,8 @@ class MarkersModel:
     def _primed(self, scores: np.ndarray, best: np.ndarray, options: _Options) -> np.ndarray:
         """Per unit, the stem option that makes its mature call a primed progenitor, or -1 (see
         "Lineage priming"): the call has a committed progenitor among the options and the best stem
-        option's score is within ``T log PRIMED_RATIO`` of the call's (T: the calibrated temperature)."""
+        option's score is within ``T log PRIMED_RATIO`` of the call's (T: the calibrated temperature)
+        and above 0 (above chance, with the prior)."""
         out = np.full(len(best), -1, dtype=np.int64)
         if not self._priming_applies():
             return out
@@ -968,7 +969,9 @@ class MarkersModel:
             return out
         stem_best = stem[np.argmax(scores[np.ix_(units, stem)], axis=1)]
         gap = scores[units, best[units]] - scores[units, stem_best]
-        close = gap <= self.calibration.temperature * math.log(PRIMED_RATIO)
+        # The stem program must also rank above chance (with the prior): a sparse cell whose scores are
+        # all near zero is not called a progenitor on the gap alone.
+        close = (gap <= self.calibration.temperature * math.log(PRIMED_RATIO)) & (scores[units, stem_best] > 0)
         out[units[close]] = stem_best[close]
         return out
 
