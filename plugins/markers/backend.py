@@ -113,13 +113,13 @@ Lineage priming
     open-vocabulary call of a mature hematopoietic type becomes its lineage's committed progenitor
     (:data:`~.knowledge.COMMITTED_PROGENITORS`: B cell -> common lymphoid progenitor, erythroblast ->
     megakaryocyte-erythroid progenitor, ...) when the best stem type is at least 1 / :data:`PRIMED_RATIO`
-    as probable as the call (its score within ``T log 2``, and above chance; a call that is a progenitor already, a
-    :data:`~.knowledge.HEMATOPOIETIC_PRECURSOR` such as an erythroid progenitor, stays); the reasoning
-    and the note say so
-    (``lineage priming: ...``) and the confidence is the probability of the mature call and the
-    progenitor together. A cell whose mature call would be withheld stays unresolved. Candidates, a
-    reference's labels, puzzles, expression data and peak sets without that prior (fragments, promoter
-    selections, atlas peak sets run with ``peak_prior=False``) are unchanged, and so is
+    as probable as the call (its score within ``T log 2``) and scores above chance; a call that is a
+    progenitor already (a :data:`~.knowledge.HEMATOPOIETIC_PRECURSOR` such as an erythroid progenitor)
+    stays. The reasoning and the note say so (``lineage priming: ...``) and the confidence is the
+    probability of the mature call and the progenitor together. A cell whose mature call would be
+    withheld stays unresolved. Candidates, a reference's labels, puzzles, expression data and peak sets
+    without that prior (fragments, promoter selections, atlas peak sets run with ``peak_prior=False``)
+    are unchanged, and so is
     :meth:`MarkersModel.decide`. The run records ``uns[key]["observability"]["priming"]`` (the stem
     prior, whether it applies). Measured (``benchmarks/atac_real.py``): Buenrostro 2018 called a stem
     or progenitor type 0.409 -> 0.750 in a bone-marrow context.
@@ -971,7 +971,8 @@ class MarkersModel:
         gap = scores[units, best[units]] - scores[units, stem_best]
         # The stem program must also rank above chance (with the prior): a sparse cell whose scores are
         # all near zero is not called a progenitor on the gap alone.
-        close = (gap <= self.calibration.temperature * math.log(PRIMED_RATIO)) & (scores[units, stem_best] > 0)
+        within = gap <= self.calibration.temperature * math.log(PRIMED_RATIO)
+        close = within & (scores[units, stem_best] > 0)
         out[units[close]] = stem_best[close]
         return out
 
