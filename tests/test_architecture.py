@@ -265,6 +265,7 @@ def test_plugins_imported_on_demand_provide_what_they_declare():
         assert commands == set(declaration.get("cli_options", [])), f"{name} adds options to {commands}"
 
 
+@pytest.mark.slow
 def test_an_rna_run_imports_no_plugin_it_does_not_use(pancreas_path, tmp_path):
     """cellscribe annotate on an .h5ad with the markers model imports neither the ATAC plugin nor the model
     backends it does not use; an ATAC option on the command line imports the ATAC plugin for it."""

@@ -95,7 +95,7 @@ def _one_line(err: pytest.ExceptionInfo) -> str:
 
 
 @needs_shared
-@pytest.mark.parametrize("name", ["schep", "buenrostro"])
+@pytest.mark.parametrize("name", ["schep", pytest.param("buenrostro", marks=pytest.mark.slow)])
 def test_peak_names_in_three_spellings_with_and_without_columns_give_one_activity(name, request):
     adata = request.getfixturevalue(name)
     own = {"schep": "dash", "buenrostro": "underscore"}[name]  # the spelling each file uses

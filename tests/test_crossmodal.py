@@ -129,6 +129,7 @@ def test_kshot_with_an_rna_reference_annotates_pbsmall(atac_host, pbsmall, rna, 
     assert params["reference_genes"]["shared"] > 500
 
 
+@pytest.mark.slow
 def test_genes_the_query_cannot_show_do_not_change_kshot_calls(atac_host, pbsmall, rna):
     plain, poisoned = pbsmall.copy(), pbsmall.copy()
     for adata, reference in ((plain, rna), (poisoned, _with_unseen_genes(rna))):
@@ -177,6 +178,7 @@ def test_reference_modality_errors(atac_host, pbsmall, rna):
                           reference_key="cell_type", host=atac_host)
 
 
+@pytest.mark.slow
 def test_cli_reference_modality(atac_host, tmp_path):
     from click.testing import CliRunner
 

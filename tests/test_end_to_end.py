@@ -58,6 +58,7 @@ def trained_dir(tmp_path_factory, untrained_dir, subset_path):
     return path
 
 
+@pytest.mark.slow
 def test_ok_path_labels_params_and_sidecar(host, trained_dir, subset_path, tmp_path):
     out = tmp_path / "out.h5ad"
     args = ["annotate", str(subset_path), "-o", str(out), "--model", str(trained_dir),

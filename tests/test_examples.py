@@ -24,6 +24,7 @@ def test_every_example_is_tested():
     assert {p.name for p in EXAMPLES.glob("*.py")} == {"pbmc68k_annotate.py", "atac_pbsmall.py"}
 
 
+@pytest.mark.slow
 def test_pbmc68k_main_job(tmp_path):
     out = _run(str(EXAMPLES / "pbmc68k_annotate.py"), "--out", str(tmp_path / "run"), cwd=tmp_path)
     assert "annotated 700 cells" in out and "700 ok" in out
@@ -34,6 +35,7 @@ def test_pbmc68k_main_job(tmp_path):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("snapatac2") is None, reason="needs the atac extra (snapatac2)")
+@pytest.mark.slow
 def test_atac_example_with_the_extra(tmp_path):
     out = _run(str(EXAMPLES / "atac_pbsmall.py"), cwd=tmp_path)
     right = float(re.search(r"default settings \(smoothing on\): lineage right for ([0-9.]+)%", out).group(1))

@@ -151,7 +151,7 @@ def test_transient_faults_are_retried(tmp_path, server, uninterrupted, fault):
     assert len(server.requests) > N_CELLS  # the failed attempts were sent again
 
 
-@pytest.mark.parametrize("fault", ["timeout", "not-json"])
+@pytest.mark.parametrize("fault", [pytest.param("timeout", marks=pytest.mark.slow), "not-json"])
 def test_prompts_without_answer_exit_3_and_the_same_command_resumes_only_them(tmp_path, server, uninterrupted, fault):
     if fault == "timeout":
         server.stall(3.0, times=4)  # two prompts time out twice (one retry each)
@@ -205,6 +205,7 @@ def test_server_killed_mid_run_then_back(tmp_path, uninterrupted):
     pd.testing.assert_frame_equal(result_columns(out), uninterrupted)
 
 
+@pytest.mark.slow
 def test_killed_with_sigkill_at_a_random_batch_resumes_to_the_uninterrupted_result(tmp_path, uninterrupted):
     """``kill -9`` of the command while it runs; the same command again ends as an uninterrupted run."""
     out = tmp_path / "out.h5ad"
@@ -223,6 +224,7 @@ def test_killed_with_sigkill_at_a_random_batch_resumes_to_the_uninterrupted_resu
     assert not folder.exists()
 
 
+@pytest.mark.slow
 def test_two_runs_on_one_output_do_not_share_a_checkpoint(tmp_path):
     out = tmp_path / "out.h5ad"
     folder = _checkpoint(out)

@@ -322,6 +322,7 @@ def test_resume_with_another_base_is_refused(pbmc, base, other_base, tmp_path, n
 # -------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_weights(pbmc, base, tmp_path):
     from safetensors.numpy import load_file
     from transformers import TrainerCallback
@@ -414,6 +415,7 @@ def test_reasoning_targets_from_the_markers_model_are_stored_with_the_dataset(pb
 # -------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_rna_and_atac_adapters_answer_one_mudata_through_one_model(adapter, base, tmp_path, data_dir):
     """An ATAC adapter trained on labelled scATAC cells (Schep 2017 sorted populations) and the RNA
     adapter are loaded once onto one base; a MuData run annotates each modality with its own adapter

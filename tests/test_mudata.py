@@ -72,6 +72,7 @@ def test_mudata_default_key_and_h5ad_of_one_modality(rules, multiome_path, tmp_p
     assert missing_mod.exit_code == 1 and "has no modality 'peaks'" in missing_mod.output
 
 
+@pytest.mark.slow
 def test_several_modalities_in_one_command_load_the_model_once(with_plugin, multiome_path, tmp_path):
     plugin = RulePlugin(rules=PBMC_RULES)
     with_plugin(plugin, "rules")

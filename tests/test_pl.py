@@ -199,6 +199,7 @@ def test_coverage_figure_draws_each_runs_table(pbmc):
     assert "true type or a subtype" in pl.reliability(evaluation, return_fig=True).axes[0].get_ylabel()
 
 
+@pytest.mark.slow
 def test_report_figures(pbmc, tmp_path):
     evaluation = evaluate(pbmc, TRUTH)
     figures = pl.report_figures(pbmc, evaluation, tmp_path)

@@ -20,6 +20,8 @@ import pandas as pd
 import pytest
 
 ray = pytest.importorskip("ray", reason="executor='ray' needs the ray extra: pip install -e '.[ray]'")
+#: Each test starts a local Ray cluster (10-20 s on 2 cores): slow, run by CI with the ray extra.
+pytestmark = pytest.mark.slow
 
 import cellscribe as cs  # noqa: E402
 from cellscribe.core.run import FailedPromptsError  # noqa: E402

@@ -64,9 +64,11 @@ def _columns(adata: ad.AnnData, key: str) -> pd.DataFrame:
     "params",
     [
         # k-shot from the query's own labels, chosen sentence settings, a tissue and other load options.
-        {"prompt": "k-shot", "reference_key": "Group", "k": 2, "seed": 7, "sentence": "top-expressed",
-         "n_genes": 300, "tissue": "pancreas", "prompt_options": {"show_candidates": True}, "chunk_size": 100,
-         "generation": {"temperature": 0.0}, "key_added": "kshot"},
+        pytest.param(
+            {"prompt": "k-shot", "reference_key": "Group", "k": 2, "seed": 7, "sentence": "top-expressed",
+             "n_genes": 300, "tissue": "pancreas", "prompt_options": {"show_candidates": True}, "chunk_size": 100,
+             "generation": {"temperature": 0.0}, "key_added": "kshot"},
+            marks=pytest.mark.slow),
         # CellPuzzles prompts over clusters, with candidates, one representative per cluster.
         {"prompt": "puzzle", "candidates": PANCREAS_TYPES, "groupby": "Group", "n_representatives": 2,
          "mode": "reasoning", "seed": 3, "key_added": "puzzles", "sentence_options": {"exclude": ["MALAT1"]}},
@@ -103,6 +105,7 @@ def test_uns_params_re_create_the_same_run(pancreas_path, tmp_path, params):
             assert a == b, name
 
 
+@pytest.mark.slow
 def test_an_external_reference_is_given_again(pancreas_path):
     query, reference = ad.read_h5ad(pancreas_path), ad.read_h5ad(pancreas_path)
     cs.tl.annotate(query, prompt="k-shot", reference=reference, reference_key="Group", sidecar=False,

@@ -52,7 +52,7 @@ def _markers_args(source: Path, out: Path, *extra: str) -> list[str]:
     return ["annotate", str(source), "-o", str(out), "--model", "markers", "--no-progress", *extra]
 
 
-@pytest.mark.parametrize("workers", ["1", "2"])  # the markers model answers chunks in forked processes
+@pytest.mark.parametrize("workers", [pytest.param("1", marks=pytest.mark.slow), "2"])  # the markers model answers chunks in forked processes
 def test_a_streamed_run_equals_the_in_memory_run_and_never_touches_the_input(tmp_path, workers):
     before = _digest(PANCREAS)
     streamed, in_memory = tmp_path / "streamed.h5ad", tmp_path / "in_memory.h5ad"
@@ -91,6 +91,7 @@ def test_tl_annotate_of_a_backed_anndata_streams_into_obs_and_writes_no_file(tmp
     assert backed.uns["cellscribe"]["summary"]["n_chunks"] == 3
 
 
+@pytest.mark.slow
 def test_killed_half_way_with_sigkill_the_same_command_resumes_by_chunk_and_ends_identical(tmp_path, cells40):
     reference = tmp_path / "reference.h5ad"
     out = tmp_path / "out.h5ad"
@@ -222,6 +223,7 @@ def test_the_last_batch_of_a_part_is_saved_only_when_the_part_has_a_failed_promp
             assert [g.text for g in out.generations] == ["" if f"c{i}" in failing else "ok" for i in range(5)]
 
 
+@pytest.mark.slow
 def test_a_mudata_modality_on_disk_streams_and_equals_the_in_memory_run(tmp_path):
     mudata = pytest.importorskip("mudata")
     source = Path(__file__).parent / "data" / "multiome" / "pbmc10k_multiome_1000cells_subset.h5mu"
@@ -236,6 +238,7 @@ def test_a_mudata_modality_on_disk_streams_and_equals_the_in_memory_run(tmp_path
     assert a.mod["atac"].shape == b.mod["atac"].shape  # every modality kept
 
 
+@pytest.mark.slow
 def test_a_markers_run_on_a_kept_checkpoint_resumes_every_chunk_in_a_new_process(tmp_path, cells40):
     """The markers model sets a sentence preference that is a function: the chunks' key must not hold
     its memory address, or a new process never resumes a chunk."""

@@ -366,6 +366,7 @@ def test_max_prompt_tokens_truncates(backend, tiny_dir, monkeypatch, side):
     assert "max_prompt_tokens" not in calls[0]
 
 
+@pytest.mark.slow
 def test_finetuned_tiny_model_answers_its_labels(finetuned):
     loaded, prompts, labels, stats = finetuned
     assert stats["steps"] < 300  # stopped early: every answer token learned
