@@ -622,3 +622,30 @@ def test_a_lineage_primed_chromatin_call_is_its_committed_progenitor(model):
     assert model.generate([primed])[0].text.endswith("B cell")
     model.use_assay(Assay("atac", genes))  # no peak set (fragments): no priming
     assert model.generate([primed])[0].text.endswith("B cell")
+
+
+def test_a_primed_call_names_its_progenitor_even_where_the_peaks_cannot_show_its_own_markers(model):
+    """A sparse peak set (a quarter of Buenrostro's) often has no peak at the lymphoid progenitor's own
+    markers (DNTT, MME, VPREB1): the type cannot be called on them, but a primed B-cell call still
+    becomes it, on the B-cell and stem markers the peaks do show; it is never scored itself."""
+    from cellscribe.core.types import Assay
+
+    scorer = model.scorer  # its own markers and those it shares with every hematopoietic precursor
+    row = scorer.positive[list(scorer.cell_types).index("common lymphoid progenitor")]
+    own = {scorer.vocabulary.genes[j] for j in row.indices} - {"CD34"}
+    genes = [g for g in model.knowledge.genes if g not in own]
+    primed = _zero_shot("primed", B_CELL[:8] + HSC[:6] + B_CELL[8:])
+    mature = _zero_shot("mature", B_CELL)
+    model.use_assay(Assay("atac", genes, coverage=_coverage(HSC, genes)))
+    assert "common lymphoid progenitor" in model.observability()["priming"]["inferred_only"]
+    scores = model.score_sentences(primed.sentences)
+    assert "common lymphoid progenitor" not in scores.columns and scores.iloc[0].idxmax() == "B cell"
+    primed_answer, mature_answer = model.generate([primed, mature])
+    assert primed_answer.text.endswith("common lymphoid progenitor") and mature_answer.text.endswith("B cell")
+    assert "common lymphoid progenitor's own markers have too few peaks here" in primed_answer.notes[0]
+    assert next(iter(primed_answer.label_scores[0])) == "common lymphoid progenitor"
+    # Without an open stem program in the peak set the progenitor is no option at all.
+    model.use_assay(Assay("atac", genes, coverage=_coverage(B_CELL, genes)))
+    assert model.observability()["priming"]["inferred_only"] == []
+    assert "common lymphoid progenitor" not in model._options(None, model._context_of("bone marrow")).names
+    assert model.generate([primed])[0].text.endswith("B cell")

@@ -115,14 +115,18 @@ Lineage priming
     megakaryocyte-erythroid progenitor, ...) when the best stem type is at least 1 / :data:`PRIMED_RATIO`
     as probable as the call (its score within ``T log 2``) and scores above chance; a call that is a
     progenitor already (a :data:`~.knowledge.HEMATOPOIETIC_PRECURSOR` such as an erythroid progenitor)
-    stays. The reasoning and the note say so (``lineage priming: ...``) and the confidence is the
+    stays. The progenitor is named even where the data measure too few of its own markers to call it
+    (sparse peak sets): it is then an option only priming answers, scored ``-inf`` (never a winner,
+    absent from :meth:`MarkersModel.score_sentences`), and the note says its markers have too few
+    peaks. The reasoning and the note say so (``lineage priming: ...``) and the confidence is the
     probability of the mature call and the progenitor together. A cell whose mature call would be
     withheld stays unresolved. Candidates, a reference's labels, puzzles, expression data and peak sets
     without that prior (fragments, promoter selections, atlas peak sets run with ``peak_prior=False``)
     are unchanged, and so is
     :meth:`MarkersModel.decide`. The run records ``uns[key]["observability"]["priming"]`` (the stem
-    prior, whether it applies). Measured (``benchmarks/atac_real.py``): Buenrostro 2018 called a stem
-    or progenitor type 0.409 -> 0.750 in a bone-marrow context.
+    prior, whether it applies, the progenitors named without their own markers). Measured
+    (``benchmarks/atac_real.py``): Buenrostro 2018 called a stem or progenitor type 0.409 -> 0.750 in a
+    bone-marrow context; a quarter of its peaks 0.289 -> 0.455.
 
 Tissue context
     Each prompt carries its units' tissue (``Prompt.tissue``: the run's ``tissue=``, or what a standard
@@ -494,10 +498,14 @@ class _Options:
         other: np.ndarray,
         *,
         display: Sequence[str] | None = None,
+        inferred: np.ndarray | None = None,
     ) -> None:
         self.names = [str(n) for n in names]
         self.rows = np.asarray(rows, dtype=np.int64)
         self.other = other  # boolean mask of the types no option explains (for elimination)
+        # Options only lineage priming may answer (a committed progenitor whose own markers the data
+        # cannot show): they score -inf, so they never win and carry no probability of their own.
+        self.inferred = np.zeros(len(self.names), dtype=bool) if inferred is None else np.asarray(inferred, dtype=bool)
         # Names as written in reasoning (display-safe), computed once per group of prompts.
         self.display = [text.safe(n) for n in (display if display is not None else self.names)]
         self._subtree: sp.csr_matrix | None = None
@@ -533,6 +541,7 @@ class _Options:
         out[:, known] = type_scores[:, self.rows[known]]
         if not known.all():
             out[:, ~known] = self.elimination(type_scores)[:, None]
+        out[:, self.inferred] = -np.inf
         return out
 
     def elimination(self, type_scores: np.ndarray) -> np.ndarray:
@@ -925,13 +934,38 @@ class MarkersModel:
             **({} if self._prior is None else {"prior": self._prior_report(callable_)}),
             **({} if self._stem_prior is None else {"priming": {
                 "stem_prior": round(self._stem_prior, 3), "applies": self._priming_applies(),
-                "ratio": PRIMED_RATIO}}),
+                "ratio": PRIMED_RATIO,
+                # committed progenitors answered only through priming: their own markers too unmeasured
+                "inferred_only": self._inferred_only()}}),
         }
 
     def _priming_applies(self) -> bool:
         """Whether mature hematopoietic calls may become committed progenitors (see "Lineage priming"):
         chromatin data whose peak set shows an open stem program (the stem types' prior above 0)."""
         return self._stem_prior is not None and self._stem_prior > 0
+
+    def _primed_targets(self, rows: np.ndarray) -> np.ndarray:
+        """Boolean mask over the knowledge's types: the committed progenitors that lineage priming may
+        make of the answerable types ``rows`` (:data:`COMMITTED_PROGENITORS` of their lineages), when
+        priming applies and a stem type is among them. Open-vocabulary options include these even where
+        the data cannot show the progenitor's own markers: a primed call rests on the mature lineage's
+        and the stem program's measured markers, not on the progenitor's (in a peak set those often
+        have no peak: DNTT, VPREB1, MME for the lymphoid progenitor)."""
+        out = np.zeros(len(self.scorer.cell_types), dtype=bool)
+        cl_ids, onto = self.scorer.cl_ids, self._ontology
+        terms = [str(cl_ids[r]) for r in rows if cl_ids[r] and cl_ids[r] in onto]
+        if not self._priming_applies() or not set(terms) & set(STEM_PROGRAM_TYPES):
+            return out
+        targets = {COMMITTED_PROGENITORS.get(onto.lineage(t)) for t in terms if not onto.is_a(t, HEMATOPOIETIC_PRECURSOR)}
+        return np.isin(cl_ids, sorted(t for t in targets if t))
+
+    def _inferred_only(self) -> list[str]:
+        """The committed progenitors that primed calls may name but the data cannot call on their own
+        markers (fewer than ``MIN_OBSERVABLE_MARKERS`` measured), when priming applies."""
+        if not self._priming_applies():
+            return []
+        progenitors = np.isin(self.scorer.cl_ids, sorted(set(COMMITTED_PROGENITORS.values())))
+        return sorted(str(t) for t in self.scorer.cell_types[progenitors & ~self.scorer.callable_types()])
 
     def _priming_map(self, options: _Options) -> tuple[np.ndarray, np.ndarray]:
         """``(progenitor, stem)`` for ``options``: per option, the option of its lineage's committed
@@ -949,7 +983,8 @@ class MarkersModel:
                 target = COMMITTED_PROGENITORS.get(onto.lineage(term))
                 if target in index and index[target] != j:
                     progenitor[j] = index[target]
-            stem = np.asarray(sorted(index[t] for t in STEM_PROGRAM_TYPES if t in index), dtype=np.int64)
+            stem = np.asarray(sorted(index[t] for t in STEM_PROGRAM_TYPES if t in index and not options.inferred[index[t]]),
+                              dtype=np.int64)
             options.priming = (progenitor, stem)
         return options.priming
 
@@ -1048,7 +1083,8 @@ class MarkersModel:
         options = self._options(list(candidates) if candidates else None, self._context_of(""))
         units = self.scorer.parse(list(sentences))
         scores, _ = self._with_prior(options.scores(self.scorer.score(units)), options, open_vocabulary=not candidates)
-        return pd.DataFrame(scores, columns=options.names)
+        shown = ~options.inferred  # the progenitors only lineage priming answers have no score of their own
+        return pd.DataFrame(scores[:, shown], columns=np.asarray(options.names, dtype=object)[shown])
 
     def decide(
         self, sentences: Sequence[str], candidates: Sequence[str] | None = None, *,
@@ -1147,8 +1183,11 @@ class MarkersModel:
     def _build_options(self, labels: Sequence[str], allowed: np.ndarray) -> _Options:
         callable_ = self.scorer.callable_types()
         if not labels:
-            rows = np.flatnonzero(allowed & callable_ & self._nameable)
-            return _Options(self.scorer.cell_types[rows], rows, np.zeros(len(allowed), dtype=bool))
+            answerable = allowed & callable_ & self._nameable
+            inferred = self._primed_targets(np.flatnonzero(answerable)) & self._nameable & ~callable_
+            rows = np.flatnonzero(answerable | inferred)
+            return _Options(self.scorer.cell_types[rows], rows, np.zeros(len(allowed), dtype=bool),
+                            inferred=inferred[rows])
         rows = self.scorer.locate(labels)
         # A candidate whose type the data cannot show is scored by elimination, like an unknown one.
         rows = np.where((rows >= 0) & callable_[np.maximum(rows, 0)], rows, -1)
@@ -1232,7 +1271,11 @@ class MarkersModel:
         prior_l = None if prior is None else prior.tolist()
         for i, prompt in enumerate(prompts):
             lines = [text.header_line(int(n_genes_l[i]), int(n_skipped_l[i]))]
+            shown_options = []
             for j, (option, score) in enumerate(zip(compared_l[i], compared_scores[i])):
+                if score == -math.inf:  # fewer answerable options than compared: not one of them
+                    continue
+                shown_options.append((options.display[option], score))
                 extra, found = [], evidence[i][j]
                 if prior_l is not None and rows_l[option] >= 0:
                     extra.append(f"{prior_l[option]:+.2f} from the peak set's composition prior")
@@ -1244,7 +1287,7 @@ class MarkersModel:
                 if rows_l[option] < 0:
                     extra.append(self._elimination_clause(type_scores[i], options))
                 lines.append(text.type_line(options.display[option], score, found, extra=extra))
-            lines.append(text.conclusion_line([(options.display[o], s) for o, s in zip(compared_l[i], compared_scores[i])]))
+            lines.append(text.conclusion_line(shown_options))
             b = called_l[i]
             label = options.names[b]
             inside = opens_think(prompt.response_prefix)
@@ -1256,6 +1299,7 @@ class MarkersModel:
                 clause = text.priming_clause(
                     options.display[best_l[i]], options.display[primed_l[i]], options.display[b],
                     scores[i, best_l[i]] - scores[i, primed_l[i]], PRIMED_RATIO,
+                    unmeasured=bool(options.inferred[b]),
                 )
                 lines.append(f"{clause[0].upper()}{clause[1:]}.")
                 note = "; ".join(x for x in (clause, note) if x)

@@ -110,13 +110,17 @@ def conclusion_line(ranked: Sequence[tuple[str, float]]) -> str:
     return text + "."
 
 
-def priming_clause(mature: str, stem: str, progenitor: str, gap: float, ratio: float) -> str:
+def priming_clause(
+    mature: str, stem: str, progenitor: str, gap: float, ratio: float, *, unmeasured: bool = False
+) -> str:
     """``"lineage priming: B cell is called common lymphoid progenitor, ..."`` (names display-safe):
-    why a mature call became its lineage's committed progenitor."""
+    why a mature call became its lineage's committed progenitor; ``unmeasured``: the data cannot show
+    the progenitor's own markers, which the clause then says."""
     return (
         f"lineage priming: {mature} is called {progenitor}, the progenitor it descends from, because "
         f"the stem program ({stem}) scores within {gap:.2f} of it (at least 1/{ratio:g} as probable) in "
         f"chromatin whose peaks show an open stem program"
+        + (f" ({progenitor}'s own markers have too few peaks here to be read)" if unmeasured else "")
     )
 
 
