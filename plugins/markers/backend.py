@@ -505,7 +505,7 @@ class _Options:
         self.other = other  # boolean mask of the types no option explains (for elimination)
         # Options only lineage priming may answer (a committed progenitor whose own markers the data
         # cannot show): they score -inf, so they never win and carry no probability of their own.
-        self.inferred = np.zeros(len(self.names), dtype=bool) if inferred is None else np.asarray(inferred, dtype=bool)
+        self.inferred = np.zeros(len(self.names), dtype=bool) if inferred is None else np.asarray(inferred, bool)
         # Names as written in reasoning (display-safe), computed once per group of prompts.
         self.display = [text.safe(n) for n in (display if display is not None else self.names)]
         self._subtree: sp.csr_matrix | None = None
@@ -956,7 +956,8 @@ class MarkersModel:
         terms = [str(cl_ids[r]) for r in rows if cl_ids[r] and cl_ids[r] in onto]
         if not self._priming_applies() or not set(terms) & set(STEM_PROGRAM_TYPES):
             return out
-        targets = {COMMITTED_PROGENITORS.get(onto.lineage(t)) for t in terms if not onto.is_a(t, HEMATOPOIETIC_PRECURSOR)}
+        mature = [t for t in terms if not onto.is_a(t, HEMATOPOIETIC_PRECURSOR)]
+        targets = {COMMITTED_PROGENITORS.get(onto.lineage(t)) for t in mature}
         return np.isin(cl_ids, sorted(t for t in targets if t))
 
     def _inferred_only(self) -> list[str]:
@@ -983,8 +984,8 @@ class MarkersModel:
                 target = COMMITTED_PROGENITORS.get(onto.lineage(term))
                 if target in index and index[target] != j:
                     progenitor[j] = index[target]
-            stem = np.asarray(sorted(index[t] for t in STEM_PROGRAM_TYPES if t in index and not options.inferred[index[t]]),
-                              dtype=np.int64)
+            stem_options = [index[t] for t in STEM_PROGRAM_TYPES if t in index and not options.inferred[index[t]]]
+            stem = np.asarray(sorted(stem_options), dtype=np.int64)
             options.priming = (progenitor, stem)
         return options.priming
 
