@@ -956,9 +956,15 @@ class MarkersModel:
         terms = [str(cl_ids[r]) for r in rows if cl_ids[r] and cl_ids[r] in onto]
         if not self._priming_applies() or not set(terms) & set(STEM_PROGRAM_TYPES):
             return out
-        mature = [t for t in terms if not onto.is_a(t, HEMATOPOIETIC_PRECURSOR)]
-        targets = {COMMITTED_PROGENITORS.get(onto.lineage(t)) for t in mature}
+        targets = {self._committed_progenitor(t) for t in terms}
         return np.isin(cl_ids, sorted(t for t in targets if t))
+
+    def _committed_progenitor(self, term: str) -> str | None:
+        """The committed progenitor (Cell Ontology id) a call of ``term`` becomes when primed: that of
+        its lineage (:data:`COMMITTED_PROGENITORS`); ``None`` for other lineages and for a progenitor
+        already (a :data:`HEMATOPOIETIC_PRECURSOR`)."""
+        onto = self._ontology
+        return None if onto.is_a(term, HEMATOPOIETIC_PRECURSOR) else COMMITTED_PROGENITORS.get(onto.lineage(term))
 
     def _inferred_only(self) -> list[str]:
         """The committed progenitors that primed calls may name but the data cannot call on their own
@@ -979,13 +985,10 @@ class MarkersModel:
             index = {t: j for j, t in enumerate(terms) if t}
             progenitor = np.full(len(options), -1, dtype=np.int64)
             for j, term in enumerate(terms):
-                if not term or onto.is_a(term, HEMATOPOIETIC_PRECURSOR):
-                    continue
-                target = COMMITTED_PROGENITORS.get(onto.lineage(term))
+                target = self._committed_progenitor(term) if term else None
                 if target in index and index[target] != j:
                     progenitor[j] = index[target]
-            stem_options = [index[t] for t in STEM_PROGRAM_TYPES if t in index and not options.inferred[index[t]]]
-            stem = np.asarray(sorted(stem_options), dtype=np.int64)
+            stem = np.asarray(sorted(index[t] for t in STEM_PROGRAM_TYPES if t in index), dtype=np.int64)
             options.priming = (progenitor, stem)
         return options.priming
 
@@ -1274,7 +1277,7 @@ class MarkersModel:
             lines = [text.header_line(int(n_genes_l[i]), int(n_skipped_l[i]))]
             shown_options = []
             for j, (option, score) in enumerate(zip(compared_l[i], compared_scores[i])):
-                if score == -math.inf:  # fewer answerable options than compared: not one of them
+                if options.inferred[option]:  # -inf: fewer answerable options than compared
                     continue
                 shown_options.append((options.display[option], score))
                 extra, found = [], evidence[i][j]
