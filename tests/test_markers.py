@@ -20,6 +20,7 @@ from cellscribe import Example, Generation, Prompt, hookimpl
 from cellscribe.core.answers import TAGGED
 from cellscribe.core.evaluation.metrics import is_legitimate, puzzle_metrics, split_answer
 from cellscribe.core.domain.ontology import get_ontology
+from cellscribe.plugins.markers.backend import PRIMED_RATIO
 
 GROUPS = {"T cell": "T/NK", "NK cell": "T/NK", "B cell": "B", "monocyte": "myeloid", "macrophage": "myeloid",
           "dendritic cell": "myeloid", "HSPC": "progenitor"}
@@ -572,8 +573,8 @@ HSC = ["CD34", "HLF", "CRHBP", "AVP", "MECOM", "PROCR", "MLLT3", "HOPX", "PROM1"
 def test_a_lineage_primed_chromatin_call_is_its_committed_progenitor(model):
     """Chromatin of a progenitor primed for B cells: B-cell genes open, the stem program still open.
     Where the peak set shows the stem program (dense around its markers), a B-cell call whose stem
-    program is at least half as probable becomes the common lymphoid progenitor, and says why; a plain
-    B cell, candidates, expression data and a peak set without the stem program keep the B cell."""
+    program is at least 1 / PRIMED_RATIO as probable becomes the common lymphoid progenitor, and says
+    why; a plain B cell, candidates, expression data and a peak set without the stem program keep the B cell."""
     from cellscribe.core.types import Assay
 
     genes = list(model.knowledge.genes)
@@ -581,7 +582,7 @@ def test_a_lineage_primed_chromatin_call_is_its_committed_progenitor(model):
     mature = _zero_shot("mature", B_CELL)
     model.use_assay(Assay("atac", genes, coverage=_coverage(HSC, genes)))
     record = model.observability()["priming"]
-    assert record["applies"] and record["stem_prior"] > 0 and record["ratio"] == 2
+    assert record["applies"] and record["stem_prior"] > 0 and record["ratio"] == PRIMED_RATIO == 2.5
     scores = model.score_sentences(primed.sentences)
     stem = scores.iloc[0][["hematopoietic stem cell", "hematopoietic multipotent progenitor cell"]].max()
     assert scores.iloc[0].idxmax() == "B cell" and scores.iloc[0]["B cell"] - stem < 0.04  # 0.029
@@ -606,11 +607,12 @@ def test_a_lineage_primed_chromatin_call_is_its_committed_progenitor(model):
     assert named_as("erythroid progenitor cell") is None  # a progenitor already
     assert named_as("hematopoietic stem cell") is None and named_as("common lymphoid progenitor") is None
     assert {options.names[j] for j in stem} == {"hematopoietic stem cell", "hematopoietic multipotent progenitor cell"}
-    # The rule on scores: within T log 2 of the call and above chance. A sparse cell whose scores are all
-    # near zero (B cell 0.05, the stem program just below chance) is not made a progenitor on the gap.
+    # The rule on scores: within T log PRIMED_RATIO of the call and above chance. A sparse cell whose
+    # scores are all near zero (B cell 0.05, the stem program just below chance) is not made a progenitor on the gap.
     scores = np.full((3, len(options)), -0.2)
     scores[:, at["B cell"]] = [0.05, 0.05, 0.05]
-    scores[:, at["hematopoietic stem cell"]] = [0.01, -0.01, 0.05 - model.calibration.temperature * math.log(2) - 0.01]
+    beyond = 0.05 - model.calibration.temperature * math.log(PRIMED_RATIO) - 0.01
+    scores[:, at["hematopoietic stem cell"]] = [0.01, -0.01, beyond]
     best = np.full(3, at["B cell"])
     assert (model._primed(scores, best, options) == [at["hematopoietic stem cell"], -1, -1]).all()
 

@@ -113,8 +113,8 @@ Lineage priming
     open-vocabulary call of a mature hematopoietic type becomes its lineage's committed progenitor
     (:data:`~.knowledge.COMMITTED_PROGENITORS`: B cell -> common lymphoid progenitor, erythroblast ->
     megakaryocyte-erythroid progenitor, ...) when the best stem type is at least 1 / :data:`PRIMED_RATIO`
-    as probable as the call (its score within ``T log 2``) and scores above chance; a call that is a
-    progenitor already (a :data:`~.knowledge.HEMATOPOIETIC_PRECURSOR` such as an erythroid progenitor)
+    (2.5) as probable as the call (its score within ``T log PRIMED_RATIO``) and scores above chance; a
+    call that is a progenitor already (a :data:`~.knowledge.HEMATOPOIETIC_PRECURSOR` such as an erythroid progenitor)
     stays. The progenitor is named even where the data measure too few of its own markers to call it
     (sparse peak sets): it is then an option only priming answers, scored ``-inf`` (never a winner,
     absent from :meth:`MarkersModel.score_sentences`), and the note says its markers have too few
@@ -125,8 +125,8 @@ Lineage priming
     are unchanged, and so is
     :meth:`MarkersModel.decide`. The run records ``uns[key]["observability"]["priming"]`` (the stem
     prior, whether it applies, the progenitors named without their own markers). Measured
-    (``benchmarks/atac_real.py``): Buenrostro 2018 called a stem or progenitor type 0.409 -> 0.750 in a
-    bone-marrow context; a quarter of its peaks 0.289 -> 0.455.
+    (``benchmarks/atac_real.py``): Buenrostro 2018 called a stem or progenitor type 0.409 -> 0.916 in a
+    bone-marrow context; a quarter of its peaks 0.289 -> 0.569.
 
 Tissue context
     Each prompt carries its units' tissue (``Prompt.tissue``: the run's ``tissue=``, or what a standard
@@ -222,8 +222,11 @@ PRIOR_PSEUDOCOUNT = 2.0
 #: Modalities whose features are chromatin accessibility, where lineage priming applies.
 PRIMING_MODALITIES = frozenset({"atac"})
 #: A mature hematopoietic call becomes its lineage's committed progenitor when the stem program is at
-#: least 1 / PRIMED_RATIO as probable as the call (see "Lineage priming").
-PRIMED_RATIO = 2.0
+#: least 1 / PRIMED_RATIO as probable as the call (see "Lineage priming"). Set by what priming costs
+#: mature cells: forced onto every real mature population (Schep 2017's monocytes, erythroblasts and
+#: GM12878 B cells, which have no stem prior), 2.5 costs 4 of 250 cells without the neighbour vote and
+#: none with it; 3 costs 11 and 2 (``benchmarks/atac_real.py --prime-everywhere --primed-ratio``).
+PRIMED_RATIO = 2.5
 #: Types named in the observability report's ``prior`` (the strongest priors each way).
 PRIOR_REPORTED = 5
 #: Without a tissue, a run of at least this many open-vocabulary cells infers its tissue context.
