@@ -570,6 +570,22 @@ def test_builtin_types_the_cell_ontology_cannot_place_are_never_open_answers(mod
 HSC = ["CD34", "HLF", "CRHBP", "AVP", "MECOM", "PROCR", "MLLT3", "HOPX", "PROM1", "MEIS1", "HOXA9", "SPINK2"]
 
 
+def test_cell_cycle_genes_are_no_evidence_for_a_type(model):
+    """Proliferation is a state: the cycling genes PanglaoDB lists for gamma-delta T cells (CENPF, UBE2C,
+    TOP2A, ...) made dividing erythroblasts gamma-delta T cells on sparse peak sets. They now count for
+    no type, and a dividing erythroid cell is called on its erythroid genes."""
+    from cellscribe.plugins.markers.knowledge import CELL_CYCLE_GENES
+
+    gamma_delta = model.knowledge.markers("gamma-delta T cell")
+    cycling = [g for g in gamma_delta[gamma_delta > 0].index if g in CELL_CYCLE_GENES]
+    assert len(cycling) >= 8
+    scores = model.score_sentences([", ".join(cycling)])
+    assert (scores.to_numpy() == 0).all()  # no type gains anything from them
+    erythroid = ["HBB", "HBA1", "ALAS2", "GYPA", "KLF1", "GATA1", "SLC4A1", "CA1"]
+    (answer,) = model.generate([_zero_shot("dividing", cycling + erythroid)])
+    assert get_ontology().lineage(get_ontology().lookup(answer.text.splitlines()[-1])) == "erythroid"
+
+
 def test_a_lineage_primed_chromatin_call_is_its_committed_progenitor(model):
     """Chromatin of a progenitor primed for B cells: B-cell genes open, the stem program still open.
     Where the peak set shows the stem program (dense around its markers), a B-cell call whose stem

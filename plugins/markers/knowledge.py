@@ -16,7 +16,8 @@ keeps the name and id of the first layer that has it.
 
 Marker scorers must also discount genes that top every expression ranking; :attr:`MarkerKnowledge.
 ubiquitous` and :meth:`MarkerKnowledge.is_ubiquitous` say which (see :data:`HOUSEKEEPING_GENES`,
-:data:`UBIQUITOUS_PATTERN`, :data:`UBIQUITOUSNESS_THRESHOLD`).
+:data:`UBIQUITOUS_PATTERN`, :data:`UBIQUITOUSNESS_THRESHOLD`), and they include the cell-cycle genes
+(:data:`CELL_CYCLE_GENES`), which mark a state, not a type.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ __all__ = [
     "PANGLAO_SOURCE",
     "UBIQUITOUSNESS_THRESHOLD",
     "HOUSEKEEPING_GENES",
+    "CELL_CYCLE_GENES",
     "UBIQUITOUS_PATTERN",
     "RESIDENT_ORGANS",
     "TISSUE_RESIDENTS",
@@ -86,6 +88,23 @@ HOUSEKEEPING_GENES: frozenset[str] = frozenset(
         "HLA-A", "HLA-B", "HLA-C", "HLA-E", "HLA-F",  # HLA class I: on every nucleated cell
     }
 )  # fmt: skip
+
+#: The cell-cycle genes of Tirosh et al. 2016 (Science 352:189; S phase, then G2/M; with the current
+#: symbols of MLF1IP, FAM64A and HN1): proliferation is a state that cells of every type pass through,
+#: not a type, yet PanglaoDB lists some of these genes for a few types (11 for gamma-delta T cells,
+#: from a cycling cluster). They are no evidence for a type: a dividing erythroblast, progenitor or
+#: plasmablast opens or expresses them as well.
+CELL_CYCLE_GENES: frozenset[str] = frozenset(
+    """
+    MCM5 PCNA TYMS FEN1 MCM2 MCM4 RRM1 UNG GINS2 MCM6 CDCA7 DTL PRIM1 UHRF1 MLF1IP CENPU HELLS RFC2 RPA2
+    NASP RAD51AP1 GMNN WDR76 SLBP CCNE2 UBR7 POLD3 MSH2 ATAD2 RAD51 RRM2 CDC45 CDC6 EXO1 TIPIN DSCC1 BLM
+    CASP8AP2 USP1 CLSPN POLA1 CHAF1B BRIP1 E2F8
+    HMGB2 CDK1 NUSAP1 UBE2C BIRC5 TPX2 TOP2A NDC80 CKS2 NUF2 CKS1B MKI67 TMPO CENPF TACC3 FAM64A PIMREG
+    SMC4 CCNB2 CKAP2L CKAP2 AURKB BUB1 KIF11 ANP32E TUBB4B GTSE1 KIF20B HJURP CDCA3 HN1 JPT1 CDC20 TTK
+    CDC25C KIF2C RANGAP1 NCAPD2 DLGAP5 CDCA2 CDCA8 ECT2 KIF23 HMMR AURKA PSRC1 ANLN LBR CKAP5 CENPE CTCF
+    NEK2 G2E3 GAS2L3 CBX5 CENPA
+    """.split()
+)
 
 #: Gene names that are always ubiquitous: cytosolic ribosomal proteins and their pseudogenes
 #: (``RPL13``, ``RPS4X``, ``RPLP0``, ``RPSA``, ``RPL13AP5``; not ``RPS6KA1``), mitochondrially
@@ -441,14 +460,15 @@ def default_ubiquitous_genes() -> frozenset[str]:
     """The named ubiquitous genes of the built-in knowledge.
 
     PanglaoDB genes with ``ubiquitousness >=`` :data:`UBIQUITOUSNESS_THRESHOLD` plus
-    :data:`HOUSEKEEPING_GENES`, minus the genes the canonical layer lists as positive markers (NCAM1).
+    :data:`HOUSEKEEPING_GENES` and :data:`CELL_CYCLE_GENES` (which say nothing of a type either), minus
+    the genes the canonical layer lists as positive markers (NCAM1).
     Genes matching :data:`UBIQUITOUS_PATTERN` are added per knowledge object.
     """
     table = _panglao_table()
     frequent = set(table.loc[table["ubiquitousness"] >= UBIQUITOUSNESS_THRESHOLD, "gene"])
     canonical = _canonical_rows()
     markers = set(canonical.loc[canonical["weight"] > 0, "gene"])
-    return frozenset((frequent | HOUSEKEEPING_GENES) - markers)
+    return frozenset((frequent | HOUSEKEEPING_GENES | CELL_CYCLE_GENES) - markers)
 
 
 # ------------------------------------------------------------------------------------------ knowledge
