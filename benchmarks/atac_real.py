@@ -149,10 +149,9 @@ def top_peaks(adata, n: int, by: str) -> None:
     (``"accessible"``) of log-normalised counts (in place), as public matrices are often cut down."""
     import scipy.sparse as sp
 
-    counts = sp.csr_matrix(adata.X, dtype=np.float64)
-    depth = np.asarray(counts.sum(axis=1)).ravel()
-    counts = (sp.diags(1e4 / np.maximum(depth, 1)) @ counts).tocsr()
-    np.log1p(counts.data, out=counts.data)
+    from cellscribe.plugins.atac.activity import normalize_rows
+
+    counts = normalize_rows(sp.csr_matrix(adata.X, dtype=np.float64), "depth")
     mean = np.asarray(counts.mean(axis=0)).ravel()
     variance = np.asarray(counts.multiply(counts).mean(axis=0)).ravel() - mean**2
     keep = np.sort(np.argsort(-(variance if by == "variable" else mean), kind="stable")[:n])
